@@ -1,0 +1,714 @@
+//! The Keel host file: one TOML file declares a whole host (hostname, network, images and
+//! containers), like a compose file for a machine.
+//!
+//! `keel build` parses and validates it on the build machine; the init parses the same file
+//! again inside the guest. Every error names the file, the line and column, and the dotted key,
+//! and says what was expected. Unknown keys are errors, so a typo never silently becomes a
+//! default. See `docs/config.md` for every key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the error is about the file as a whole (it could not be read).
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending key, e.g. `containers.web.memory`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A validated host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostConfig {
+    /// Where the file was read from; relative layer paths are resolved against its directory.
+    pub path: PathBuf,
+    pub hostname: String,
+    /// Extra kernel modules to load at boot, beside the ones Keel always needs.
+    pub modules: Vec<String>,
+    /// Time containers get between SIGTERM and SIGKILL when the host shuts down.
+    pub stop_timeout_ms: u64,
+    pub interfaces: BTreeMap<String, Interface>,
+    pub images: BTreeMap<String, Image>,
+    pub containers: BTreeMap<String, Container>,
+}
+
+/// How one network interface is configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interface {
+    Dhcp4,
+    Static {
+        address: Ipv4Addr,
+        prefix_len: u8,
+        gateway: Option<Ipv4Addr>,
+        dns: Vec<Ipv4Addr>,
+    },
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An existing OCI image layout directory (for example one written by `keel import`).
+    Layout(PathBuf),
+    /// Layers to import at build time, bottom first.
+    Layers(Vec<LayerSpec>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerSpec {
+    /// A directory or a tarball (`.tar`, `.tar.gz`, `.tgz`), resolved against the host file.
+    Path(PathBuf),
+    /// A root filesystem made of a static busybox binary and its applet links.
+    Busybox(PathBuf),
+}
+
+/// The image configuration written into an imported image (ignored for `layout` images,
+/// whose own configuration is used).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageDefaults {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub source: ImageSource,
+    pub defaults: ImageDefaults,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    No,
+    Always,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub image: String,
+    /// Replaces the image's Entrypoint when set.
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's Cmd when set.
+    pub command: Option<Vec<String>>,
+    /// Added to (and overriding by name) the image's Env.
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    /// memory.max in bytes.
+    pub memory_max: Option<u64>,
+    /// pids.max.
+    pub pids_max: Option<u64>,
+    pub restart: RestartPolicy,
+    /// Echo the container's output on the console, prefixed with its name.
+    pub console: bool,
+}
+
+impl HostConfig {
+    /// Reads and validates a host file.
+    pub fn load(path: &Path) -> Result<HostConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read the host file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates host-file text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<HostConfig, ConfigError> {
+        let located = Locator { file: path, text };
+        let deserializer = toml::de::Deserializer::parse(text)
+            .map_err(|e| located.error(e.span(), String::new(), e.message().to_string()))?;
+        let raw: raw::HostFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            // Spanned<T> shows up in the path as a private serde field: leave it out.
+            let key = e
+                .path()
+                .to_string()
+                .split('.')
+                .filter(|part| !part.starts_with("$__serde_spanned"))
+                .collect::<Vec<_>>()
+                .join(".");
+            let inner = e.into_inner();
+            let message = inner
+                .message()
+                .replace("expected i64", "expected an integer");
+            located.error(inner.span(), key, message)
+        })?;
+        validate(&located, raw)
+    }
+
+    /// The directory relative paths in the file are resolved against.
+    pub fn base_dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+}
+
+struct Locator<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn error(&self, span: Option<Range<usize>>, key: String, message: String) -> ConfigError {
+        let (line, column) = span
+            .map(|s| line_column(self.text, s.start))
+            .unwrap_or((0, 0));
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: if key == "." { String::new() } else { key },
+            message,
+        }
+    }
+
+    fn at<T>(
+        &self,
+        value: &Spanned<T>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        self.error(Some(value.span()), key.into(), message.into())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, column)
+}
+
+/// The file as written, before validation: every table refuses unknown keys.
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HostFile {
+        pub host: Spanned<Host>,
+        #[serde(default)]
+        pub network: Network,
+        #[serde(default)]
+        pub images: BTreeMap<String, Spanned<Image>>,
+        #[serde(default)]
+        pub containers: BTreeMap<String, Spanned<Container>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Host {
+        pub hostname: Spanned<String>,
+        #[serde(default)]
+        pub modules: Vec<Spanned<String>>,
+        pub stop_timeout: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Network {
+        #[serde(default)]
+        pub interfaces: BTreeMap<String, Spanned<Interface>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Interface {
+        #[serde(default)]
+        pub dhcp4: bool,
+        pub address: Option<Spanned<String>>,
+        pub gateway: Option<Spanned<String>>,
+        #[serde(default)]
+        pub dns: Vec<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Image {
+        pub layout: Option<Spanned<String>>,
+        pub layers: Option<Spanned<Vec<Spanned<String>>>>,
+        pub entrypoint: Option<Vec<String>>,
+        pub cmd: Option<Vec<String>>,
+        #[serde(default)]
+        pub env: Vec<Spanned<String>>,
+        pub workdir: Option<Spanned<String>>,
+        pub user: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Container {
+        pub image: Spanned<String>,
+        pub entrypoint: Option<Vec<String>>,
+        pub command: Option<Vec<String>>,
+        #[serde(default)]
+        pub env: BTreeMap<String, String>,
+        pub workdir: Option<Spanned<String>>,
+        pub memory: Option<Spanned<Size>>,
+        pub pids: Option<Spanned<i64>>,
+        pub restart: Option<Spanned<String>>,
+        #[serde(default = "yes")]
+        pub console: bool,
+    }
+
+    fn yes() -> bool {
+        true
+    }
+
+    /// A byte count written as an integer or as a string with a unit suffix.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub enum Size {
+        Bytes(i64),
+        Text(String),
+    }
+}
+
+fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigError> {
+    let host = raw.host.get_ref();
+    let hostname = host.hostname.get_ref().clone();
+    if !valid_hostname(&hostname) {
+        return Err(loc.at(
+            &host.hostname,
+            "host.hostname",
+            format!("`{hostname}` is not a valid hostname: expected 1-64 letters, digits, `-` or `.`, not starting or ending with `-`"),
+        ));
+    }
+    let mut modules = Vec::new();
+    for (i, module) in host.modules.iter().enumerate() {
+        let name = module.get_ref();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(loc.at(
+                module,
+                format!("host.modules[{i}]"),
+                format!("`{name}` is not a kernel module name"),
+            ));
+        }
+        modules.push(name.clone());
+    }
+    let stop_timeout_ms = match &host.stop_timeout {
+        None => 10_000,
+        Some(text) => parse_duration_ms(text.get_ref()).ok_or_else(|| {
+            loc.at(
+                text,
+                "host.stop_timeout",
+                "expected a duration such as \"10s\", \"500ms\" or \"2m\"",
+            )
+        })?,
+    };
+
+    let mut interfaces = BTreeMap::new();
+    for (name, iface) in &raw.network.interfaces {
+        let key = format!("network.interfaces.{name}");
+        interfaces.insert(name.clone(), validate_interface(loc, &key, iface)?);
+    }
+
+    let mut images = BTreeMap::new();
+    for (name, image) in &raw.images {
+        let key = format!("images.{name}");
+        check_name(loc, image, &key, name)?;
+        images.insert(name.clone(), validate_image(loc, &key, image)?);
+    }
+
+    let mut containers = BTreeMap::new();
+    for (name, container) in &raw.containers {
+        let key = format!("containers.{name}");
+        check_name(loc, container, &key, name)?;
+        let c = container.get_ref();
+        if !images.contains_key(c.image.get_ref()) {
+            let known: Vec<&str> = images.keys().map(String::as_str).collect();
+            return Err(loc.at(
+                &c.image,
+                format!("{key}.image"),
+                format!(
+                    "no image named `{}` in [images]; expected one of: {}",
+                    c.image.get_ref(),
+                    if known.is_empty() {
+                        "(none defined)".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        containers.insert(name.clone(), validate_container(loc, &key, c)?);
+    }
+
+    Ok(HostConfig {
+        path: loc.file.to_path_buf(),
+        hostname,
+        modules,
+        stop_timeout_ms,
+        interfaces,
+        images,
+        containers,
+    })
+}
+
+/// Image and container names become directory and cgroup names.
+fn check_name<T>(
+    loc: &Locator<'_>,
+    at: &Spanned<T>,
+    key: &str,
+    name: &str,
+) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(loc.at(at, key, format!("`{name}` is not a valid name: expected up to 64 letters, digits, `-`, `_` or `.`, starting with a letter or digit")))
+    }
+}
+
+fn validate_interface(
+    loc: &Locator<'_>,
+    key: &str,
+    iface: &Spanned<raw::Interface>,
+) -> Result<Interface, ConfigError> {
+    let i = iface.get_ref();
+    match (&i.address, i.dhcp4) {
+        (Some(address), true) => Err(loc.at(
+            address,
+            format!("{key}.address"),
+            "`address` and `dhcp4 = true` exclude each other: pick one",
+        )),
+        (None, true) => {
+            if let Some(gw) = &i.gateway {
+                return Err(loc.at(
+                    gw,
+                    format!("{key}.gateway"),
+                    "`gateway` needs a static `address`; DHCP supplies its own router",
+                ));
+            }
+            Ok(Interface::Dhcp4)
+        }
+        (None, false) => Err(loc.at(
+            iface,
+            key,
+            "expected `dhcp4 = true` or a static `address = \"A.B.C.D/N\"`",
+        )),
+        (Some(address), false) => {
+            let (ip, prefix) = address
+                .get_ref()
+                .split_once('/')
+                .and_then(|(ip, p)| {
+                    Some((
+                        ip.parse::<Ipv4Addr>().ok()?,
+                        p.parse::<u8>().ok().filter(|p| *p <= 32)?,
+                    ))
+                })
+                .ok_or_else(|| {
+                    loc.at(
+                        address,
+                        format!("{key}.address"),
+                        "expected an IPv4 address with a prefix length, such as \"10.0.2.15/24\"",
+                    )
+                })?;
+            let gateway = match &i.gateway {
+                None => None,
+                Some(gw) => Some(gw.get_ref().parse::<Ipv4Addr>().map_err(|_| {
+                    loc.at(
+                        gw,
+                        format!("{key}.gateway"),
+                        "expected an IPv4 address such as \"10.0.2.2\"",
+                    )
+                })?),
+            };
+            let mut dns = Vec::new();
+            for (n, server) in i.dns.iter().enumerate() {
+                dns.push(server.get_ref().parse::<Ipv4Addr>().map_err(|_| {
+                    loc.at(
+                        server,
+                        format!("{key}.dns[{n}]"),
+                        "expected an IPv4 address",
+                    )
+                })?);
+            }
+            Ok(Interface::Static {
+                address: ip,
+                prefix_len: prefix,
+                gateway,
+                dns,
+            })
+        }
+    }
+}
+
+fn validate_image(
+    loc: &Locator<'_>,
+    key: &str,
+    image: &Spanned<raw::Image>,
+) -> Result<Image, ConfigError> {
+    let i = image.get_ref();
+    let source = match (&i.layout, &i.layers) {
+        (Some(_), Some(layers)) => {
+            return Err(loc.at(layers, format!("{key}.layers"), "`layout` and `layers` exclude each other: an image is either an existing OCI layout or imported from layers"));
+        }
+        (None, None) => {
+            return Err(loc.at(
+                image,
+                key,
+                "expected `layout = \"DIR\"` or `layers = [...]`",
+            ));
+        }
+        (Some(layout), None) => {
+            if layout.get_ref().is_empty() {
+                return Err(loc.at(
+                    layout,
+                    format!("{key}.layout"),
+                    "expected the path of an OCI image layout directory",
+                ));
+            }
+            ImageSource::Layout(PathBuf::from(layout.get_ref()))
+        }
+        (None, Some(layers)) => {
+            if layers.get_ref().is_empty() {
+                return Err(loc.at(
+                    layers,
+                    format!("{key}.layers"),
+                    "expected at least one layer",
+                ));
+            }
+            let mut specs = Vec::new();
+            for (n, layer) in layers.get_ref().iter().enumerate() {
+                let text = layer.get_ref();
+                let spec = match text.strip_prefix("busybox:") {
+                    Some(binary) if !binary.is_empty() => LayerSpec::Busybox(PathBuf::from(binary)),
+                    Some(_) => {
+                        return Err(loc.at(
+                            layer,
+                            format!("{key}.layers[{n}]"),
+                            "expected `busybox:PATH`, the path of a static busybox binary",
+                        ));
+                    }
+                    None if text.is_empty() => {
+                        return Err(loc.at(
+                            layer,
+                            format!("{key}.layers[{n}]"),
+                            "expected a directory, a tarball or `busybox:PATH`",
+                        ));
+                    }
+                    None => LayerSpec::Path(PathBuf::from(text)),
+                };
+                specs.push(spec);
+            }
+            ImageSource::Layers(specs)
+        }
+    };
+    for (n, var) in i.env.iter().enumerate() {
+        if !var
+            .get_ref()
+            .split_once('=')
+            .is_some_and(|(name, _)| !name.is_empty())
+        {
+            return Err(loc.at(var, format!("{key}.env[{n}]"), "expected `NAME=value`"));
+        }
+    }
+    if let Some(workdir) = &i.workdir {
+        check_absolute(loc, workdir, &format!("{key}.workdir"))?;
+    }
+    Ok(Image {
+        source,
+        defaults: ImageDefaults {
+            entrypoint: i.entrypoint.clone(),
+            cmd: i.cmd.clone(),
+            env: i.env.iter().map(|v| v.get_ref().clone()).collect(),
+            workdir: i.workdir.as_ref().map(|w| w.get_ref().clone()),
+            user: i.user.clone(),
+        },
+    })
+}
+
+fn check_absolute(loc: &Locator<'_>, path: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    if path.get_ref().starts_with('/') {
+        Ok(())
+    } else {
+        Err(loc.at(
+            path,
+            key,
+            format!(
+                "expected an absolute path inside the container, got `{}`",
+                path.get_ref()
+            ),
+        ))
+    }
+}
+
+fn validate_container(
+    loc: &Locator<'_>,
+    key: &str,
+    c: &raw::Container,
+) -> Result<Container, ConfigError> {
+    for name in c.env.keys() {
+        if name.is_empty() || name.contains('=') {
+            return Err(loc.error(
+                None,
+                format!("{key}.env"),
+                format!("`{name}` is not a valid environment variable name"),
+            ));
+        }
+    }
+    if let Some(workdir) = &c.workdir {
+        check_absolute(loc, workdir, &format!("{key}.workdir"))?;
+    }
+    if c.command.as_ref().is_some_and(Vec::is_empty)
+        && c.entrypoint.as_ref().is_none_or(Vec::is_empty)
+    {
+        return Err(loc.error(
+            None,
+            format!("{key}.command"),
+            "an empty `command` with no `entrypoint` leaves nothing to run".into(),
+        ));
+    }
+    let memory_max = match &c.memory {
+        None => None,
+        Some(size) => {
+            let bytes = match size.get_ref() {
+                raw::Size::Bytes(n) => u64::try_from(*n).ok(),
+                raw::Size::Text(t) => parse_size(t),
+            };
+            match bytes {
+                Some(b) if b >= 1 << 20 => Some(b),
+                Some(_) => {
+                    return Err(loc.at(
+                        size,
+                        format!("{key}.memory"),
+                        "a memory limit below 1M leaves no room to start a process",
+                    ));
+                }
+                None => {
+                    return Err(loc.at(
+                        size,
+                        format!("{key}.memory"),
+                        "expected a size such as \"64M\", \"1G\" or a byte count",
+                    ));
+                }
+            }
+        }
+    };
+    let pids_max = match &c.pids {
+        None => None,
+        Some(n) if *n.get_ref() >= 1 => Some(*n.get_ref() as u64),
+        Some(n) => {
+            return Err(loc.at(
+                n,
+                format!("{key}.pids"),
+                "expected a positive number of processes",
+            ));
+        }
+    };
+    let restart = match &c.restart {
+        None => RestartPolicy::Always,
+        Some(policy) => match policy.get_ref().as_str() {
+            "always" => RestartPolicy::Always,
+            "no" => RestartPolicy::No,
+            other => {
+                return Err(loc.at(
+                    policy,
+                    format!("{key}.restart"),
+                    format!("unknown restart policy `{other}`: expected \"always\" or \"no\""),
+                ));
+            }
+        },
+    };
+    Ok(Container {
+        image: c.image.get_ref().clone(),
+        entrypoint: c.entrypoint.clone(),
+        command: c.command.clone(),
+        env: c.env.clone(),
+        workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
+        memory_max,
+        pids_max,
+        restart,
+        console: c.console,
+    })
+}
+
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
+
+/// Parses "64M", "1G", "512k", "100" (bytes); binary units.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
+}
+
+/// Parses "10s", "500ms", "2m" into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let factor = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests;

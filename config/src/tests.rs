@@ -1,0 +1,275 @@
+use super::*;
+
+const GOOD: &str = r#"
+[host]
+hostname = "edge-1"
+modules = ["virtio_rng"]
+stop_timeout = "3s"
+
+[network.interfaces.eth0]
+dhcp4 = true
+
+[network.interfaces.eth1]
+address = "192.168.7.2/24"
+gateway = "192.168.7.1"
+dns = ["192.168.7.1"]
+
+[images.web]
+layers = ["busybox:/bin/busybox", "www", "extra.tar.gz"]
+entrypoint = ["/bin/httpd"]
+cmd = ["-f"]
+env = ["PATH=/bin"]
+workdir = "/www"
+
+[images.app]
+layout = "images/app"
+
+[containers.web]
+image = "web"
+command = ["-f", "-p", "80"]
+env = { A = "1" }
+memory = "64M"
+pids = 32
+restart = "no"
+console = false
+"#;
+
+fn parse(text: &str) -> Result<HostConfig, ConfigError> {
+    HostConfig::parse(Path::new("/etc/keel/host.toml"), text)
+}
+
+fn error(text: &str) -> ConfigError {
+    match parse(text) {
+        Ok(_) => panic!("expected an error for:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+fn with_host(rest: &str) -> String {
+    format!("[host]\nhostname = \"h\"\n{rest}")
+}
+
+#[test]
+fn a_complete_file_parses() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.hostname, "edge-1");
+    assert_eq!(c.modules, ["virtio_rng"]);
+    assert_eq!(c.stop_timeout_ms, 3000);
+    assert_eq!(c.interfaces["eth0"], Interface::Dhcp4);
+    assert_eq!(
+        c.interfaces["eth1"],
+        Interface::Static {
+            address: "192.168.7.2".parse().unwrap(),
+            prefix_len: 24,
+            gateway: Some("192.168.7.1".parse().unwrap()),
+            dns: vec!["192.168.7.1".parse().unwrap()],
+        }
+    );
+    assert_eq!(
+        c.images["web"].source,
+        ImageSource::Layers(vec![
+            LayerSpec::Busybox("/bin/busybox".into()),
+            LayerSpec::Path("www".into()),
+            LayerSpec::Path("extra.tar.gz".into()),
+        ])
+    );
+    assert_eq!(c.images["web"].defaults.workdir.as_deref(), Some("/www"));
+    assert_eq!(
+        c.images["app"].source,
+        ImageSource::Layout("images/app".into())
+    );
+    let web = &c.containers["web"];
+    assert_eq!(web.memory_max, Some(64 << 20));
+    assert_eq!(web.pids_max, Some(32));
+    assert_eq!(web.restart, RestartPolicy::No);
+    assert!(!web.console);
+    assert_eq!(web.env["A"], "1");
+    assert_eq!(c.base_dir(), Path::new("/etc/keel"));
+}
+
+#[test]
+fn the_bundled_example_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/host.toml");
+    let c = HostConfig::load(&path).unwrap();
+    assert_eq!(c.containers["web"].memory_max, Some(64 << 20));
+}
+
+#[test]
+fn defaults_apply() {
+    let c = parse(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\n",
+    ))
+    .unwrap();
+    let cont = &c.containers["c"];
+    assert_eq!(cont.restart, RestartPolicy::Always);
+    assert!(cont.console);
+    assert_eq!(cont.memory_max, None);
+    assert_eq!(c.stop_timeout_ms, 10_000);
+}
+
+#[test]
+fn an_unknown_key_names_file_line_and_key() {
+    let e = error(&with_host(
+        "[containers.web]\nimage = \"x\"\nmemroy = \"1G\"\n",
+    ));
+    assert_eq!(e.file, Path::new("/etc/keel/host.toml"));
+    assert_eq!(e.line, 5, "{e}");
+    assert_eq!(e.key, "containers.web.memroy", "{e}");
+    assert!(e.message.contains("unknown field `memroy`"), "{e}");
+    assert!(e.message.contains("memory"), "lists what is expected: {e}");
+    assert!(e.to_string().starts_with("/etc/keel/host.toml:5:"), "{e}");
+}
+
+#[test]
+fn an_unknown_top_level_table_is_an_error() {
+    let e = error(&with_host("[service.web]\nimage = \"x\"\n"));
+    assert!(e.message.contains("unknown field `service`"), "{e}");
+    assert_eq!(e.line, 3);
+}
+
+#[test]
+fn a_missing_host_table_is_reported() {
+    let e = error("[images.i]\nlayout = \"x\"\n");
+    assert!(e.message.contains("missing field `host`"), "{e}");
+}
+
+#[test]
+fn a_syntax_error_has_its_position() {
+    let e = error("[host]\nhostname = \"h\nx = 1\n");
+    assert_eq!(e.line, 2, "{e}");
+}
+
+#[test]
+fn a_wrong_type_names_the_key() {
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\npids = \"many\"\n",
+    ));
+    assert_eq!(e.key, "containers.c.pids", "{e}");
+    assert_eq!(e.line, 7, "{e}");
+    assert!(e.message.contains("integer"), "{e}");
+}
+
+#[test]
+fn an_undefined_image_lists_the_defined_ones() {
+    let e = error(&with_host(
+        "[images.web]\nlayout = \"x\"\n[containers.c]\nimage = \"wbe\"\n",
+    ));
+    assert_eq!(e.key, "containers.c.image");
+    assert_eq!(e.line, 6);
+    assert!(
+        e.message.contains("no image named `wbe`") && e.message.contains("web"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_bad_memory_size_is_explained() {
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\nmemory = \"64Q\"\n",
+    ));
+    assert_eq!(e.key, "containers.c.memory");
+    assert!(e.message.contains("expected a size"), "{e}");
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\nmemory = 1000\n",
+    ));
+    assert!(e.message.contains("below 1M"), "{e}");
+}
+
+#[test]
+fn a_non_positive_pids_limit_is_rejected() {
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\npids = 0\n",
+    ));
+    assert_eq!(e.key, "containers.c.pids");
+}
+
+#[test]
+fn an_unknown_restart_policy_lists_the_known_ones() {
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\nrestart = \"sometimes\"\n",
+    ));
+    assert_eq!(e.key, "containers.c.restart");
+    assert!(e.message.contains("\"always\""), "{e}");
+}
+
+#[test]
+fn a_bad_hostname_is_rejected() {
+    let e = error("[host]\nhostname = \"-bad host\"\n");
+    assert_eq!(e.key, "host.hostname");
+    assert_eq!((e.line, e.column), (2, 12), "{e}");
+}
+
+#[test]
+fn an_image_needs_exactly_one_source() {
+    let e = error(&with_host("[images.i]\nlayout = \"x\"\nlayers = [\"y\"]\n"));
+    assert_eq!(e.key, "images.i.layers");
+    let e = error(&with_host("[images.i]\nworkdir = \"/\"\n"));
+    assert_eq!(e.key, "images.i");
+    assert!(e.message.contains("layers"), "{e}");
+    let e = error(&with_host("[images.i]\nlayers = []\n"));
+    assert!(e.message.contains("at least one layer"), "{e}");
+    let e = error(&with_host("[images.i]\nlayers = [\"busybox:\"]\n"));
+    assert_eq!(e.key, "images.i.layers[0]");
+}
+
+#[test]
+fn relative_workdirs_and_bad_env_are_rejected() {
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\nworkdir = \"www\"\n",
+    ));
+    assert_eq!(e.key, "containers.c.workdir");
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\nenv = [\"NOEQUALS\"]\n",
+    ));
+    assert_eq!(e.key, "images.i.env[0]");
+}
+
+#[test]
+fn interfaces_need_dhcp_or_an_address() {
+    let e = error(&with_host("[network.interfaces.eth0]\n"));
+    assert_eq!(e.key, "network.interfaces.eth0");
+    let e = error(&with_host(
+        "[network.interfaces.eth0]\ndhcp4 = true\naddress = \"10.0.0.2/24\"\n",
+    ));
+    assert_eq!(e.key, "network.interfaces.eth0.address");
+    let e = error(&with_host(
+        "[network.interfaces.eth0]\naddress = \"10.0.0.2\"\n",
+    ));
+    assert!(e.message.contains("prefix length"), "{e}");
+    let e = error(&with_host(
+        "[network.interfaces.eth0]\naddress = \"10.0.0.2/24\"\ngateway = \"nope\"\n",
+    ));
+    assert_eq!(e.key, "network.interfaces.eth0.gateway");
+}
+
+#[test]
+fn bad_names_are_rejected() {
+    let e = error(&with_host("[images.\"a/b\"]\nlayout = \"x\"\n"));
+    assert_eq!(e.key, "images.a/b");
+    assert!(e.message.contains("not a valid name"), "{e}");
+}
+
+#[test]
+fn sizes_and_durations() {
+    assert_eq!(parse_size("64M"), Some(64 << 20));
+    assert_eq!(parse_size("1G"), Some(1 << 30));
+    assert_eq!(parse_size("512k"), Some(512 << 10));
+    assert_eq!(parse_size("100"), Some(100));
+    assert_eq!(parse_size("M"), None);
+    assert_eq!(parse_size("99999999999999999999G"), None);
+    assert_eq!(parse_duration_ms("10s"), Some(10_000));
+    assert_eq!(parse_duration_ms("250ms"), Some(250));
+    assert_eq!(parse_duration_ms("2m"), Some(120_000));
+    assert_eq!(parse_duration_ms("10"), None);
+    assert_eq!(parse_duration_ms("1h"), None);
+}
+
+#[test]
+fn a_missing_file_is_reported_with_its_path() {
+    let e = HostConfig::load(Path::new("/nonexistent/host.toml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/host.toml: cannot read"),
+        "{e}"
+    );
+}
