@@ -539,10 +539,10 @@ fn validate_image(
         }
     };
     for (n, var) in i.env.iter().enumerate() {
-        if !var
+        if var
             .get_ref()
             .split_once('=')
-            .is_some_and(|(name, _)| !name.is_empty())
+            .is_none_or(|(name, _)| name.is_empty())
         {
             return Err(loc.at(var, format!("{key}.env[{n}]"), "expected `NAME=value`"));
         }
