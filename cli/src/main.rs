@@ -1,1 +1,271 @@
-fn main() {}
+//! `keel`: build a Keel host from its host file and boot it in QEMU.
+
+mod build;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keel_config::HostConfig;
+use keel_qemu::{PortForward, VmConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "Build Keel hosts and boot them in QEMU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a host file and report the first error with its file, line and key.
+    Check { host_file: PathBuf },
+    /// Build a bootable kernel + initramfs (and manifest.json) from a host file.
+    Build {
+        host_file: PathBuf,
+        /// Output directory [default: out/<hostname>]
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        inputs: Inputs,
+    },
+    /// Boot a host in QEMU (building it first when given a host file). With no argument,
+    /// boots the bundled example with port 8080 published to its web server.
+    Run {
+        /// A host file, or a directory written by `keel build`.
+        target: Option<PathBuf>,
+        /// Forward 127.0.0.1:HOST on this machine to the guest's GUEST port (TCP).
+        #[arg(short, long, value_name = "HOST:GUEST")]
+        publish: Vec<PortForward>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Write the console to this file instead of the terminal.
+        #[arg(long)]
+        console: Option<PathBuf>,
+        /// Where to build when given a host file [default: out/<hostname>]
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// How long the guest gets to power off after Ctrl-C before QEMU is killed.
+        #[arg(long, default_value_t = 60)]
+        shutdown_timeout: u64,
+        #[command(flatten)]
+        inputs: Inputs,
+    },
+    /// Make an OCI image layout from directories, tarballs or `busybox:PATH`, one layer
+    /// each, bottom first (like `docker import`).
+    Import {
+        #[arg(required = true)]
+        sources: Vec<String>,
+        #[arg(short, long)]
+        out: PathBuf,
+        /// Entrypoint, one argument per flag.
+        #[arg(long = "entrypoint")]
+        entrypoint: Vec<String>,
+        /// Cmd, one argument per flag.
+        #[arg(long = "cmd")]
+        cmd: Vec<String>,
+        /// NAME=value, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        /// Reference name recorded in index.json.
+        #[arg(long = "ref")]
+        ref_name: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct Inputs {
+    /// The static init binary [default: keel-init beside this program]
+    #[arg(long, env = "KEEL_INIT")]
+    init: Option<PathBuf>,
+    /// Download cache for the kernel package [default: ~/.cache/keel]
+    #[arg(long, env = "KEEL_CACHE")]
+    cache: Option<PathBuf>,
+}
+
+impl Inputs {
+    fn options(&self) -> Result<build::BuildOptions, String> {
+        let init = match &self.init {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| e.to_string())?
+                .with_file_name("keel-init"),
+        };
+        let cache_dir = match &self.cache {
+            Some(c) => c.clone(),
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_else(|| PathBuf::from("/var/cache"))
+                .join("keel"),
+        };
+        Ok(build::BuildOptions { init, cache_dir })
+    }
+}
+
+/// The bundled example, so `keel run` works before a user writes any file.
+const EXAMPLE_HOST: &str = include_str!("../../examples/hello/host.toml");
+const EXAMPLE_PAGE: &str = include_str!("../../examples/hello/www/index.html");
+
+fn write_example(cache: &Path) -> Result<PathBuf, String> {
+    let dir = cache.join("example-hello");
+    std::fs::create_dir_all(dir.join("www")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(dir.join("host.toml"), EXAMPLE_HOST).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("www/index.html"), EXAMPLE_PAGE).map_err(|e| e.to_string())?;
+    Ok(dir.join("host.toml"))
+}
+
+enum Failure {
+    Config(String),
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Failure {
+        Failure::Other(s)
+    }
+}
+
+fn load(path: &Path) -> Result<HostConfig, Failure> {
+    HostConfig::load(path).map_err(|e| Failure::Config(e.to_string()))
+}
+
+fn default_out(config: &HostConfig) -> PathBuf {
+    PathBuf::from("out").join(&config.hostname)
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(Failure::Config(e)) => {
+            eprintln!("keel: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("keel: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    match cli.command {
+        Command::Check { host_file } => {
+            let c = load(&host_file)?;
+            println!(
+                "{}: ok ({} images, {} containers)",
+                host_file.display(),
+                c.images.len(),
+                c.containers.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Build {
+            host_file,
+            out,
+            inputs,
+        } => {
+            let config = load(&host_file)?;
+            let out = out.unwrap_or_else(|| default_out(&config));
+            build::build(&config, &out, &inputs.options()?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            target,
+            mut publish,
+            memory,
+            console,
+            out,
+            shutdown_timeout,
+            inputs,
+        } => {
+            let options = inputs.options()?;
+            let target = match target {
+                Some(t) => t,
+                None => {
+                    if publish.is_empty() {
+                        publish.push(PortForward {
+                            host: 8080,
+                            guest: 80,
+                        });
+                    }
+                    write_example(&options.cache_dir)?
+                }
+            };
+            let dir = if target.is_dir() {
+                target
+            } else {
+                let config = load(&target)?;
+                let out = out.unwrap_or_else(|| default_out(&config));
+                build::build(&config, &out, &options)?;
+                out
+            };
+            let manifest = build::read_manifest(&dir)?;
+            for p in &publish {
+                eprintln!(
+                    "keel: publishing 127.0.0.1:{} -> guest port {}",
+                    p.host, p.guest
+                );
+            }
+            let vm = VmConfig {
+                kernel: dir.join("vmlinuz"),
+                initrd: Some(dir.join("initramfs.img")),
+                cmdline: manifest.cmdline,
+                memory_mb: memory,
+                publish,
+                echo_console: console.is_none(),
+                console_log: console,
+                ..VmConfig::default()
+            };
+            let code = keel_qemu::run_interactive(vm, Duration::from_secs(shutdown_timeout))
+                .map_err(|e| e.to_string())?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Command::Import {
+            sources,
+            out,
+            entrypoint,
+            cmd,
+            env,
+            workdir,
+            user,
+            ref_name,
+        } => {
+            let sources: Vec<keel_image::import::LayerSource> = sources
+                .iter()
+                .map(|s| match s.strip_prefix("busybox:") {
+                    Some(b) => keel_image::import::LayerSource::Busybox(b.into()),
+                    None if Path::new(s).is_dir() => keel_image::import::LayerSource::Dir(s.into()),
+                    None => keel_image::import::LayerSource::Tar(s.into()),
+                })
+                .collect();
+            let spec = keel_image::import::ImageConfigSpec {
+                entrypoint: (!entrypoint.is_empty()).then_some(entrypoint),
+                cmd: (!cmd.is_empty()).then_some(cmd),
+                env,
+                workdir,
+                user,
+            };
+            let image = keel_image::import::import(&sources, &spec, ref_name.as_deref(), &out)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{} {} ({} layers, {} bytes)",
+                out.display(),
+                image.manifest_digest,
+                image.layers,
+                image.size
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -126,6 +126,9 @@ pub struct Container {
     pub restart: RestartPolicy,
     /// Echo the container's output on the console, prefixed with its name.
     pub console: bool,
+    /// Share PID 1's pid namespace (`pid = "host"`, like `docker run --pid=host`) instead of
+    /// getting one of its own.
+    pub host_pid: bool,
 }
 
 impl HostConfig {
@@ -280,6 +283,7 @@ mod raw {
         pub restart: Option<Spanned<String>>,
         #[serde(default = "yes")]
         pub console: bool,
+        pub pid: Option<Spanned<String>>,
     }
 
     fn yes() -> bool {
@@ -654,7 +658,24 @@ fn validate_container(
             }
         },
     };
+    let host_pid = match &c.pid {
+        None => false,
+        Some(mode) => match mode.get_ref().as_str() {
+            "private" => false,
+            "host" => true,
+            other => {
+                return Err(loc.at(
+                    mode,
+                    format!("{key}.pid"),
+                    format!(
+                        "unknown pid namespace mode `{other}`: expected \"private\" or \"host\""
+                    ),
+                ));
+            }
+        },
+    };
     Ok(Container {
+        host_pid,
         image: c.image.get_ref().clone(),
         entrypoint: c.entrypoint.clone(),
         command: c.command.clone(),

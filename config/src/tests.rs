@@ -32,6 +32,7 @@ memory = "64M"
 pids = 32
 restart = "no"
 console = false
+pid = "host"
 "#;
 
 fn parse(text: &str) -> Result<HostConfig, ConfigError> {
@@ -83,6 +84,7 @@ fn a_complete_file_parses() {
     assert_eq!(web.pids_max, Some(32));
     assert_eq!(web.restart, RestartPolicy::No);
     assert!(!web.console);
+    assert!(web.host_pid);
     assert_eq!(web.env["A"], "1");
     assert_eq!(c.base_dir(), Path::new("/etc/keel"));
 }
@@ -103,6 +105,7 @@ fn defaults_apply() {
     let cont = &c.containers["c"];
     assert_eq!(cont.restart, RestartPolicy::Always);
     assert!(cont.console);
+    assert!(!cont.host_pid);
     assert_eq!(cont.memory_max, None);
     assert_eq!(c.stop_timeout_ms, 10_000);
 }
@@ -272,4 +275,13 @@ fn a_missing_file_is_reported_with_its_path() {
             .starts_with("/nonexistent/host.toml: cannot read"),
         "{e}"
     );
+}
+
+#[test]
+fn an_unknown_pid_mode_is_rejected() {
+    let e = error(&with_host(
+        "[images.i]\nlayout = \"x\"\n[containers.c]\nimage = \"i\"\npid = \"shared\"\n",
+    ));
+    assert_eq!(e.key, "containers.c.pid");
+    assert!(e.message.contains("\"host\""), "{e}");
 }

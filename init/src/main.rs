@@ -1,1 +1,339 @@
-fn main() {}
+//! Keel's PID 1.
+//!
+//! Boot: give `/` a real mount, mount the kernel filesystems, load modules, set the hostname,
+//! set up cgroups, configure the network over netlink, start the containers, print
+//! `keel: ready uptime_ms=N`. Then serve: reap every child, hand container exits to the
+//! supervisor, and wait for a reason to stop (SIGTERM/SIGUSR2/SIGPWR or the ACPI power
+//! button power off; SIGINT, which the kernel sends on Ctrl-Alt-Del, reboots).
+//!
+//! PID 1 must never exit or panic: the kernel would panic with it. Failures are logged and
+//! boot goes on; a panic is caught, and only then does the machine sync and reboot.
+
+mod early;
+mod logger;
+mod modules;
+mod net;
+mod power;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keel_config::HostConfig;
+use keel_supervisor::cgroup::{CGROUP_ROOT, Cgroup};
+use keel_supervisor::logs::Console;
+use keel_supervisor::{ExitStatus, Paths, Supervisor};
+use nix::sys::reboot::{RebootMode, reboot};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The host file `keel build` puts in the initramfs.
+const HOST_FILE: &str = "/etc/keel/host.toml";
+/// After the stop timeout and a cgroup kill, how long to wait for the kills to land.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    PowerOff,
+    Reboot,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::PowerOff => "poweroff",
+            Action::Reboot => "reboot",
+        }
+    }
+}
+
+fn main() {
+    let outcome = std::panic::catch_unwind(boot_and_serve);
+    let why = match outcome {
+        Ok(()) => "the service loop returned".to_string(),
+        Err(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+    };
+    give_up(&why);
+}
+
+/// The last resort: sync and reboot rather than let PID 1 exit.
+fn give_up(why: &str) -> ! {
+    log::error!("fatal: {why}; syncing and rebooting");
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    loop {
+        // reboot(2) only fails without CAP_SYS_BOOT, i.e. not as PID 1: stay alive anyway.
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn boot_and_serve() {
+    let switched = early::switch_to_tmpfs_root();
+    let mount_errors = early::mount_kernel_filesystems();
+    logger::init();
+    std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
+    match switched {
+        Ok(true) => log::info!("root moved from the initramfs to a tmpfs"),
+        Ok(false) => {}
+        Err(e) => {
+            log::error!("cannot move / off the initramfs ({e}); containers will fail to pivot_root")
+        }
+    }
+    for e in mount_errors {
+        log::error!("{e}");
+    }
+    if std::process::id() != 1 {
+        log::warn!("running as pid {}, not 1", std::process::id());
+    }
+    // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot.
+    if let Err(e) = nix::sys::reboot::set_cad_enabled(false) {
+        log::warn!("cannot take over Ctrl-Alt-Del: {e}");
+    }
+
+    let started = Instant::now();
+    let (loaded, failed) = modules::load_all(Path::new(modules::LOAD_LIST));
+    log::info!(
+        "loaded {loaded} kernel modules in {} ms{}",
+        started.elapsed().as_millis(),
+        if failed > 0 {
+            format!(" ({failed} failed)")
+        } else {
+            String::new()
+        }
+    );
+
+    let config = match HostConfig::load(Path::new(HOST_FILE)) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("{e}; running with no containers");
+            None
+        }
+    };
+    if let Some(c) = &config
+        && let Err(e) = nix::unistd::sethostname(&c.hostname)
+    {
+        log::error!("sethostname {}: {e}", c.hostname);
+    }
+    let cgroups = match keel_supervisor::cgroup::setup_hierarchy(Path::new(CGROUP_ROOT)) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("cgroup setup: {e}; containers get no resource limits");
+            Cgroup::at(Path::new(CGROUP_ROOT).join("keel"))
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => give_up(&format!("cannot build the event loop: {e}")),
+    };
+    let stop_timeout = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.stop_timeout_ms));
+    let action = runtime.block_on(serve(config, cgroups, stop_timeout));
+    drop(runtime);
+    finish(action);
+}
+
+async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Duration) -> Action {
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let console = Console::open(Path::new("/dev/console"))
+        .map_err(|e| log::warn!("container output will not be echoed: {e}"))
+        .ok()
+        .map(std::sync::Arc::new);
+    let empty = HostConfig {
+        path: HOST_FILE.into(),
+        hostname: "keel".into(),
+        modules: Vec::new(),
+        stop_timeout_ms: stop_timeout.as_millis() as u64,
+        interfaces: Default::default(),
+        images: Default::default(),
+        containers: Default::default(),
+    };
+    let config = config.unwrap_or(empty);
+    let mut supervisor = Supervisor::new(&config, Paths::default(), cgroups, events_tx, console);
+
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => give_up(&format!("cannot install signal handlers: {e}")),
+    };
+    let interfaces = config.interfaces.clone();
+    let hostname = config.hostname.clone();
+    let mut network = tokio::spawn(async move { net::configure(&interfaces, &hostname).await });
+    let mut network_done = false;
+    let power_button = power::pressed();
+    tokio::pin!(power_button);
+
+    let action = loop {
+        tokio::select! {
+            _ = signals.child.recv() => reap(&mut supervisor),
+            Some(event) = events.recv() => supervisor.on_event(event),
+            result = &mut network, if !network_done => {
+                network_done = true;
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::error!("network: {e}"),
+                    Err(e) => log::error!("network setup task failed: {e}"),
+                }
+                supervisor.start_all();
+                log::info!("ready uptime_ms={}", early::uptime_ms());
+            }
+            _ = signals.term.recv() => break Action::PowerOff,
+            _ = signals.usr2.recv() => break Action::PowerOff,
+            _ = signals.pwr.recv() => break Action::PowerOff,
+            _ = signals.int.recv() => break Action::Reboot,
+            _ = &mut power_button => {
+                log::info!("power button pressed");
+                break Action::PowerOff;
+            }
+        }
+    };
+
+    log::info!(
+        "shutting down for {}: stopping containers (timeout {} ms)",
+        action.name(),
+        stop_timeout.as_millis()
+    );
+    supervisor.stop_all();
+    let deadline = tokio::time::Instant::now() + stop_timeout;
+    reap_until(&mut supervisor, &mut signals, deadline).await;
+    if supervisor.running() > 0 {
+        supervisor.kill_all();
+        reap_until(
+            &mut supervisor,
+            &mut signals,
+            tokio::time::Instant::now() + KILL_GRACE,
+        )
+        .await;
+    }
+    supervisor.remove_cgroups();
+    kill_everything_else();
+    reap(&mut supervisor);
+    action
+}
+
+struct Signals {
+    child: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+    pwr: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {
+            child: signal(SignalKind::child())?,
+            term: signal(SignalKind::terminate())?,
+            usr2: signal(SignalKind::user_defined2())?,
+            pwr: signal(SignalKind::from_raw(libc::SIGPWR))?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Reaps (and dispatches) until no container runs or the deadline passes.
+async fn reap_until(
+    supervisor: &mut Supervisor,
+    signals: &mut Signals,
+    deadline: tokio::time::Instant,
+) {
+    reap(supervisor);
+    while supervisor.running() > 0 {
+        tokio::select! {
+            _ = signals.child.recv() => reap(supervisor),
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+}
+
+/// Collects every exited child: container main processes go to the supervisor, anything
+/// else is an orphan re-parented to PID 1.
+fn reap(supervisor: &mut Supervisor) {
+    loop {
+        let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
+            Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, ExitStatus::Signal(signal as i32)),
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                log::error!("waitpid: {e}");
+                return;
+            }
+        };
+        if !supervisor.on_exit(pid.as_raw(), status) {
+            log::info!("reaped orphan pid={pid} ({status})");
+        }
+    }
+}
+
+/// Whatever is not a container (orphans, strays) gets SIGTERM, a moment, then SIGKILL.
+fn kill_everything_else() {
+    use nix::sys::signal::{Signal, kill};
+    // kill(-1) from PID 1 reaches every process but itself.
+    if kill(Pid::from_raw(-1), Signal::SIGTERM).is_ok() {
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    }
+}
+
+/// The mount points to take down at shutdown, innermost first.
+fn unmount_order(mounts: &str) -> Vec<String> {
+    let mut targets: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|t| t.replace("\\040", " "))
+        .filter(|t| t != "/")
+        .collect();
+    targets.reverse();
+    targets
+}
+
+fn finish(action: Action) -> ! {
+    nix::unistd::sync();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut busy = 0;
+    for target in unmount_order(&mounts) {
+        if nix::mount::umount2(target.as_str(), nix::mount::MntFlags::empty()).is_err()
+            && nix::mount::umount2(target.as_str(), nix::mount::MntFlags::MNT_DETACH).is_err()
+        {
+            busy += 1;
+        }
+    }
+    nix::unistd::sync();
+    if busy > 0 {
+        log::warn!("{busy} filesystems could not be unmounted");
+    }
+    log::info!("{} clean", action.name());
+    let mode = match action {
+        Action::PowerOff => RebootMode::RB_POWER_OFF,
+        Action::Reboot => RebootMode::RB_AUTOBOOT,
+    };
+    match reboot(mode) {
+        Err(e) => give_up(&format!("reboot: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unmounting_goes_innermost_first_and_keeps_root() {
+        let mounts = "rootfs / rootfs rw 0 0\nproc /proc proc rw 0 0\nsysfs /sys sysfs rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw 0 0\noverlay /run/keel/containers/my\\040app/rootfs overlay rw 0 0\n";
+        assert_eq!(
+            unmount_order(mounts),
+            [
+                "/run/keel/containers/my app/rootfs",
+                "/sys/fs/cgroup",
+                "/sys",
+                "/proc"
+            ]
+        );
+    }
+}

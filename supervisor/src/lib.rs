@@ -1,1 +1,16 @@
-//! placeholder
+//! Keel's container life cycle: a container definition and its image become an isolated
+//! process, which is watched, restarted with backoff, and stopped in order.
+//!
+//! - [`container`]: pure logic from definition + image to the process and setup plan;
+//! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
+//! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
+//! - [`logs`]: output to per-container log files and the console;
+//! - [`Supervisor`]: the state machine PID 1 drives.
+
+pub mod cgroup;
+pub mod container;
+pub mod logs;
+pub mod spawn;
+mod supervisor;
+
+pub use supervisor::{Backoff, Event, ExitStatus, Paths, Supervisor};

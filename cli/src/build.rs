@@ -1,0 +1,222 @@
+//! `keel build`: a host file becomes a bootable kernel + initramfs, with a manifest that
+//! records the kernel package and a digest of every input.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use keel_config::{HostConfig, ImageSource, LayerSpec};
+use keel_image::cpio::{Compression, InitramfsBuilder};
+use keel_image::import::{ImageConfigSpec, LayerSource, import};
+use keel_image::kernel::fetch_kernel;
+use keel_image::layout::ImageLayout;
+use keel_image::modules::ModuleIndex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Modules every Keel host loads: the virtio NIC and its PCI transport, overlayfs for
+/// container roots, and the ACPI power button with the evdev interface it is read through.
+pub const BASE_MODULES: &[&str] = &["virtio_pci", "virtio_net", "overlay", "button", "evdev"];
+
+/// The kernel command line: serial console, kernel chatter only for errors, PID 1's kmsg
+/// lines not rate-limited, and a kernel panic ends the VM instead of hanging it.
+pub const CMDLINE: &str = "console=ttyS0 quiet panic=-1 printk.devkmsg=on";
+
+pub struct BuildOptions {
+    pub init: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+/// What `keel build` wrote, also saved as `manifest.json` beside the boot files.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub hostname: String,
+    pub kernel: KernelInfo,
+    pub cmdline: String,
+    pub modules: Vec<String>,
+    /// sha256 of every input, by role.
+    pub inputs: BTreeMap<String, String>,
+    pub initramfs_sha256: String,
+    pub initramfs_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KernelInfo {
+    pub package: String,
+    pub package_version: String,
+    pub release: String,
+    pub deb_sha256: String,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_file(path: &Path) -> Result<String, String> {
+    let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Builds the host into `out` (vmlinuz, initramfs.img, manifest.json).
+pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<Manifest, String> {
+    let started = Instant::now();
+    let mut inputs = BTreeMap::new();
+    let host_text =
+        fs::read(&config.path).map_err(|e| format!("{}: {e}", config.path.display()))?;
+    inputs.insert("host.toml".to_string(), sha256_hex(&host_text));
+    let init = fs::read(&options.init).map_err(|e| {
+        format!(
+            "the init binary {}: {e} (build it with `cargo build --release`, or pass --init)",
+            options.init.display()
+        )
+    })?;
+    inputs.insert("init".to_string(), sha256_hex(&init));
+
+    let kernel =
+        fetch_kernel(&options.cache_dir.join("kernel")).map_err(|e| format!("kernel: {e}"))?;
+    let index =
+        ModuleIndex::scan(&kernel.modules_dir).map_err(|e| format!("kernel modules: {e}"))?;
+    let wanted: Vec<&str> = BASE_MODULES
+        .iter()
+        .copied()
+        .chain(config.modules.iter().map(String::as_str))
+        .collect();
+    let modules = index
+        .closure(&wanted)
+        .map_err(|e| format!("kernel modules: {e}"))?;
+
+    let mut initramfs = InitramfsBuilder::new();
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "etc",
+        "etc/keel",
+        "var",
+        "usr/share/keel/images",
+    ] {
+        initramfs.add_dir(dir, 0o755);
+    }
+    initramfs.add_char_device("dev/console", 0o600, 5, 1);
+    initramfs.add_file_from_bytes("init", 0o755, init);
+    initramfs.add_file_from_bytes("etc/keel/host.toml", 0o644, host_text);
+
+    let module_root = Path::new("lib/modules").join(&kernel.version);
+    let mut load_list = String::from("# written by keel build: dependencies first\n");
+    for m in &modules {
+        let dest = module_root.join(&m.rel_path);
+        initramfs
+            .add_file_from_path(&dest.to_string_lossy(), 0o644, &m.path)
+            .map_err(|e| format!("{}: {e}", m.path.display()))?;
+        inputs.insert(format!("module:{}", m.name), sha256_file(&m.path)?);
+        load_list += &format!("/{}\n", dest.display());
+    }
+    initramfs.add_file_from_bytes("lib/modules/keel.load", 0o644, load_list.into_bytes());
+
+    let staging = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    for (name, image) in &config.images {
+        let layout_dir = match &image.source {
+            ImageSource::Layout(dir) => config.base_dir().join(dir),
+            ImageSource::Layers(layers) => {
+                let sources: Vec<LayerSource> = layers
+                    .iter()
+                    .map(|l| match l {
+                        LayerSpec::Busybox(binary) => LayerSource::Busybox(binary.clone()),
+                        LayerSpec::Path(p) => {
+                            let p = config.base_dir().join(p);
+                            if p.is_dir() {
+                                LayerSource::Dir(p)
+                            } else {
+                                LayerSource::Tar(p)
+                            }
+                        }
+                    })
+                    .collect();
+                let d = &image.defaults;
+                let spec = ImageConfigSpec {
+                    entrypoint: d.entrypoint.clone(),
+                    cmd: d.cmd.clone(),
+                    env: d.env.clone(),
+                    workdir: d.workdir.clone(),
+                    user: d.user.clone(),
+                };
+                let dir = staging.path().join(name);
+                import(&sources, &spec, Some(name), &dir)
+                    .map_err(|e| format!("image {name}: {e}"))?;
+                dir
+            }
+        };
+        // Opening verifies the layout and its digests before it goes into the image.
+        let layout = ImageLayout::open(&layout_dir)
+            .map_err(|e| format!("image {name} ({}): {e}", layout_dir.display()))?;
+        inputs.insert(
+            format!("image:{name}"),
+            layout.manifest_digest().to_string(),
+        );
+        initramfs
+            .add_tree(&format!("usr/share/keel/images/{name}"), &layout_dir)
+            .map_err(|e| format!("image {name}: {e}"))?;
+    }
+
+    fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let initramfs_path = out.join("initramfs.img");
+    let tmp = out.join(".initramfs.img.tmp");
+    let file = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    initramfs
+        .write_compressed(std::io::BufWriter::new(file), Compression::Zstd)
+        .map_err(|e| format!("writing the initramfs: {e}"))?;
+    fs::rename(&tmp, &initramfs_path).map_err(|e| format!("{}: {e}", initramfs_path.display()))?;
+    let vmlinuz = out.join("vmlinuz");
+    fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
+
+    let manifest = Manifest {
+        hostname: config.hostname.clone(),
+        kernel: KernelInfo {
+            package: kernel.package.clone(),
+            package_version: kernel.package_version.clone(),
+            release: kernel.version.clone(),
+            deb_sha256: kernel.deb_sha256.clone(),
+        },
+        cmdline: CMDLINE.to_string(),
+        modules: modules.iter().map(|m| m.name.clone()).collect(),
+        inputs,
+        initramfs_sha256: sha256_file(&initramfs_path)?,
+        initramfs_bytes: fs::metadata(&initramfs_path)
+            .map_err(|e| e.to_string())?
+            .len(),
+    };
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
+    fs::write(out.join("manifest.json"), json + "\n").map_err(|e| format!("manifest: {e}"))?;
+    eprintln!(
+        "keel: built {} in {} ms: kernel {} ({}), {} modules, {} images, initramfs {} KiB",
+        out.display(),
+        started.elapsed().as_millis(),
+        kernel.version,
+        kernel.package_version,
+        modules.len(),
+        config.images.len(),
+        manifest.initramfs_bytes / 1024
+    );
+    Ok(manifest)
+}
+
+/// Reads a build directory's manifest.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
+    let path = dir.join("manifest.json");
+    let text = fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "{}: {e} (is this a `keel build` output directory?)",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,363 @@
+//! Starting a container process: one clone3 and a precomputed list of steps.
+//!
+//! Everything the child needs (paths, mount options, argv, envp) is built into a [`Plan`]
+//! before cloning. Between clone3 and execve the child only walks that plan with raw,
+//! async-signal-safe system calls: no allocation, no locks, no Rust I/O. If a step fails the
+//! child writes the step's index and errno to a close-on-exec pipe and exits 127; a clean
+//! execve closes the pipe, so the parent reads either a failure or EOF.
+//!
+//! The order follows runc and crun: namespaces and cgroup (clone3 with CLONE_INTO_CGROUP, so
+//! the process never runs outside its cgroup) → mounts → /dev → pivot_root → hostname →
+//! fds and cwd → execve.
+
+use std::ffi::{CString, c_char};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+/// libc's constants are deprecated, overflowing `c_int`s; clone3 takes a u64.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+
+/// Which namespaces the container gets of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Namespaces {
+    /// false shares PID 1's pid namespace (`pid = "host"`).
+    pub pid: bool,
+}
+
+/// One step the child performs, in order.
+#[derive(Debug)]
+pub enum Step {
+    /// mount(2); `source`/`fstype`/`data` may be absent.
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    /// mkdir(2), an existing directory is fine.
+    Mkdir {
+        path: CString,
+        mode: libc::mode_t,
+    },
+    /// A character device node.
+    CharDevice {
+        path: CString,
+        mode: libc::mode_t,
+        major: u32,
+        minor: u32,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    /// chdir into the new root, pivot_root(".", "."), detach the old root.
+    PivotRoot {
+        new_root: CString,
+    },
+    Hostname {
+        name: CString,
+    },
+    Chdir {
+        path: CString,
+    },
+}
+
+impl Step {
+    /// How the step is named in errors.
+    pub fn describe(&self) -> String {
+        fn s(c: &CString) -> String {
+            c.to_string_lossy().into_owned()
+        }
+        match self {
+            Step::Mount { fstype, target, .. } => {
+                format!(
+                    "mount {} on {}",
+                    fstype.as_ref().map_or("(bind/propagation)".into(), s),
+                    s(target)
+                )
+            }
+            Step::Mkdir { path, .. } => format!("mkdir {}", s(path)),
+            Step::CharDevice { path, .. } => format!("mknod {}", s(path)),
+            Step::Symlink { link, .. } => format!("symlink {}", s(link)),
+            Step::PivotRoot { new_root } => format!("pivot_root into {}", s(new_root)),
+            Step::Hostname { name } => format!("sethostname {}", s(name)),
+            Step::Chdir { path } => format!("chdir to the working directory {}", s(path)),
+        }
+    }
+}
+
+/// Everything the child needs, prepared while allocation is still allowed.
+pub struct Plan {
+    pub namespaces: Namespaces,
+    pub steps: Vec<Step>,
+    /// execve candidates tried in order: the program resolved against each PATH entry.
+    pub exec_paths: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+}
+
+/// Index reported for a failure after the last step (execve itself).
+fn exec_step_index(plan: &Plan) -> u32 {
+    plan.steps.len() as u32
+}
+
+/// What the parent learns from a started child.
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    pub pidfd: OwnedFd,
+    /// Readable end of the error pipe: EOF once execve succeeded, or 8 bytes (step, errno).
+    pub error_pipe: OwnedFd,
+}
+
+/// Decodes the error pipe's 8 bytes into a message naming the failed step.
+pub fn describe_failure(plan_steps: &[String], bytes: &[u8]) -> Option<String> {
+    let step = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?) as usize;
+    let errno = i32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?);
+    let what = plan_steps
+        .get(step)
+        .cloned()
+        .unwrap_or_else(|| "execve".to_string());
+    Some(format!("{what}: {}", io::Error::from_raw_os_error(errno)))
+}
+
+/// Resolves a program name like execvp: a name with a '/' is used as is, otherwise it is
+/// tried in each PATH directory (PATH as the container will see it).
+pub fn exec_candidates(program: &str, path_var: Option<&str>) -> Vec<String> {
+    if program.contains('/') {
+        return vec![program.to_string()];
+    }
+    let path = path_var.unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
+        .collect()
+}
+
+pub fn cstring(s: impl AsRef<[u8]>) -> io::Result<CString> {
+    CString::new(s.as_ref())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "string contains a NUL byte"))
+}
+
+pub fn path_cstring(p: &Path) -> io::Result<CString> {
+    cstring(p.as_os_str().as_encoded_bytes())
+}
+
+/// Starts the child: clone3 into the cgroup with new namespaces, run the plan, execve.
+///
+/// Must be called from a single-threaded process (PID 1 runs a current-thread runtime).
+/// `stdio` are the fds the child gets as 0, 1 and 2.
+pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result<Spawned> {
+    let argv: Vec<*const c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const c_char> = plan
+        .envp
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+
+    let mut flags = libc::CLONE_PIDFD as u64
+        | CLONE_INTO_CGROUP
+        | CLONE_CLEAR_SIGHAND
+        | (libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP)
+            as u64;
+    if plan.namespaces.pid {
+        flags |= libc::CLONE_NEWPID as u64;
+    }
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: clone_args is a plain C struct for which all-zero is a valid value.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = flags;
+    args.pidfd = &mut pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    args.cgroup = cgroup_dir.as_raw_fd() as u64;
+
+    // SAFETY: clone3 with no stack behaves like fork. The caller guarantees we are
+    // single-threaded, and the child below only makes async-signal-safe calls on memory
+    // prepared before this point, then execs or _exits.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if ret == 0 {
+        // SAFETY: we are the child; see run_child's contract.
+        unsafe { run_child(plan, &argv, &envp, stdio, err_write.as_raw_fd()) }
+    }
+    drop(err_write);
+    // SAFETY: clone3 stored a fresh pidfd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok(Spawned {
+        pid: ret as libc::pid_t,
+        pidfd,
+        error_pipe: err_read,
+    })
+}
+
+/// The child side. Only async-signal-safe system calls; never returns.
+///
+/// # Safety
+/// Must only run in a freshly cloned child of a single-threaded parent.
+unsafe fn run_child(
+    plan: &Plan,
+    argv: &[*const c_char],
+    envp: &[*const c_char],
+    stdio: [RawFd; 3],
+    err_fd: RawFd,
+) -> ! {
+    // SAFETY (whole body): raw libc calls on pointers into `plan`, `argv` and `envp`, which
+    // the parent built before clone3 and which stay valid in our copy of its memory.
+    unsafe {
+        let fail = |step: u32| -> ! {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&step.to_ne_bytes());
+            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127);
+        };
+
+        // Handlers were cleared by CLONE_CLEAR_SIGHAND, but ignored signals stay ignored
+        // across execve and Rust ignores SIGPIPE; the mask is inherited too.
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::setsid();
+        for (target, fd) in stdio.iter().enumerate() {
+            if libc::dup2(*fd, target as libc::c_int) < 0 {
+                fail(exec_step_index(plan));
+            }
+        }
+        // Device nodes and directories get exactly the modes in the plan.
+        libc::umask(0);
+
+        for (index, step) in plan.steps.iter().enumerate() {
+            let ok = match step {
+                Step::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                } => {
+                    libc::mount(
+                        source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+                        target.as_ptr(),
+                        fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+                        *flags,
+                        data.as_ref()
+                            .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
+                    ) == 0
+                }
+                Step::Mkdir { path, mode } => {
+                    libc::mkdir(path.as_ptr(), *mode) == 0
+                        || *libc::__errno_location() == libc::EEXIST
+                }
+                Step::CharDevice {
+                    path,
+                    mode,
+                    major,
+                    minor,
+                } => {
+                    libc::mknod(
+                        path.as_ptr(),
+                        libc::S_IFCHR | *mode,
+                        libc::makedev(*major, *minor),
+                    ) == 0
+                }
+                Step::Symlink { target, link } => {
+                    libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                }
+                Step::PivotRoot { new_root } => {
+                    libc::chdir(new_root.as_ptr()) == 0
+                        && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0
+                        && libc::umount2(c".".as_ptr(), libc::MNT_DETACH) == 0
+                        && libc::chdir(c"/".as_ptr()) == 0
+                }
+                Step::Hostname { name } => {
+                    libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0
+                }
+                Step::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
+            };
+            if !ok {
+                fail(index as u32);
+            }
+        }
+
+        libc::umask(0o022);
+        // Nothing of PID 1's leaks in: every fd above 2 closes at execve, the error pipe too.
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        let mut last_errno = libc::ENOENT;
+        for path in &plan.exec_paths {
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            let errno = *libc::__errno_location();
+            // Like execvp: a missing candidate is not the error to report if another exists.
+            if errno != libc::ENOENT && errno != libc::ENOTDIR {
+                last_errno = errno;
+            }
+        }
+        *libc::__errno_location() = last_errno;
+        fail(exec_step_index(plan));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_resolve_like_execvp() {
+        assert_eq!(
+            exec_candidates("/bin/httpd", Some("/usr/bin")),
+            ["/bin/httpd"]
+        );
+        assert_eq!(exec_candidates("./run", None), ["./run"]);
+        assert_eq!(
+            exec_candidates("httpd", Some("/usr/bin:/bin/::/sbin")),
+            ["/usr/bin/httpd", "/bin/httpd", "/sbin/httpd"]
+        );
+        assert_eq!(exec_candidates("sh", None).len(), 6);
+    }
+
+    #[test]
+    fn failures_name_the_step() {
+        let steps = vec![
+            "mount overlay on /r".to_string(),
+            "pivot_root into /r".to_string(),
+        ];
+        let mut bytes = 1u32.to_ne_bytes().to_vec();
+        bytes.extend(libc::EINVAL.to_ne_bytes());
+        let msg = describe_failure(&steps, &bytes).unwrap();
+        assert!(
+            msg.starts_with("pivot_root into /r: Invalid argument"),
+            "{msg}"
+        );
+        let mut bytes = 2u32.to_ne_bytes().to_vec();
+        bytes.extend(libc::ENOENT.to_ne_bytes());
+        assert!(
+            describe_failure(&steps, &bytes)
+                .unwrap()
+                .starts_with("execve: No such file")
+        );
+        assert_eq!(describe_failure(&steps, &[1, 2]), None);
+    }
+}

@@ -1,0 +1,517 @@
+//! The supervision state machine: start, watch, restart with backoff, stop.
+//!
+//! The supervisor never waits for children itself. PID 1 owns reaping (one `waitpid(-1)`
+//! loop for every child, containers and orphans alike) and hands each container exit to
+//! [`Supervisor::on_exit`]; restarts come back through the event channel as
+//! [`Event::RestartDue`]. Everything runs on PID 1's single thread.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_config::{Container, HostConfig, RestartPolicy};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::cgroup::{Cgroup, Limits};
+use crate::container::{ContainerDirs, ImageProcess, build_plan, overlay_options, resolve_process};
+use crate::logs::{Console, pump};
+use crate::spawn::{Namespaces, Plan, Step, describe_failure, spawn};
+
+/// Where the supervisor finds images and keeps its state in the guest.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// OCI image layouts, one directory per image name.
+    pub images: PathBuf,
+    /// Unpacked layers shared by every container of an image.
+    pub layers: PathBuf,
+    /// Per-container overlay upper, work and mount point directories.
+    pub containers: PathBuf,
+    pub logs: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Paths {
+        Paths {
+            images: "/usr/share/keel/images".into(),
+            layers: "/var/lib/keel/layers".into(),
+            containers: "/run/keel/containers".into(),
+            logs: "/var/log/keel".into(),
+        }
+    }
+}
+
+/// Something the supervisor scheduled for itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    RestartDue { name: String, generation: u64 },
+}
+
+/// Restart backoff: 100 ms doubling to a cap, back to the start once a run lasted 10 s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(60),
+            reset_after: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before the next start, given the previous delay and how long the last run lasted.
+    pub fn next(&self, previous: Option<Duration>, ran_for: Duration) -> Duration {
+        match previous {
+            Some(prev) if ran_for < self.reset_after => (prev * 2).min(self.max),
+            _ => self.initial,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Not started yet, or stopped for good.
+    Idle,
+    Running {
+        pid: libc::pid_t,
+        pidfd: OwnedFd,
+        since: Instant,
+    },
+    BackingOff {
+        generation: u64,
+    },
+    /// Will not run again: its policy says so, or it cannot be prepared.
+    Done,
+}
+
+struct Prepared {
+    plan: Plan,
+    step_names: Vec<String>,
+    cgroup: Cgroup,
+    cgroup_fd: OwnedFd,
+}
+
+struct Managed {
+    config: Container,
+    prepared: Option<Prepared>,
+    state: State,
+    restarts: u64,
+    last_delay: Option<Duration>,
+    generation: u64,
+}
+
+/// How a process ended, as reaped by PID 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exited with code {c}"),
+            ExitStatus::Signal(s) => {
+                let name = nix::sys::signal::Signal::try_from(*s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown signal");
+                write!(f, "killed by {name} ({s})")
+            }
+        }
+    }
+}
+
+pub struct Supervisor {
+    paths: Paths,
+    cgroups: Cgroup,
+    events: UnboundedSender<Event>,
+    console: Option<Arc<Console>>,
+    dev_null: Option<OwnedFd>,
+    backoff: Backoff,
+    containers: BTreeMap<String, Managed>,
+    stopping: bool,
+}
+
+impl Supervisor {
+    /// `cgroups` is the parent of every container cgroup (`/sys/fs/cgroup/keel`).
+    pub fn new(
+        config: &HostConfig,
+        paths: Paths,
+        cgroups: Cgroup,
+        events: UnboundedSender<Event>,
+        console: Option<Arc<Console>>,
+    ) -> Supervisor {
+        let containers = config
+            .containers
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.clone(),
+                    Managed {
+                        config: c.clone(),
+                        prepared: None,
+                        state: State::Idle,
+                        restarts: 0,
+                        last_delay: None,
+                        generation: 0,
+                    },
+                )
+            })
+            .collect();
+        let dev_null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| log::error!("cannot open /dev/null for container stdin: {e}"))
+        .ok();
+        Supervisor {
+            paths,
+            cgroups,
+            events,
+            console,
+            dev_null,
+            backoff: Backoff::default(),
+            containers,
+            stopping: false,
+        }
+    }
+
+    /// Starts every container. A container that fails to start is logged and does not
+    /// stop the others.
+    pub fn start_all(&mut self) {
+        for dir in [&self.paths.layers, &self.paths.containers, &self.paths.logs] {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                log::error!("cannot create {}: {e}", dir.display());
+            }
+        }
+        let names: Vec<String> = self.containers.keys().cloned().collect();
+        for name in names {
+            self.start(&name);
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        if self.stopping {
+            return;
+        }
+        let Some(managed) = self.containers.get_mut(name) else {
+            return;
+        };
+        if managed.prepared.is_none() {
+            match prepare(&self.paths, &self.cgroups, name, &managed.config) {
+                Ok(p) => managed.prepared = Some(p),
+                Err(e) => {
+                    log::error!("{name}: cannot be started: {e}");
+                    managed.state = State::Done;
+                    return;
+                }
+            }
+        }
+        let Some(prepared) = managed.prepared.as_ref() else {
+            return;
+        };
+        let Some(dev_null) = self.dev_null.as_ref() else {
+            log::error!("{name}: cannot be started without /dev/null");
+            managed.state = State::Done;
+            return;
+        };
+        let (out_read, out_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("{name}: cannot create the output pipe: {e}");
+                self.schedule_restart(name, Duration::ZERO);
+                return;
+            }
+        };
+        let stdio = [
+            dev_null.as_raw_fd(),
+            out_write.as_raw_fd(),
+            out_write.as_raw_fd(),
+        ];
+        match spawn(&prepared.plan, &prepared.cgroup_fd, stdio) {
+            Ok(spawned) => {
+                drop(out_write);
+                log::info!("{name}: started pid={}", spawned.pid);
+                let log_path = self.paths.logs.join(format!("{name}.log"));
+                let console = if managed.config.console {
+                    self.console.clone()
+                } else {
+                    None
+                };
+                tokio::spawn(pump(name.to_string(), out_read, log_path, console));
+                tokio::spawn(report_start_failure(
+                    name.to_string(),
+                    spawned.error_pipe,
+                    prepared.step_names.clone(),
+                ));
+                managed.state = State::Running {
+                    pid: spawned.pid,
+                    pidfd: spawned.pidfd,
+                    since: Instant::now(),
+                };
+            }
+            Err(e) => {
+                log::error!("{name}: clone3 failed: {e}");
+                self.schedule_restart(name, Duration::ZERO);
+            }
+        }
+    }
+
+    /// Handles the exit of a reaped child; false when `pid` is not a container's main process.
+    pub fn on_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
+        let Some((name, managed)) = self
+            .containers
+            .iter_mut()
+            .find(|(_, m)| matches!(m.state, State::Running { pid: p, .. } if p == pid))
+        else {
+            return false;
+        };
+        let name = name.clone();
+        let ran_for = match &managed.state {
+            State::Running { since, .. } => since.elapsed(),
+            _ => Duration::ZERO,
+        };
+        managed.state = State::Idle;
+        if self.stopping {
+            log::info!(
+                "{name}: {status} after {} ms (stopped)",
+                ran_for.as_millis()
+            );
+            managed.state = State::Done;
+            return true;
+        }
+        match managed.config.restart {
+            RestartPolicy::No => {
+                log::info!(
+                    "{name}: {status} after {} ms; restart policy \"no\": not restarting",
+                    ran_for.as_millis()
+                );
+                managed.state = State::Done;
+            }
+            RestartPolicy::Always => {
+                let delay = self.backoff.next(managed.last_delay, ran_for);
+                log::info!(
+                    "{name}: {status} after {} ms; restarting in {} ms (restart #{})",
+                    ran_for.as_millis(),
+                    delay.as_millis(),
+                    managed.restarts + 1
+                );
+                self.schedule_restart(&name, delay);
+            }
+        }
+        true
+    }
+
+    fn schedule_restart(&mut self, name: &str, delay: Duration) {
+        let Some(managed) = self.containers.get_mut(name) else {
+            return;
+        };
+        managed.generation += 1;
+        managed.restarts += 1;
+        managed.last_delay = Some(delay.max(self.backoff.initial));
+        let generation = managed.generation;
+        managed.state = State::BackingOff { generation };
+        let events = self.events.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(Event::RestartDue { name, generation });
+        });
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::RestartDue { name, generation } => {
+                let due = self.containers.get(&name).is_some_and(
+                    |m| matches!(m.state, State::BackingOff { generation: g } if g == generation),
+                );
+                if due {
+                    self.start(&name);
+                }
+            }
+        }
+    }
+
+    /// Begins an orderly stop: no more restarts, SIGTERM to every container's main process.
+    pub fn stop_all(&mut self) {
+        self.stopping = true;
+        for (name, managed) in &mut self.containers {
+            match &managed.state {
+                State::Running { pidfd, pid, .. } => {
+                    log::info!("{name}: sending SIGTERM to pid {pid}");
+                    if let Err(e) =
+                        rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::TERM)
+                    {
+                        log::warn!("{name}: SIGTERM failed: {e}");
+                    }
+                }
+                State::BackingOff { .. } | State::Idle => managed.state = State::Done,
+                State::Done => {}
+            }
+        }
+    }
+
+    /// Kills whatever is left of every container, its whole cgroup at once.
+    pub fn kill_all(&mut self) {
+        for (name, managed) in &self.containers {
+            if let (State::Running { .. }, Some(prepared)) = (&managed.state, &managed.prepared) {
+                log::warn!("{name}: still running after the stop timeout: killing its cgroup");
+                if let Err(e) = prepared.cgroup.kill_all() {
+                    log::warn!("{name}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Number of containers whose main process has not been reaped yet.
+    pub fn running(&self) -> usize {
+        self.containers
+            .values()
+            .filter(|m| matches!(m.state, State::Running { .. }))
+            .count()
+    }
+
+    /// Removes the cgroups of stopped containers (best effort, at shutdown).
+    pub fn remove_cgroups(&self) {
+        for (name, managed) in &self.containers {
+            if let Some(prepared) = &managed.prepared
+                && let Err(e) = prepared.cgroup.remove()
+            {
+                log::warn!(
+                    "{name}: cannot remove cgroup {}: {e}",
+                    prepared.cgroup.path().display()
+                );
+            }
+        }
+    }
+}
+
+/// Everything done once per container: image layers unpacked, directories, cgroup, plan.
+fn prepare(
+    paths: &Paths,
+    cgroups: &Cgroup,
+    name: &str,
+    config: &Container,
+) -> Result<Prepared, String> {
+    let image_dir = paths.images.join(&config.image);
+    let layout = keel_image::layout::ImageLayout::open(&image_dir)
+        .map_err(|e| format!("image {}: {e}", image_dir.display()))?;
+    let lowers = keel_image::unpack::unpack_image(&layout, &paths.layers)
+        .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
+    let image = ImageProcess::from_oci(layout.config());
+    let process = resolve_process(name, &image, config)?;
+    let dirs = ContainerDirs::under(&paths.containers, name);
+    dirs.create()
+        .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
+    let overlay = overlay_options(&lowers, &dirs);
+    let plan = build_plan(
+        name,
+        &process,
+        &overlay,
+        &dirs,
+        Namespaces {
+            pid: !config.host_pid,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let limits = Limits {
+        memory_max: config.memory_max,
+        pids_max: config.pids_max,
+    };
+    let cgroup = cgroups
+        .child(name, &limits)
+        .map_err(|e| format!("cgroup: {e}"))?;
+    let cgroup_fd = cgroup
+        .open_dir()
+        .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
+    let step_names = plan.steps.iter().map(Step::describe).collect();
+    log::info!(
+        "{name}: image {} ready ({} layers), runs {:?}",
+        config.image,
+        lowers.len(),
+        process.argv
+    );
+    Ok(Prepared {
+        plan,
+        step_names,
+        cgroup,
+        cgroup_fd,
+    })
+}
+
+/// Logs why a child failed before its execve, if it did.
+async fn report_start_failure(name: String, pipe: OwnedFd, steps: Vec<String>) {
+    if rustix::io::ioctl_fionbio(&pipe, true).is_err() {
+        return;
+    }
+    // SAFETY: the fd stays open inside AsyncFd for as long as it is registered.
+    let Ok(pipe) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pipe, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        let Ok(mut guard) = pipe.readable().await else {
+            return;
+        };
+        match guard.try_io(|fd| {
+            rustix::io::read(fd.get_ref(), &mut buf[got..]).map_err(std::io::Error::from)
+        }) {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => got += n,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => return,
+            Err(_would_block) => {}
+        }
+    }
+    if let Some(message) = describe_failure(&steps, &buf[..got]) {
+        log::error!("{name}: container setup failed: {message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets_after_a_long_run() {
+        let b = Backoff::default();
+        let short = Duration::from_millis(50);
+        let mut d = b.next(None, short);
+        assert_eq!(d, Duration::from_millis(100));
+        for expected in [200, 400, 800, 1600] {
+            d = b.next(Some(d), short);
+            assert_eq!(d, Duration::from_millis(expected));
+        }
+        assert_eq!(
+            b.next(Some(Duration::from_secs(50)), short),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            b.next(Some(Duration::from_secs(60)), short),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            b.next(Some(Duration::from_secs(60)), Duration::from_secs(11)),
+            Duration::from_millis(100)
+        );
+    }
+
+    #[test]
+    fn exit_statuses_read_well() {
+        assert_eq!(ExitStatus::Code(3).to_string(), "exited with code 3");
+        assert_eq!(ExitStatus::Signal(9).to_string(), "killed by SIGKILL (9)");
+    }
+}
