@@ -19,9 +19,10 @@ use sha2::{Digest, Sha256};
 /// container roots, and the ACPI power button with the evdev interface it is read through.
 pub const BASE_MODULES: &[&str] = &["virtio_pci", "virtio_net", "overlay", "button", "evdev"];
 
-/// The kernel command line: serial console, kernel chatter only for errors, PID 1's kmsg
-/// lines not rate-limited, and a kernel panic ends the VM instead of hanging it.
-pub const CMDLINE: &str = "console=ttyS0 quiet panic=-1 printk.devkmsg=on";
+/// The kernel command line: serial console; only critical kernel messages on it (PID 1
+/// prints its own lines, which would otherwise show twice through /dev/kmsg); PID 1's kmsg
+/// lines not rate-limited; and a kernel panic ends the VM instead of hanging it.
+pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on";
 
 pub struct BuildOptions {
     pub init: PathBuf,
@@ -60,7 +61,15 @@ fn hex(bytes: &[u8]) -> String {
 fn sha256_file(path: &Path) -> Result<String, String> {
     let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
     Ok(hex(&hasher.finalize()))
 }
 
@@ -104,23 +113,31 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
         "var",
         "usr/share/keel/images",
     ] {
-        initramfs.add_dir(dir, 0o755);
+        initramfs.add_dir(dir, 0o755).map_err(|e| e.to_string())?;
     }
-    initramfs.add_char_device("dev/console", 0o600, 5, 1);
-    initramfs.add_file_from_bytes("init", 0o755, init);
-    initramfs.add_file_from_bytes("etc/keel/host.toml", 0o644, host_text);
+    initramfs
+        .add_char_device("dev/console", 0o600, 5, 1)
+        .map_err(|e| e.to_string())?;
+    initramfs
+        .add_file_from_bytes("init", 0o755, init)
+        .map_err(|e| e.to_string())?;
+    initramfs
+        .add_file_from_bytes("etc/keel/host.toml", 0o644, host_text)
+        .map_err(|e| e.to_string())?;
 
     let module_root = Path::new("lib/modules").join(&kernel.version);
     let mut load_list = String::from("# written by keel build: dependencies first\n");
     for m in &modules {
         let dest = module_root.join(&m.rel_path);
         initramfs
-            .add_file_from_path(&dest.to_string_lossy(), 0o644, &m.path)
+            .add_file_from_path(&dest, 0o644, &m.path)
             .map_err(|e| format!("{}: {e}", m.path.display()))?;
         inputs.insert(format!("module:{}", m.name), sha256_file(&m.path)?);
         load_list += &format!("/{}\n", dest.display());
     }
-    initramfs.add_file_from_bytes("lib/modules/keel.load", 0o644, load_list.into_bytes());
+    initramfs
+        .add_file_from_bytes("lib/modules/keel.load", 0o644, load_list.into_bytes())
+        .map_err(|e| e.to_string())?;
 
     let staging = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
     for (name, image) in &config.images {

@@ -115,13 +115,13 @@ impl Inputs {
 
 /// The bundled example, so `keel run` works before a user writes any file.
 const EXAMPLE_HOST: &str = include_str!("../../examples/hello/host.toml");
-const EXAMPLE_PAGE: &str = include_str!("../../examples/hello/www/index.html");
+const EXAMPLE_PAGE: &str = include_str!("../../examples/hello/site/www/index.html");
 
 fn write_example(cache: &Path) -> Result<PathBuf, String> {
     let dir = cache.join("example-hello");
-    std::fs::create_dir_all(dir.join("www")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("site/www")).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::write(dir.join("host.toml"), EXAMPLE_HOST).map_err(|e| e.to_string())?;
-    std::fs::write(dir.join("www/index.html"), EXAMPLE_PAGE).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("site/www/index.html"), EXAMPLE_PAGE).map_err(|e| e.to_string())?;
     Ok(dir.join("host.toml"))
 }
 

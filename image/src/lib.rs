@@ -1,1 +1,37 @@
-//! placeholder
+//! Keel's image handling, split in two halves by the `builder` feature.
+//!
+//! **Guest side (always compiled).** The PID 1 inside the VM links this crate with
+//! `default-features = false`, so this half stays small and pure Rust:
+//! - [`layout`] reads an OCI image layout (`oci-layout`, `index.json`, manifest, config),
+//!   verifying the SHA-256 of every JSON blob it trusts;
+//! - [`unpack`] extracts each layer into its own directory the overlayfs-native way
+//!   (whiteouts become 0/0 character devices, opaque markers become
+//!   `trusted.overlay.opaque=y`), so the layer directories can be stacked directly as
+//!   overlay `lowerdir`s. Extraction never follows symlinks from the layer and verifies the
+//!   layer digest while streaming.
+//!
+//! **Host side (`builder`, on by default).** Used by the host CLI to assemble a bootable
+//! system; it pulls heavier dependencies (the C zstd encoder, the cpio writer) and runs
+//! host tools (apt, dpkg-deb, busybox):
+//! - `kernel` fetches and caches Debian's kernel package;
+//! - `modules` computes a kernel-module dependency closure from the `.modinfo` ELF
+//!   sections, since the Debian package ships no `modules.dep`;
+//! - `cpio` writes a byte-for-byte reproducible newc initramfs, optionally compressed;
+//! - `import` creates an OCI image layout from directories, tarballs or a busybox binary,
+//!   reproducibly, like `docker import`.
+
+mod digest;
+mod error;
+pub mod layout;
+pub mod unpack;
+
+#[cfg(feature = "builder")]
+pub mod cpio;
+#[cfg(feature = "builder")]
+pub mod import;
+#[cfg(feature = "builder")]
+pub mod kernel;
+#[cfg(feature = "builder")]
+pub mod modules;
+
+pub use error::ImageError;

@@ -176,6 +176,9 @@ pub fn build_plan(
     };
 
     let mut steps = vec![
+        Step::Unshare {
+            flags: libc::CLONE_NEWCGROUP,
+        },
         // Nothing the container mounts may propagate back to the host.
         Step::Mount {
             source: None,
@@ -418,7 +421,11 @@ mod tests {
                 .position(|n| n.contains(needle))
                 .unwrap_or_else(|| panic!("{needle} in {names:?}"))
         };
-        assert!(names[0].contains("(bind/propagation) on /"), "{names:?}");
+        assert!(
+            names[0].starts_with("unshare"),
+            "the cgroup namespace comes first: {names:?}"
+        );
+        assert!(names[1].contains("(bind/propagation) on /"), "{names:?}");
         assert!(pos("mount overlay") < pos("mount proc"));
         assert!(
             pos("mount tmpfs on /run/keel/containers/web/rootfs/dev")

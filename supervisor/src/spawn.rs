@@ -29,6 +29,11 @@ pub struct Namespaces {
 /// One step the child performs, in order.
 #[derive(Debug)]
 pub enum Step {
+    /// unshare(2). The cgroup namespace is unshared here, not by clone3: a namespace made
+    /// at clone time is rooted at the parent's cgroup, not the one CLONE_INTO_CGROUP picked.
+    Unshare {
+        flags: libc::c_int,
+    },
     /// mount(2); `source`/`fstype`/`data` may be absent.
     Mount {
         source: Option<CString>,
@@ -79,6 +84,7 @@ impl Step {
                     s(target)
                 )
             }
+            Step::Unshare { flags } => format!("unshare({flags:#x})"),
             Step::Mkdir { path, .. } => format!("mkdir {}", s(path)),
             Step::CharDevice { path, .. } => format!("mknod {}", s(path)),
             Step::Symlink { link, .. } => format!("symlink {}", s(link)),
@@ -263,6 +269,7 @@ unsafe fn run_child(
                             .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
                     ) == 0
                 }
+                Step::Unshare { flags } => libc::unshare(*flags) == 0,
                 Step::Mkdir { path, mode } => {
                     libc::mkdir(path.as_ptr(), *mode) == 0
                         || *libc::__errno_location() == libc::EEXIST

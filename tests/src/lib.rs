@@ -15,14 +15,21 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the tests crate sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_path_buf()
 }
 
 /// The directory holding `keel` and `keel-init` for this test binary's profile.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<triple>/<profile>/deps/<test binary>
-    let dir = exe.parent().and_then(Path::parent).expect("test binary is in a deps directory").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is in a deps directory")
+        .to_path_buf();
     for bin in ["keel", "keel-init"] {
         assert!(
             dir.join(bin).is_file(),
@@ -36,7 +43,13 @@ pub fn bin_dir() -> PathBuf {
 /// Runs `keel build HOST -o OUT` and returns OUT.
 pub fn build_host(host_file: &Path, out: &Path) -> PathBuf {
     let keel = bin_dir().join("keel");
-    let output = Command::new(&keel).arg("build").arg(host_file).arg("-o").arg(out).output().expect("running keel build");
+    let output = Command::new(&keel)
+        .arg("build")
+        .arg(host_file)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .expect("running keel build");
     assert!(
         output.status.success(),
         "keel build {} failed:\n{}{}",
@@ -49,12 +62,20 @@ pub fn build_host(host_file: &Path, out: &Path) -> PathBuf {
 
 /// Boots a `keel build` output with the given guest ports published on free host ports.
 pub fn boot(dir: &Path, guest_ports: &[u16]) -> Vm {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json")).expect("manifest is JSON");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json"),
+    )
+    .expect("manifest is JSON");
     let mut config = VmConfig::new(dir.join("vmlinuz"));
     config.initrd = Some(dir.join("initramfs.img"));
-    config.cmdline = manifest["cmdline"].as_str().expect("cmdline in manifest").to_string();
-    config.publish = guest_ports.iter().map(|g| PortForward { host: 0, guest: *g }).collect();
+    config.cmdline = manifest["cmdline"]
+        .as_str()
+        .expect("cmdline in manifest")
+        .to_string();
+    config.publish = guest_ports
+        .iter()
+        .map(|g| PortForward { host: 0, guest: *g })
+        .collect();
     config.echo_console = false;
     Vm::boot(config).expect("QEMU starts")
 }

@@ -1,0 +1,282 @@
+//! What to boot, and the QEMU command line for it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::accel::Accel;
+
+/// The machine type used for every boot (and for the KVM probe, so that the probe exercises the
+/// same vCPU setup as a real boot).
+pub(crate) const MACHINE: &str = "q35";
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The kernel image (`-kernel`).
+    pub kernel: PathBuf,
+    /// The initramfs (`-initrd`); `None` boots the kernel alone, which is only useful to test
+    /// the runner itself (the kernel panics for want of a root file system).
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line (`-append`). It should contain `console=ttyS0`, the console
+    /// this crate reads.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mb: u32,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// TCP ports published on the host's loopback.
+    pub publish: Vec<PortForward>,
+    /// Also append every console byte to this file (created or truncated at boot).
+    pub console_log: Option<PathBuf>,
+    /// Copy the console to our stdout as it arrives (what `keel run` wants; tests leave it off).
+    pub echo_console: bool,
+    /// Appended verbatim to the QEMU command line.
+    pub extra_args: Vec<String>,
+}
+
+impl VmConfig {
+    /// The [`Default`] configuration with `kernel` filled in.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            ..VmConfig::default()
+        }
+    }
+}
+
+impl Default for VmConfig {
+    /// No kernel (it must be set), no initrd, `console=ttyS0 panic=-1`, 512 MiB, one vCPU,
+    /// nothing published, no log, no echo.
+    ///
+    /// `panic=-1` makes a panicking guest reboot at once, which `-no-reboot` turns into QEMU
+    /// exiting, so a dead guest never leaves a hung QEMU behind.
+    fn default() -> Self {
+        VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: "console=ttyS0 panic=-1".to_owned(),
+            memory_mb: 512,
+            cpus: 1,
+            publish: Vec::new(),
+            console_log: None,
+            echo_console: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A TCP port published from the host's `127.0.0.1:host` to the guest's port `guest`.
+///
+/// Parsed from `"HOST:GUEST"` (like `8080:80`) or `"GUEST"` alone; either may end in `/tcp`.
+/// A host port of 0 means "pick a free one at boot"; [`crate::Vm::host_port`] tells which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+/// Why a port-forward string did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid port forward {input:?}: {reason} (expected HOST:GUEST, like 8080:80)")]
+pub struct ParsePortForwardError {
+    input: String,
+    reason: &'static str,
+}
+
+impl FromStr for PortForward {
+    type Err = ParsePortForwardError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| ParsePortForwardError {
+            input: s.to_owned(),
+            reason,
+        };
+        let ports = match s.split_once('/') {
+            None => s,
+            Some((ports, "tcp")) => ports,
+            Some(_) => return Err(err("only tcp can be published")),
+        };
+        let (host, guest) = match ports.split_once(':') {
+            Some((host, guest)) => (host, guest),
+            None => ("0", ports),
+        };
+        let host: u16 = host.parse().map_err(|_| err("bad host port"))?;
+        let guest: u16 = guest.parse().map_err(|_| err("bad guest port"))?;
+        if guest == 0 {
+            return Err(err("the guest port cannot be 0"));
+        }
+        Ok(PortForward { host, guest })
+    }
+}
+
+impl fmt::Display for PortForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest)
+    }
+}
+
+/// The full QEMU argument list (without the program name) for `cfg`.
+///
+/// Pure: it neither checks files nor picks ports, so forwards with `host == 0` must have been
+/// resolved before (as [`crate::Vm::boot`] does). Paths are converted lossily; `Vm::boot`
+/// rejects non-UTF-8 paths first.
+pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
+    // -nodefaults: no default NIC, VGA, floppy or monitor; everything the guest gets is below.
+    push(&["-nodefaults", "-no-user-config", "-machine", MACHINE]);
+    push(&accel.qemu_args());
+    push(&["-display", "none", "-no-reboot"]);
+    let memory = cfg.memory_mb.to_string();
+    let cpus = cfg.cpus.to_string();
+    push(&["-m", &memory, "-smp", &cpus]);
+
+    let kernel = cfg.kernel.to_string_lossy();
+    push(&["-kernel", &kernel]);
+    if let Some(initrd) = &cfg.initrd {
+        push(&["-initrd", &initrd.to_string_lossy()]);
+    }
+    push(&["-append", &cfg.cmdline]);
+
+    push(&["-serial", "stdio"]);
+    // QEMU option syntax escapes a comma by doubling it.
+    let qmp = format!(
+        "unix:{},server=on,wait=off",
+        qmp_socket.to_string_lossy().replace(',', ",,")
+    );
+    push(&["-qmp", &qmp]);
+
+    let mut nic = String::from("user,model=virtio-net-pci");
+    for fwd in &cfg.publish {
+        nic.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{}-:{}",
+            fwd.host, fwd.guest
+        ));
+    }
+    push(&["-nic", &nic]);
+    push(&["-device", "virtio-rng-pci"]);
+    args.extend(cfg.extra_args.iter().cloned());
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_forwards() {
+        let pf = |s: &str| s.parse::<PortForward>();
+        assert_eq!(
+            pf("8080:80"),
+            Ok(PortForward {
+                host: 8080,
+                guest: 80
+            })
+        );
+        assert_eq!(pf("80"), Ok(PortForward { host: 0, guest: 80 }));
+        assert_eq!(
+            pf("0:443/tcp"),
+            Ok(PortForward {
+                host: 0,
+                guest: 443
+            })
+        );
+        assert_eq!(pf("65535:1").map(|p| p.to_string()), Ok("65535:1".into()));
+        for bad in [
+            "",
+            ":",
+            "8080:",
+            ":80",
+            "a:80",
+            "8080:b",
+            "65536:80",
+            "80:0",
+            "1:2:3",
+            "8080:80/udp",
+            "-1:80",
+            " 80:80",
+        ] {
+            assert!(pf(bad).is_err(), "{bad:?} parsed");
+        }
+        let msg = pf("x").unwrap_err().to_string();
+        assert!(msg.contains("\"x\"") && msg.contains("HOST:GUEST"), "{msg}");
+    }
+
+    fn sample() -> VmConfig {
+        let mut cfg = VmConfig::new("/boot/vmlinuz");
+        cfg.initrd = Some("/out/initrd.img".into());
+        cfg.cmdline = "console=ttyS0 quiet".into();
+        cfg.memory_mb = 1024;
+        cfg.cpus = 2;
+        cfg.publish = vec![
+            PortForward {
+                host: 8080,
+                guest: 80,
+            },
+            PortForward {
+                host: 2222,
+                guest: 22,
+            },
+        ];
+        cfg.extra_args = vec!["-snapshot".into()];
+        cfg
+    }
+
+    /// The value following `flag`, asserting the flag appears exactly once.
+    fn value<'a>(args: &'a [String], flag: &str) -> &'a str {
+        let positions: Vec<_> = args
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| *a == flag)
+            .collect();
+        assert_eq!(positions.len(), 1, "{flag} in {args:?}");
+        &args[positions[0].0 + 1]
+    }
+
+    #[test]
+    fn builds_qemu_args() {
+        let args = qemu_args(&sample(), Accel::Tcg, Path::new("/tmp/d/qmp.sock"));
+        assert_eq!(value(&args, "-accel"), "tcg");
+        assert_eq!(value(&args, "-cpu"), "max");
+        assert_eq!(value(&args, "-machine"), "q35");
+        assert_eq!(value(&args, "-m"), "1024");
+        assert_eq!(value(&args, "-smp"), "2");
+        assert_eq!(value(&args, "-kernel"), "/boot/vmlinuz");
+        assert_eq!(value(&args, "-initrd"), "/out/initrd.img");
+        assert_eq!(value(&args, "-append"), "console=ttyS0 quiet");
+        assert_eq!(value(&args, "-serial"), "stdio");
+        assert_eq!(value(&args, "-display"), "none");
+        assert_eq!(
+            value(&args, "-qmp"),
+            "unix:/tmp/d/qmp.sock,server=on,wait=off"
+        );
+        assert_eq!(
+            value(&args, "-nic"),
+            "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22"
+        );
+        assert_eq!(value(&args, "-device"), "virtio-rng-pci");
+        assert!(args.contains(&"-no-reboot".to_owned()));
+        assert!(args.contains(&"-nodefaults".to_owned()));
+        assert_eq!(args.last().map(String::as_str), Some("-snapshot"));
+
+        let kvm = qemu_args(&sample(), Accel::Kvm, Path::new("/q"));
+        assert_eq!(value(&kvm, "-accel"), "kvm");
+        assert_eq!(value(&kvm, "-cpu"), "host");
+    }
+
+    #[test]
+    fn minimal_args_and_escaping() {
+        let cfg = VmConfig::new("/k");
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/tmp/a,b/qmp"));
+        assert!(!args.contains(&"-initrd".to_owned()));
+        assert_eq!(value(&args, "-m"), "512");
+        assert_eq!(value(&args, "-smp"), "1");
+        assert_eq!(value(&args, "-append"), "console=ttyS0 panic=-1");
+        assert_eq!(value(&args, "-nic"), "user,model=virtio-net-pci");
+        assert_eq!(
+            value(&args, "-qmp"),
+            "unix:/tmp/a,,b/qmp,server=on,wait=off"
+        );
+    }
+}
