@@ -327,6 +327,7 @@ mod tests {
             pids_max: None,
             restart: RestartPolicy::Always,
             console: true,
+            host_pid: false,
         }
     }
 
