@@ -180,7 +180,7 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
             layout.manifest_digest().to_string(),
         );
         initramfs
-            .add_tree(&format!("usr/share/keel/images/{name}"), &layout_dir)
+            .add_tree(format!("usr/share/keel/images/{name}"), &layout_dir)
             .map_err(|e| format!("image {name}: {e}"))?;
     }
 
