@@ -15,6 +15,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod container;
+
+pub use container::{
+    ALL_CAPABILITIES, CPU_PERIOD_US, DEFAULT_CAPABILITIES, IoLimits, Isolation, NetworkMode,
+    RLIMITS, Resources, Rlimit, Tmpfs, UserNamespace, Volume, VolumeSource,
+};
+
 /// A configuration error, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -119,16 +126,11 @@ pub struct Container {
     /// Added to (and overriding by name) the image's Env.
     pub env: BTreeMap<String, String>,
     pub workdir: Option<String>,
-    /// memory.max in bytes.
-    pub memory_max: Option<u64>,
-    /// pids.max.
-    pub pids_max: Option<u64>,
     pub restart: RestartPolicy,
     /// Echo the container's output on the console, prefixed with its name.
     pub console: bool,
-    /// Share PID 1's pid namespace (`pid = "host"`, like `docker run --pid=host`) instead of
-    /// getting one of its own.
-    pub host_pid: bool,
+    pub isolation: Isolation,
+    pub resources: Resources,
 }
 
 impl HostConfig {
@@ -284,6 +286,29 @@ mod raw {
         #[serde(default = "yes")]
         pub console: bool,
         pub pid: Option<Spanned<String>>,
+        pub network: Option<Spanned<String>>,
+        pub userns: Option<Spanned<container::raw::Userns>>,
+        #[serde(default)]
+        pub readonly_rootfs: bool,
+        #[serde(default)]
+        pub privileged: bool,
+        #[serde(default)]
+        pub init: bool,
+        pub cap_add: Option<Spanned<Vec<String>>>,
+        pub cap_drop: Option<Spanned<Vec<String>>>,
+        #[serde(default = "yes")]
+        pub no_new_privileges: bool,
+        pub user: Option<Spanned<String>>,
+        pub sysctls: Option<Spanned<BTreeMap<String, String>>>,
+        pub rlimits: Option<Spanned<BTreeMap<String, container::raw::RlimitValue>>>,
+        pub shm_size: Option<Spanned<container::raw::Size>>,
+        pub tmpfs: Option<Spanned<BTreeMap<String, container::raw::Size>>>,
+        pub volumes: Option<Spanned<Vec<String>>>,
+        pub memory_high: Option<Spanned<container::raw::Size>>,
+        pub memory_swap: Option<Spanned<container::raw::Size>>,
+        pub cpus: Option<Spanned<f64>>,
+        pub cpu_weight: Option<Spanned<i64>>,
+        pub io: Option<Spanned<container::raw::Io>>,
     }
 
     fn yes() -> bool {
@@ -674,17 +699,71 @@ fn validate_container(
             }
         },
     };
-    Ok(Container {
+    if let Some(user) = &c.user
+        && (user.get_ref().is_empty()
+            || user.get_ref().split(':').count() > 2
+            || user.get_ref().contains(char::is_whitespace))
+    {
+        return Err(loc.at(
+            user,
+            format!("{key}.user"),
+            "expected `user`, `uid`, `user:group` or `uid:gid`",
+        ));
+    }
+    let network = container::network(loc, &c.network, format!("{key}.network"))?;
+    let isolation = Isolation {
+        network,
         host_pid,
+        userns: container::userns(loc, &c.userns, format!("{key}.userns"))?,
+        readonly_rootfs: c.readonly_rootfs,
+        privileged: c.privileged,
+        init: c.init,
+        cap_add: container::capabilities(loc, &c.cap_add, format!("{key}.cap_add"), true)?,
+        cap_drop: container::capabilities(loc, &c.cap_drop, format!("{key}.cap_drop"), true)?,
+        no_new_privileges: c.no_new_privileges,
+        user: c.user.as_ref().map(|u| u.get_ref().clone()),
+        sysctls: container::sysctls(loc, &c.sysctls, format!("{key}.sysctls"), network)?,
+        rlimits: container::rlimits(loc, &c.rlimits, format!("{key}.rlimits"))?,
+        shm_size: container::optional_size(loc, &c.shm_size, format!("{key}.shm_size"), 4096)?
+            .unwrap_or(64 << 20),
+        tmpfs: container::tmpfs(loc, &c.tmpfs, format!("{key}.tmpfs"))?,
+        volumes: container::volumes(loc, &c.volumes, format!("{key}.volumes"))?,
+    };
+    if isolation.privileged
+        && isolation.userns.is_some()
+        && let Some(u) = &c.userns
+    {
+        return Err(loc.at(u, format!("{key}.userns"), "`privileged` and `userns` exclude each other: a privileged container is root on the host"));
+    }
+    let resources = Resources {
+        memory_max,
+        memory_high: container::optional_size(
+            loc,
+            &c.memory_high,
+            format!("{key}.memory_high"),
+            1 << 20,
+        )?,
+        memory_swap_max: container::optional_size(
+            loc,
+            &c.memory_swap,
+            format!("{key}.memory_swap"),
+            0,
+        )?,
+        cpu_max: container::cpus(loc, &c.cpus, format!("{key}.cpus"))?,
+        cpu_weight: container::cpu_weight(loc, &c.cpu_weight, format!("{key}.cpu_weight"))?,
+        pids_max,
+        io: container::io(loc, &c.io, format!("{key}.io"))?,
+    };
+    Ok(Container {
         image: c.image.get_ref().clone(),
         entrypoint: c.entrypoint.clone(),
         command: c.command.clone(),
         env: c.env.clone(),
         workdir: c.workdir.as_ref().map(|w| w.get_ref().clone()),
-        memory_max,
-        pids_max,
         restart,
         console: c.console,
+        isolation,
+        resources,
     })
 }
 

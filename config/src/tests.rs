@@ -80,11 +80,11 @@ fn a_complete_file_parses() {
         ImageSource::Layout("images/app".into())
     );
     let web = &c.containers["web"];
-    assert_eq!(web.memory_max, Some(64 << 20));
-    assert_eq!(web.pids_max, Some(32));
+    assert_eq!(web.resources.memory_max, Some(64 << 20));
+    assert_eq!(web.resources.pids_max, Some(32));
     assert_eq!(web.restart, RestartPolicy::No);
     assert!(!web.console);
-    assert!(web.host_pid);
+    assert!(web.isolation.host_pid);
     assert_eq!(web.env["A"], "1");
     assert_eq!(c.base_dir(), Path::new("/etc/keel"));
 }
@@ -93,7 +93,7 @@ fn a_complete_file_parses() {
 fn the_bundled_example_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello/host.toml");
     let c = HostConfig::load(&path).unwrap();
-    assert_eq!(c.containers["web"].memory_max, Some(64 << 20));
+    assert_eq!(c.containers["web"].resources.memory_max, Some(64 << 20));
 }
 
 #[test]
@@ -105,8 +105,8 @@ fn defaults_apply() {
     let cont = &c.containers["c"];
     assert_eq!(cont.restart, RestartPolicy::Always);
     assert!(cont.console);
-    assert!(!cont.host_pid);
-    assert_eq!(cont.memory_max, None);
+    assert!(!cont.isolation.host_pid);
+    assert_eq!(cont.resources.memory_max, None);
     assert_eq!(c.stop_timeout_ms, 10_000);
 }
 

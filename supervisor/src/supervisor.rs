@@ -420,13 +420,13 @@ fn prepare(
         &overlay,
         &dirs,
         Namespaces {
-            pid: !config.host_pid,
+            pid: !config.isolation.host_pid,
         },
     )
     .map_err(|e| e.to_string())?;
     let limits = Limits {
-        memory_max: config.memory_max,
-        pids_max: config.pids_max,
+        memory_max: config.resources.memory_max,
+        pids_max: config.resources.pids_max,
     };
     let cgroup = cgroups
         .child(name, &limits)
