@@ -7,10 +7,13 @@
 //! - [`logs`]: output to per-container log files and the console;
 //! - [`Supervisor`]: the state machine PID 1 drives.
 
+pub mod caps;
 pub mod cgroup;
 pub mod container;
 pub mod logs;
+pub mod seccomp;
 pub mod spawn;
+pub mod user;
 mod supervisor;
 
 pub use supervisor::{Backoff, Event, ExitStatus, Paths, Supervisor};
