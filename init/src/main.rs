@@ -14,6 +14,7 @@ mod logger;
 mod modules;
 mod net;
 mod power;
+mod reaper;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -48,6 +49,15 @@ impl Action {
 }
 
 fn main() {
+    // Inside a container with `init = true`, this binary is the container's reaping init.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "--reap") {
+        let command = match args.get(2) {
+            Some(sep) if sep == "--" => &args[3..],
+            _ => &args[2..],
+        };
+        reaper::run(command);
+    }
     let outcome = std::panic::catch_unwind(boot_and_serve);
     let why = match outcome {
         Ok(()) => "the service loop returned".to_string(),
@@ -187,6 +197,11 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
             _ = signals.usr2.recv() => break Action::PowerOff,
             _ = signals.pwr.recv() => break Action::PowerOff,
             _ = signals.int.recv() => break Action::Reboot,
+            _ = signals.usr1.recv() => {
+                for (name, stats) in supervisor.stats() {
+                    log::info!("stats {name} {stats}");
+                }
+            }
             _ = &mut power_button => {
                 log::info!("power button pressed");
                 break Action::PowerOff;
@@ -223,6 +238,7 @@ struct Signals {
     usr2: tokio::signal::unix::Signal,
     pwr: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -233,6 +249,7 @@ impl Signals {
             usr2: signal(SignalKind::user_defined2())?,
             pwr: signal(SignalKind::from_raw(libc::SIGPWR))?,
             int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 }

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use keel_config::{IoLimits, Resources};
 use rustix::fs::{Mode, OFlags};
 
 /// Where Keel mounts the unified hierarchy.
@@ -50,13 +51,6 @@ fn create_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Resource limits written into a container's cgroup before its process starts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub memory_max: Option<u64>,
-    pub pids_max: Option<u64>,
-}
-
 /// One cgroup directory.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
@@ -73,15 +67,56 @@ impl Cgroup {
     }
 
     /// Creates (or reuses) the child cgroup `name` and applies `limits`; an unset limit is
-    /// written as "max" so a reused cgroup never keeps a stale value.
-    pub fn child(&self, name: &str, limits: &Limits) -> io::Result<Cgroup> {
+    /// written as its default so a reused cgroup never keeps a stale value.
+    pub fn child(&self, name: &str, limits: &Resources) -> io::Result<Cgroup> {
         let cgroup = Cgroup {
             path: self.path.join(name),
         };
         create_dir(&cgroup.path)?;
         cgroup.write("memory.max", &limit_value(limits.memory_max))?;
+        cgroup.write("memory.high", &limit_value(limits.memory_high))?;
+        match limits.memory_swap_max {
+            Some(swap) => cgroup.write("memory.swap.max", &swap.to_string())?,
+            // Without swap accounting the file does not exist; nothing to reset then.
+            None => cgroup.write_if_present("memory.swap.max", "max")?,
+        }
         cgroup.write("pids.max", &limit_value(limits.pids_max))?;
+        let cpu_max = limits.cpu_max.map_or_else(
+            || "max 100000".to_string(),
+            |(quota, period)| format!("{quota} {period}"),
+        );
+        cgroup.write("cpu.max", &cpu_max)?;
+        cgroup.write("cpu.weight", &limits.cpu_weight.unwrap_or(100).to_string())?;
+        if let Some(io) = &limits.io {
+            let device = device_number(&io.device)?;
+            let (max, weight) = io_lines(&device, io);
+            cgroup.write("io.max", &max)?;
+            if let Some(weight) = weight {
+                cgroup.write("io.weight", &weight)?;
+            }
+        }
         Ok(cgroup)
+    }
+
+    fn write_if_present(&self, file: &str, value: &str) -> io::Result<()> {
+        use std::io::Write;
+        let open = fs::OpenOptions::new()
+            .write(true)
+            .open(self.path.join(file));
+        match open.and_then(|mut f| f.write_all(value.as_bytes())) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// A number from a flat keyed file such as memory.events (`oom_kill 2`) or cpu.stat.
+    pub fn keyed(&self, file: &str, key: &str) -> Option<u64> {
+        keyed_value(&self.read(file).ok()?, key)
+    }
+
+    /// A single-number file such as memory.current.
+    pub fn number(&self, file: &str) -> Option<u64> {
+        self.read(file).ok()?.trim().parse().ok()
     }
 
     /// An O_PATH-free directory fd, as clone3(CLONE_INTO_CGROUP) wants it.
@@ -130,6 +165,39 @@ impl Cgroup {
     }
 }
 
+/// "MAJOR:MINOR" of a block device node.
+fn device_number(path: &str) -> io::Result<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = fs::metadata(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("io device {path}: {e}")))?;
+    if !meta.file_type().is_block_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("io device {path} is not a block device"),
+        ));
+    }
+    let rdev = meta.rdev();
+    Ok(format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
+}
+
+/// The io.max line and the io.weight line (if a weight is set) for one device.
+fn io_lines(device: &str, io: &IoLimits) -> (String, Option<String>) {
+    let field = |v: Option<u64>| v.map_or_else(|| "max".to_string(), |n| n.to_string());
+    let max = format!(
+        "{device} rbps={} wbps={} riops={} wiops={}",
+        field(io.read_bps),
+        field(io.write_bps),
+        field(io.read_iops),
+        field(io.write_iops)
+    );
+    (max, io.weight.map(|w| format!("{device} {w}")))
+}
+
+fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn limit_value(limit: Option<u64>) -> String {
     limit.map_or_else(|| "max".to_string(), |n| n.to_string())
 }
@@ -155,26 +223,65 @@ mod tests {
         let child = parent
             .child(
                 "web",
-                &Limits {
+                &Resources {
                     memory_max: Some(64 << 20),
-                    pids_max: None,
+                    cpu_max: Some((150_000, 100_000)),
+                    ..Default::default()
                 },
             )
             .unwrap();
         assert_eq!(child.read("memory.max").unwrap(), "67108864");
         assert_eq!(child.read("pids.max").unwrap(), "max");
         // Reuse keeps the directory and rewrites every limit.
+        assert_eq!(child.read("cpu.max").unwrap(), "150000 100000");
+        assert_eq!(child.read("cpu.weight").unwrap(), "100");
+        assert_eq!(child.read("memory.high").unwrap(), "max");
+        assert!(
+            !dir.path().join("web/memory.swap.max").exists(),
+            "no swap accounting, nothing written"
+        );
         let again = parent
             .child(
                 "web",
-                &Limits {
-                    memory_max: None,
+                &Resources {
                     pids_max: Some(10),
+                    cpu_weight: Some(50),
+                    ..Default::default()
                 },
             )
             .unwrap();
+        assert_eq!(again.read("cpu.max").unwrap(), "max 100000");
+        assert_eq!(again.read("cpu.weight").unwrap(), "50");
         assert_eq!(again.read("memory.max").unwrap(), "max");
         assert_eq!(again.read("pids.max").unwrap(), "10");
+    }
+
+    #[test]
+    fn io_limits_name_the_device() {
+        let io = IoLimits {
+            device: "/dev/vda".into(),
+            read_bps: Some(1 << 20),
+            write_iops: Some(100),
+            weight: Some(200),
+            ..Default::default()
+        };
+        let (max, weight) = io_lines("254:0", &io);
+        assert_eq!(max, "254:0 rbps=1048576 wbps=max riops=max wiops=100");
+        assert_eq!(weight.as_deref(), Some("254:0 200"));
+        assert!(
+            device_number("/dev/null")
+                .unwrap_err()
+                .to_string()
+                .contains("not a block device")
+        );
+    }
+
+    #[test]
+    fn keyed_files_are_parsed() {
+        let events = "low 0\nhigh 3\nmax 10\noom 2\noom_kill 1\noom_group_kill 0\n";
+        assert_eq!(keyed_value(events, "oom_kill"), Some(1));
+        assert_eq!(keyed_value(events, "oom"), Some(2));
+        assert_eq!(keyed_value(events, "missing"), None);
     }
 
     #[test]

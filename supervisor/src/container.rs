@@ -4,9 +4,14 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use keel_config::Container;
+use std::sync::Arc;
 
+use keel_config::{Container, Isolation, NetworkMode};
+
+use crate::caps::CapSet;
+use crate::seccomp::Program;
 use crate::spawn::{Namespaces, Plan, Step, cstring, exec_candidates, path_cstring};
+use crate::user::ResolvedUser;
 
 /// The parts of an OCI image configuration that decide how the process starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -143,29 +148,177 @@ pub fn overlay_options(lower_bottom_first: &[PathBuf], dirs: &ContainerDirs) -> 
     )
 }
 
+/// A volume or tmpfs as the child mounts it: the host side is resolved by the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtraMount {
+    Bind {
+        source: PathBuf,
+        target: String,
+        readonly: bool,
+    },
+    Tmpfs {
+        target: String,
+        size: u64,
+    },
+}
+
+impl ExtraMount {
+    pub fn target(&self) -> &str {
+        match self {
+            ExtraMount::Bind { target, .. } | ExtraMount::Tmpfs { target, .. } => target,
+        }
+    }
+}
+
+/// Everything that shapes the setup plan besides the process itself.
+pub struct Security {
+    pub isolation: Isolation,
+    pub user: ResolvedUser,
+    pub capabilities: CapSet,
+    pub last_cap: u32,
+    /// None for privileged containers.
+    pub seccomp: Option<Arc<Program>>,
+    /// Whether the kernel has time namespaces.
+    pub time_namespace: bool,
+    pub mounts: Vec<ExtraMount>,
+}
+
+/// Docker's masked paths: kernel information and controls a container has no business with.
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+];
+
+/// Docker's read-only paths.
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The device nodes every container gets, bound from the host's devtmpfs.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Where Keel's reaping init appears inside a container with `init = true`.
+pub const CONTAINER_INIT: &str = "/dev/init";
+
+/// The argv that runs `process` under Keel's reaping init.
+pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
+    let mut wrapped = vec![
+        CONTAINER_INIT.to_string(),
+        "--reap".to_string(),
+        "--".to_string(),
+    ];
+    wrapped.extend(argv.iter().cloned());
+    wrapped
+}
+
+/// setrlimit resource numbers by the names the host file uses.
+fn rlimit_resource(name: &str) -> Option<libc::c_int> {
+    Some(match name {
+        "as" => libc::RLIMIT_AS,
+        "core" => libc::RLIMIT_CORE,
+        "cpu" => libc::RLIMIT_CPU,
+        "data" => libc::RLIMIT_DATA,
+        "fsize" => libc::RLIMIT_FSIZE,
+        "locks" => libc::RLIMIT_LOCKS,
+        "memlock" => libc::RLIMIT_MEMLOCK,
+        "msgqueue" => libc::RLIMIT_MSGQUEUE,
+        "nice" => libc::RLIMIT_NICE,
+        "nofile" => libc::RLIMIT_NOFILE,
+        "nproc" => libc::RLIMIT_NPROC,
+        "rss" => libc::RLIMIT_RSS,
+        "rtprio" => libc::RLIMIT_RTPRIO,
+        "rttime" => libc::RLIMIT_RTTIME,
+        "sigpending" => libc::RLIMIT_SIGPENDING,
+        "stack" => libc::RLIMIT_STACK,
+        _ => return None,
+    } as libc::c_int)
+}
+
+/// Every directory from the root down to `target`, for mkdir -p inside the rootfs.
+fn ancestors_and_self(target: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut path = String::new();
+    for component in target.split('/').filter(|c| !c.is_empty()) {
+        path.push('/');
+        path.push_str(component);
+        out.push(path.clone());
+    }
+    out
+}
+
+/// Refuses a mount target that passes through a symlink in the container's files: before
+/// pivot_root an absolute symlink would resolve on the host and mount over host paths.
+/// `layers_top_first` are the overlay upper then the lowers, topmost first.
+pub fn check_mount_target(layers_top_first: &[PathBuf], target: &str) -> Result<(), String> {
+    for path in ancestors_and_self(target) {
+        let rel = path.trim_start_matches('/');
+        for layer in layers_top_first {
+            match std::fs::symlink_metadata(layer.join(rel)) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(format!(
+                        "mount target {target}: {path} is a symbolic link in the container's files"
+                    ));
+                }
+                // The topmost layer that has the path decides.
+                Ok(_) => break,
+                Err(_) => continue,
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The ordered setup steps and the exec of one container.
 pub fn build_plan(
     name: &str,
     process: &ProcessSpec,
     overlay: &str,
     dirs: &ContainerDirs,
-    namespaces: Namespaces,
+    security: &Security,
 ) -> io::Result<Plan> {
-    use libc::{MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_STRICTATIME};
+    use libc::{
+        MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_STRICTATIME,
+    };
+    let iso = &security.isolation;
+    let privileged = iso.privileged;
     let root = &dirs.rootfs;
-    let at = |rel: &str| path_cstring(&root.join(rel));
-    let mount = |source: Option<&str>,
+    let at = |rel: &str| path_cstring(&root.join(rel.trim_start_matches('/')));
+    let c = |s: &str| cstring(s);
+    let mount = |source: &str,
                  target: &str,
-                 fstype: Option<&str>,
+                 fstype: &str,
                  flags: libc::c_ulong,
                  data: Option<&str>|
      -> io::Result<Step> {
         Ok(Step::Mount {
-            source: source.map(cstring).transpose()?,
+            source: Some(c(source)?),
             target: at(target)?,
-            fstype: fstype.map(cstring).transpose()?,
+            fstype: Some(c(fstype)?),
             flags,
-            data: data.map(cstring).transpose()?,
+            data: data.map(c).transpose()?,
+        })
+    };
+    let bind = |source: &str, target: &str, flags: libc::c_ulong| -> io::Result<Step> {
+        Ok(Step::Mount {
+            source: Some(c(source)?),
+            target: at(target)?,
+            fstype: None,
+            flags: MS_BIND | flags,
+            data: None,
         })
     };
     let mkdir = |rel: &str, mode: libc::mode_t| -> io::Result<Step> {
@@ -174,6 +327,9 @@ pub fn build_plan(
             mode,
         })
     };
+    // Device nodes made inside a container's files must not work: only the ones Keel
+    // binds in from the host do (Docker gets the same from its device cgroup).
+    let nodev = if privileged { 0 } else { MS_NODEV };
 
     let mut steps = vec![
         Step::Unshare {
@@ -182,88 +338,92 @@ pub fn build_plan(
         // Nothing the container mounts may propagate back to the host.
         Step::Mount {
             source: None,
-            target: cstring("/")?,
+            target: c("/")?,
             fstype: None,
             flags: MS_REC | MS_PRIVATE,
             data: None,
         },
         Step::Mount {
-            source: Some(cstring("overlay")?),
+            source: Some(c("overlay")?),
             target: path_cstring(root)?,
-            fstype: Some(cstring("overlay")?),
-            flags: 0,
-            data: Some(cstring(overlay)?),
+            fstype: Some(c("overlay")?),
+            flags: nodev,
+            data: Some(c(overlay)?),
         },
         mkdir("proc", 0o555)?,
         mount(
-            Some("proc"),
             "proc",
-            Some("proc"),
+            "proc",
+            "proc",
             MS_NOSUID | MS_NODEV | MS_NOEXEC,
             None,
         )?,
         mkdir("sys", 0o555)?,
         mount(
-            Some("sysfs"),
+            "sysfs",
             "sys",
-            Some("sysfs"),
-            MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+            "sysfs",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC | if privileged { 0 } else { MS_RDONLY },
             None,
         )?,
         // The container's own cgroup (it has a cgroup namespace) appears as the root.
         mount(
-            Some("cgroup2"),
+            "cgroup2",
             "sys/fs/cgroup",
-            Some("cgroup2"),
-            MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+            "cgroup2",
+            MS_NOSUID | MS_NODEV | MS_NOEXEC | if privileged { 0 } else { MS_RDONLY },
             None,
         )?,
         mkdir("dev", 0o755)?,
-        mount(
-            Some("tmpfs"),
-            "dev",
-            Some("tmpfs"),
-            MS_NOSUID | MS_STRICTATIME,
-            Some("mode=755,size=65536k"),
-        )?,
     ];
-    for (node, major, minor) in [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ] {
-        steps.push(Step::CharDevice {
-            path: at(&format!("dev/{node}"))?,
-            mode: 0o666,
-            major,
-            minor,
-        });
+    if privileged {
+        steps.push(mount(
+            "devtmpfs",
+            "dev",
+            "devtmpfs",
+            MS_NOSUID,
+            Some("mode=755"),
+        )?);
+    } else {
+        steps.push(mount(
+            "tmpfs",
+            "dev",
+            "tmpfs",
+            MS_NOSUID | MS_NODEV | MS_STRICTATIME,
+            Some("mode=755,size=65536k"),
+        )?);
+        for node in DEVICES {
+            let target = format!("dev/{node}");
+            steps.push(Step::Touch {
+                path: at(&target)?,
+                mode: 0o666,
+            });
+            steps.push(bind(&format!("/dev/{node}"), &target, 0)?);
+        }
     }
+    let shm = format!("mode=1777,size={}", iso.shm_size);
     steps.extend([
         mkdir("dev/pts", 0o755)?,
         mount(
-            Some("devpts"),
+            "devpts",
             "dev/pts",
-            Some("devpts"),
+            "devpts",
             MS_NOSUID | MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
         )?,
         mkdir("dev/shm", 0o1777)?,
         mount(
-            Some("shm"),
+            "shm",
             "dev/shm",
-            Some("tmpfs"),
+            "tmpfs",
             MS_NOSUID | MS_NODEV | MS_NOEXEC,
-            Some("mode=1777,size=65536k"),
+            Some(&shm),
         )?,
         mkdir("dev/mqueue", 0o755)?,
         mount(
-            Some("mqueue"),
+            "mqueue",
             "dev/mqueue",
-            Some("mqueue"),
+            "mqueue",
             MS_NOSUID | MS_NODEV | MS_NOEXEC,
             None,
         )?,
@@ -276,37 +436,144 @@ pub fn build_plan(
         ("dev/stderr", "/proc/self/fd/2"),
         ("dev/core", "/proc/kcore"),
     ] {
+        if privileged && link == "dev/ptmx" {
+            continue; // devtmpfs has its own ptmx node.
+        }
         steps.push(Step::Symlink {
-            target: cstring(target)?,
+            target: c(target)?,
             link: at(link)?,
         });
     }
-    steps.extend([
-        Step::PivotRoot {
-            new_root: path_cstring(root)?,
-        },
-        Step::Hostname {
-            name: cstring(name)?,
-        },
-        Step::Chdir {
-            path: cstring(&process.workdir)?,
-        },
-    ]);
+    if iso.init {
+        steps.push(Step::Touch {
+            path: at(CONTAINER_INIT)?,
+            mode: 0o755,
+        });
+        steps.push(bind("/init", CONTAINER_INIT, 0)?);
+        steps.push(Step::RemountReadOnly {
+            path: at(CONTAINER_INIT)?,
+            keep_flags: MS_NOSUID | MS_NODEV,
+        });
+    }
+    for extra in &security.mounts {
+        for dir in ancestors_and_self(extra.target()) {
+            steps.push(mkdir(&dir, 0o755)?);
+        }
+        match extra {
+            ExtraMount::Bind {
+                source,
+                target,
+                readonly,
+            } => {
+                let source = source.to_string_lossy();
+                steps.push(bind(&source, target, MS_REC)?);
+                if *readonly {
+                    steps.push(Step::RemountReadOnly {
+                        path: at(target)?,
+                        keep_flags: MS_NOSUID | nodev,
+                    });
+                }
+            }
+            ExtraMount::Tmpfs { target, size } => {
+                steps.push(mount(
+                    "tmpfs",
+                    target,
+                    "tmpfs",
+                    MS_NOSUID | MS_NODEV,
+                    Some(&format!("mode=1777,size={size}")),
+                )?);
+            }
+        }
+    }
 
+    steps.push(Step::PivotRoot {
+        new_root: path_cstring(root)?,
+    });
+    if iso.readonly_rootfs {
+        steps.push(Step::RemountReadOnly {
+            path: c("/")?,
+            keep_flags: nodev,
+        });
+    }
+    if iso.network == NetworkMode::None {
+        steps.push(Step::LoopbackUp);
+    }
+    steps.push(Step::Hostname { name: c(name)? });
+    for (key, value) in &iso.sysctls {
+        steps.push(Step::WriteFile {
+            path: c(&format!("/proc/sys/{}", key.replace('.', "/")))?,
+            contents: c(value)?,
+        });
+    }
+    if !privileged {
+        for path in MASKED_PATHS {
+            steps.push(Step::Mask { path: c(path)? });
+        }
+        for path in READONLY_PATHS {
+            steps.push(Step::ReadOnly { path: c(path)? });
+        }
+    }
+    for (limit, value) in &iso.rlimits {
+        let resource = rlimit_resource(limit).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown rlimit {limit}"),
+            )
+        })?;
+        steps.push(Step::Rlimit {
+            resource,
+            soft: value.soft,
+            hard: value.hard,
+        });
+    }
+    steps.push(Step::Chdir {
+        path: c(&process.workdir)?,
+    });
+    steps.push(Step::VerifyCwd);
+    if iso.no_new_privileges {
+        steps.push(Step::NoNewPrivs);
+    }
+    let seccomp = security.seccomp.as_ref().map(|p| Step::Seccomp(p.clone()));
+    let mut seccomp = seccomp.into_iter();
+    if !iso.no_new_privileges {
+        // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it while we have it.
+        steps.extend(seccomp.by_ref());
+    }
+    steps.push(Step::DropBounding {
+        keep: security.capabilities,
+        last_cap: security.last_cap,
+    });
+    let user = &security.user;
+    steps.push(Step::KeepCaps(true));
+    steps.push(Step::SwitchUser {
+        uid: user.uid,
+        gid: user.gid,
+        groups: user.additional_gids.clone(),
+    });
+    steps.push(Step::KeepCaps(false));
+    steps.push(Step::Capabilities(security.capabilities));
+    // With no_new_privs the filter goes last, so it need not allow the setup calls above.
+    steps.extend(seccomp);
+
+    let argv = if iso.init {
+        wrap_with_init(&process.argv)
+    } else {
+        process.argv.clone()
+    };
     let path_var = process.env.iter().find_map(|e| e.strip_prefix("PATH="));
-    let exec_paths = exec_candidates(&process.argv[0], path_var)
+    let exec_paths = exec_candidates(&argv[0], path_var)
         .iter()
         .map(cstring)
         .collect::<io::Result<_>>()?;
     Ok(Plan {
-        namespaces,
+        namespaces: Namespaces {
+            pid: !iso.host_pid,
+            net: iso.network == NetworkMode::None,
+            time: security.time_namespace,
+        },
         steps,
         exec_paths,
-        argv: process
-            .argv
-            .iter()
-            .map(cstring)
-            .collect::<io::Result<_>>()?,
+        argv: argv.iter().map(cstring).collect::<io::Result<_>>()?,
         envp: process.env.iter().map(cstring).collect::<io::Result<_>>()?,
     })
 }
@@ -425,32 +692,204 @@ mod tests {
         );
     }
 
+    fn security(isolation: Isolation) -> Security {
+        let capabilities = CapSet::from_names(&isolation.capabilities()).unwrap();
+        Security {
+            seccomp: Some(Arc::new(
+                crate::seccomp::docker_default(&isolation.capabilities()).unwrap(),
+            )),
+            isolation,
+            user: ResolvedUser {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![10],
+                home: "/home/u".into(),
+            },
+            capabilities,
+            last_cap: 40,
+            time_namespace: true,
+            mounts: vec![
+                ExtraMount::Bind {
+                    source: "/var/lib/keel/volumes/data".into(),
+                    target: "/srv/data".into(),
+                    readonly: true,
+                },
+                ExtraMount::Tmpfs {
+                    target: "/run".into(),
+                    size: 1 << 20,
+                },
+            ],
+        }
+    }
+
+    fn names(plan: &Plan) -> Vec<String> {
+        plan.steps.iter().map(Step::describe).collect()
+    }
+
+    fn position(names: &[String], needle: &str) -> usize {
+        names
+            .iter()
+            .position(|n| n.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {names:#?}"))
+    }
+
     #[test]
-    fn the_plan_mounts_before_pivoting_and_pivots_before_exec_setup() {
+    fn the_plan_follows_the_runc_order() {
         let dirs = ContainerDirs::under(Path::new("/run/keel/containers"), "web");
         let p = resolve_process("web", &image(), &container()).unwrap();
-        let plan = build_plan("web", &p, "lowerdir=/a", &dirs, Namespaces { pid: true }).unwrap();
-        let names: Vec<String> = plan.steps.iter().map(Step::describe).collect();
-        let pos = |needle: &str| {
-            names
-                .iter()
-                .position(|n| n.contains(needle))
-                .unwrap_or_else(|| panic!("{needle} in {names:?}"))
-        };
+        let mut iso = container().isolation;
+        iso.sysctls.insert("kernel.shmmax".into(), "1000000".into());
+        iso.rlimits.insert(
+            "nofile".into(),
+            keel_config::Rlimit {
+                soft: 1024,
+                hard: 2048,
+            },
+        );
+        iso.readonly_rootfs = true;
+        let plan = build_plan("web", &p, "lowerdir=/a", &dirs, &security(iso)).unwrap();
+        let names = names(&plan);
+        let pos = |needle: &str| position(&names, needle);
         assert!(
             names[0].starts_with("unshare"),
-            "the cgroup namespace comes first: {names:?}"
+            "the cgroup namespace comes first: {names:#?}"
         );
-        assert!(names[1].contains("(bind/propagation) on /"), "{names:?}");
+        assert!(names[1].contains("change propagation of /"), "{names:#?}");
         assert!(pos("mount overlay") < pos("mount proc"));
         assert!(
             pos("mount tmpfs on /run/keel/containers/web/rootfs/dev")
-                < pos("mknod /run/keel/containers/web/rootfs/dev/null")
+                < pos("bind-mount /dev/null on /run/keel/containers/web/rootfs/dev/null")
+        );
+        assert!(
+            pos("mkdir /run/keel/containers/web/rootfs/srv/data")
+                < pos("bind-mount /var/lib/keel/volumes/data on")
+        );
+        assert!(
+            pos("bind-mount /var/lib/keel/volumes/data")
+                < pos("remount /run/keel/containers/web/rootfs/srv/data read-only")
         );
         assert!(pos("mount mqueue") < pos("pivot_root"));
+        assert!(pos("mount tmpfs on /run/keel/containers/web/rootfs/run") < pos("pivot_root"));
+        assert!(pos("pivot_root") < pos("remount / read-only"));
         assert!(pos("pivot_root") < pos("sethostname web"));
-        assert!(pos("sethostname") < pos("chdir to the working directory /www"));
+        assert!(
+            pos("write /proc/sys/kernel/shmmax") < pos("make /proc/sys read-only"),
+            "sysctls before /proc/sys goes read-only"
+        );
+        assert!(pos("mask /proc/kcore") < pos("chdir to the working directory /www"));
+        assert!(pos("setrlimit") < pos("switch to uid 1000"));
+        assert!(pos("chdir") < pos("verify the working directory"));
+        assert!(pos("set no_new_privs") < pos("drop capabilities from the bounding set"));
+        assert!(pos("drop capabilities") < pos("switch to uid"));
+        assert!(
+            pos("PR_SET_KEEPCAPS true") < pos("switch to uid")
+                && pos("switch to uid") < pos("set capabilities")
+        );
+        assert_eq!(
+            pos("install the seccomp filter"),
+            names.len() - 1,
+            "with no_new_privs the filter comes last"
+        );
         assert_eq!(plan.exec_paths, [cstring("/bin/httpd").unwrap()]);
         assert_eq!(plan.argv.len(), 2);
+        assert_eq!(
+            plan.namespaces,
+            Namespaces {
+                pid: true,
+                net: false,
+                time: true
+            }
+        );
+    }
+
+    #[test]
+    fn without_no_new_privs_seccomp_goes_before_the_capability_drop() {
+        let dirs = ContainerDirs::under(Path::new("/c"), "web");
+        let p = resolve_process("web", &image(), &container()).unwrap();
+        let mut iso = container().isolation;
+        iso.no_new_privileges = false;
+        let names = names(&build_plan("web", &p, "lowerdir=/a", &dirs, &security(iso)).unwrap());
+        assert!(!names.iter().any(|n| n == "set no_new_privs"));
+        assert!(
+            position(&names, "install the seccomp filter") < position(&names, "drop capabilities")
+        );
+    }
+
+    #[test]
+    fn privileged_containers_keep_the_kernel_views() {
+        let dirs = ContainerDirs::under(Path::new("/c"), "p");
+        let p = resolve_process("p", &image(), &container()).unwrap();
+        let mut iso = container().isolation;
+        iso.privileged = true;
+        let mut sec = security(iso);
+        sec.seccomp = None;
+        let plan = build_plan("p", &p, "lowerdir=/a", &dirs, &sec).unwrap();
+        let names = names(&plan);
+        assert!(
+            names
+                .iter()
+                .any(|n| n.contains("mount devtmpfs on /c/p/rootfs/dev")),
+            "{names:#?}"
+        );
+        assert!(
+            !names.iter().any(|n| n.starts_with("mask ")
+                || n.starts_with("make /proc")
+                || n.contains("seccomp")),
+            "{names:#?}"
+        );
+        assert!(
+            matches!(&plan.steps[2], Step::Mount { flags: 0, .. }),
+            "the rootfs is not nodev"
+        );
+    }
+
+    #[test]
+    fn no_network_brings_up_loopback_and_init_wraps_the_command() {
+        let dirs = ContainerDirs::under(Path::new("/c"), "n");
+        let p = resolve_process("n", &image(), &container()).unwrap();
+        let mut iso = container().isolation;
+        iso.network = NetworkMode::None;
+        iso.init = true;
+        iso.host_pid = true;
+        let plan = build_plan("n", &p, "lowerdir=/a", &dirs, &security(iso)).unwrap();
+        let names = names(&plan);
+        assert!(position(&names, "pivot_root") < position(&names, "bring up lo"));
+        assert!(
+            position(&names, "bind-mount /init on /c/n/rootfs/dev/init")
+                < position(&names, "pivot_root")
+        );
+        assert_eq!(
+            plan.namespaces,
+            Namespaces {
+                pid: false,
+                net: true,
+                time: true
+            }
+        );
+        let argv: Vec<String> = plan
+            .argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(argv, ["/dev/init", "--reap", "--", "/bin/httpd", "-f"]);
+        assert_eq!(plan.exec_paths, [cstring("/dev/init").unwrap()]);
+    }
+
+    #[test]
+    fn mount_targets_through_symlinks_are_refused() {
+        let upper = tempfile::tempdir().unwrap();
+        let lower = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(lower.path().join("srv")).unwrap();
+        std::os::unix::fs::symlink("/etc", lower.path().join("data")).unwrap();
+        let layers = vec![upper.path().to_path_buf(), lower.path().to_path_buf()];
+        assert!(check_mount_target(&layers, "/srv/data").is_ok());
+        let e = check_mount_target(&layers, "/data/x").unwrap_err();
+        assert!(e.contains("/data is a symbolic link"), "{e}");
+        // A directory in the upper layer decides over a symlink below it.
+        std::fs::create_dir_all(upper.path().join("data")).unwrap();
+        assert!(check_mount_target(&layers, "/data/x").is_ok());
+        // A symlink the container left in its upper layer is caught on the next start.
+        std::os::unix::fs::symlink("/", upper.path().join("srv")).unwrap();
+        assert!(check_mount_target(&layers, "/srv/data").is_err());
     }
 }

@@ -13,7 +13,7 @@ pub mod container;
 pub mod logs;
 pub mod seccomp;
 pub mod spawn;
-pub mod user;
 mod supervisor;
+pub mod user;
 
 pub use supervisor::{Backoff, Event, ExitStatus, Paths, Supervisor};

@@ -1,29 +1,58 @@
 //! Starting a container process: one clone3 and a precomputed list of steps.
 //!
-//! Everything the child needs (paths, mount options, argv, envp) is built into a [`Plan`]
-//! before cloning. Between clone3 and execve the child only walks that plan with raw,
-//! async-signal-safe system calls: no allocation, no locks, no Rust I/O. If a step fails the
-//! child writes the step's index and errno to a close-on-exec pipe and exits 127; a clean
-//! execve closes the pipe, so the parent reads either a failure or EOF.
+//! Everything the child needs (paths, mount options, argv, envp, capability masks, the
+//! seccomp program) is built into a [`Plan`] before cloning. Between clone3 and execve the
+//! child only walks that plan with raw, async-signal-safe system calls: no allocation, no
+//! locks, no Rust I/O. If a step fails the child writes the step's index and errno to a
+//! close-on-exec pipe and exits 127; a clean execve closes the pipe, so the parent reads
+//! either a failure or EOF.
 //!
 //! The order follows runc and crun: namespaces and cgroup (clone3 with CLONE_INTO_CGROUP, so
-//! the process never runs outside its cgroup) → mounts → /dev → pivot_root → hostname →
-//! fds and cwd → execve.
+//! the process never runs outside its cgroup) → mounts → /dev → pivot_root → hostname and
+//! sysctls → masked and read-only paths → rlimits → no_new_privs → seccomp (here if
+//! no_new_privs is off, since it then needs CAP_SYS_ADMIN) → bounding set → uid/gid →
+//! capabilities → seccomp (here if no_new_privs is on, as late as possible) → fds and cwd →
+//! execve. [`crate::container::build_plan`] decides the order; this module executes it.
 
 use std::ffi::{CString, c_char};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::caps::{self, CapSet};
+use crate::seccomp::Program;
 
 /// libc's constants are deprecated, overflowing `c_int`s; clone3 takes a u64.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 
-/// Which namespaces the container gets of its own.
+/// Which namespaces the container gets of its own at clone time (mount, uts and ipc always;
+/// the cgroup namespace is unshared by the first step, see [`Step::Unshare`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Namespaces {
     /// false shares PID 1's pid namespace (`pid = "host"`).
     pub pid: bool,
+    /// A network namespace of its own (`network = "none"`).
+    pub net: bool,
+    /// A time namespace, where the kernel has them.
+    pub time: bool,
+}
+
+impl Namespaces {
+    fn clone_flags(&self) -> u64 {
+        let mut flags = (libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+        if self.pid {
+            flags |= libc::CLONE_NEWPID as u64;
+        }
+        if self.net {
+            flags |= libc::CLONE_NEWNET as u64;
+        }
+        if self.time {
+            flags |= libc::CLONE_NEWTIME as u64;
+        }
+        flags
+    }
 }
 
 /// One step the child performs, in order.
@@ -47,12 +76,17 @@ pub enum Step {
         path: CString,
         mode: libc::mode_t,
     },
-    /// A character device node.
+    /// A character device node (privileged containers and nothing else).
     CharDevice {
         path: CString,
         mode: libc::mode_t,
         major: u32,
         minor: u32,
+    },
+    /// An empty regular file, to bind-mount something over.
+    Touch {
+        path: CString,
+        mode: libc::mode_t,
     },
     Symlink {
         target: CString,
@@ -65,9 +99,52 @@ pub enum Step {
     Hostname {
         name: CString,
     },
+    /// Writes `contents` to an existing file (a sysctl under /proc/sys).
+    WriteFile {
+        path: CString,
+        contents: CString,
+    },
+    /// Hides a path: an empty read-only tmpfs over a directory, /dev/null over anything
+    /// else. A path the kernel does not have is skipped.
+    Mask {
+        path: CString,
+    },
+    /// Bind-mounts a path onto itself read-only. A missing path is skipped.
+    ReadOnly {
+        path: CString,
+    },
+    /// Makes an existing mount point read-only, keeping `keep_flags` (a bind remount sets
+    /// every per-mount flag at once, so nosuid/nodev/noexec must be restated).
+    RemountReadOnly {
+        path: CString,
+        keep_flags: libc::c_ulong,
+    },
+    /// Brings up `lo` in a network namespace of the container's own.
+    LoopbackUp,
+    Rlimit {
+        resource: libc::c_int,
+        soft: u64,
+        hard: u64,
+    },
     Chdir {
         path: CString,
     },
+    /// Fails if the working directory is not inside the container's root.
+    VerifyCwd,
+    NoNewPrivs,
+    Seccomp(Arc<Program>),
+    DropBounding {
+        keep: CapSet,
+        last_cap: u32,
+    },
+    KeepCaps(bool),
+    /// setgroups, setresgid, setresuid.
+    SwitchUser {
+        uid: libc::uid_t,
+        gid: libc::gid_t,
+        groups: Vec<libc::gid_t>,
+    },
+    Capabilities(CapSet),
 }
 
 impl Step {
@@ -77,20 +154,39 @@ impl Step {
             c.to_string_lossy().into_owned()
         }
         match self {
-            Step::Mount { fstype, target, .. } => {
-                format!(
-                    "mount {} on {}",
-                    fstype.as_ref().map_or("(bind/propagation)".into(), s),
-                    s(target)
-                )
-            }
             Step::Unshare { flags } => format!("unshare({flags:#x})"),
+            Step::Mount {
+                fstype,
+                target,
+                source,
+                ..
+            } => match fstype {
+                Some(t) => format!("mount {} on {}", s(t), s(target)),
+                None => match source {
+                    Some(src) => format!("bind-mount {} on {}", s(src), s(target)),
+                    None => format!("change propagation of {}", s(target)),
+                },
+            },
             Step::Mkdir { path, .. } => format!("mkdir {}", s(path)),
             Step::CharDevice { path, .. } => format!("mknod {}", s(path)),
+            Step::Touch { path, .. } => format!("create {}", s(path)),
             Step::Symlink { link, .. } => format!("symlink {}", s(link)),
             Step::PivotRoot { new_root } => format!("pivot_root into {}", s(new_root)),
             Step::Hostname { name } => format!("sethostname {}", s(name)),
+            Step::WriteFile { path, .. } => format!("write {}", s(path)),
+            Step::Mask { path } => format!("mask {}", s(path)),
+            Step::ReadOnly { path } => format!("make {} read-only", s(path)),
+            Step::RemountReadOnly { path, .. } => format!("remount {} read-only", s(path)),
+            Step::LoopbackUp => "bring up lo".into(),
+            Step::Rlimit { resource, .. } => format!("setrlimit({resource})"),
             Step::Chdir { path } => format!("chdir to the working directory {}", s(path)),
+            Step::VerifyCwd => "verify the working directory is inside the root".into(),
+            Step::NoNewPrivs => "set no_new_privs".into(),
+            Step::Seccomp(_) => "install the seccomp filter".into(),
+            Step::DropBounding { .. } => "drop capabilities from the bounding set".into(),
+            Step::KeepCaps(on) => format!("PR_SET_KEEPCAPS {on}"),
+            Step::SwitchUser { uid, gid, .. } => format!("switch to uid {uid} gid {gid}"),
+            Step::Capabilities(_) => "set capabilities".into(),
         }
     }
 }
@@ -170,18 +266,13 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
         .collect();
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
 
-    let mut flags = libc::CLONE_PIDFD as u64
-        | CLONE_INTO_CGROUP
-        | CLONE_CLEAR_SIGHAND
-        | (libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP)
-            as u64;
-    if plan.namespaces.pid {
-        flags |= libc::CLONE_NEWPID as u64;
-    }
     let mut pidfd: libc::c_int = -1;
     // SAFETY: clone_args is a plain C struct for which all-zero is a valid value.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = flags;
+    args.flags = libc::CLONE_PIDFD as u64
+        | CLONE_INTO_CGROUP
+        | CLONE_CLEAR_SIGHAND
+        | plan.namespaces.clone_flags();
     args.pidfd = &mut pidfd as *mut libc::c_int as u64;
     args.exit_signal = libc::SIGCHLD as u64;
     args.cgroup = cgroup_dir.as_raw_fd() as u64;
@@ -213,6 +304,201 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
     })
 }
 
+/// errno of the last failed call.
+///
+/// # Safety
+/// Only reads the thread's errno.
+unsafe fn errno() -> libc::c_int {
+    // SAFETY: __errno_location always returns the calling thread's errno slot.
+    unsafe { *libc::__errno_location() }
+}
+
+/// Runs one step. Async-signal-safe: raw system calls on prebuilt data only.
+///
+/// # Safety
+/// Only in the freshly cloned child, see [`run_child`].
+unsafe fn run_step(step: &Step) -> bool {
+    // SAFETY (whole body): libc calls on NUL-terminated strings and plain structs that the
+    // parent prepared, or on stack buffers.
+    unsafe {
+        let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        match step {
+            Step::Unshare { flags } => libc::unshare(*flags) == 0,
+            Step::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => {
+                libc::mount(
+                    ptr(source),
+                    target.as_ptr(),
+                    ptr(fstype),
+                    *flags,
+                    ptr(data).cast(),
+                ) == 0
+            }
+            Step::Mkdir { path, mode } => {
+                libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST
+            }
+            Step::CharDevice {
+                path,
+                mode,
+                major,
+                minor,
+            } => {
+                libc::mknod(
+                    path.as_ptr(),
+                    libc::S_IFCHR | *mode,
+                    libc::makedev(*major, *minor),
+                ) == 0
+            }
+            Step::Touch { path, mode } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    *mode as libc::c_uint,
+                );
+                fd >= 0 && libc::close(fd) == 0
+            }
+            Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
+            Step::PivotRoot { new_root } => {
+                libc::chdir(new_root.as_ptr()) == 0
+                    && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0
+                    && libc::umount2(c".".as_ptr(), libc::MNT_DETACH) == 0
+                    && libc::chdir(c"/".as_ptr()) == 0
+            }
+            Step::Hostname { name } => libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0,
+            Step::WriteFile { path, contents } => {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return false;
+                }
+                let bytes = contents.as_bytes();
+                let ok =
+                    libc::write(fd, bytes.as_ptr().cast(), bytes.len()) == bytes.len() as isize;
+                libc::close(fd);
+                ok
+            }
+            Step::Mask { path } => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(path.as_ptr(), &mut st) != 0 {
+                    return errno() == libc::ENOENT;
+                }
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    libc::mount(
+                        c"tmpfs".as_ptr(),
+                        path.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        c"size=4k,nr_inodes=1".as_ptr().cast(),
+                    ) == 0
+                } else {
+                    libc::mount(
+                        c"/dev/null".as_ptr(),
+                        path.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) == 0
+                }
+            }
+            Step::ReadOnly { path } => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(path.as_ptr(), &mut st) != 0 {
+                    return errno() == libc::ENOENT;
+                }
+                libc::mount(
+                    path.as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        path.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND
+                            | libc::MS_REMOUNT
+                            | libc::MS_RDONLY
+                            | libc::MS_NOSUID
+                            | libc::MS_NODEV
+                            | libc::MS_NOEXEC,
+                        std::ptr::null(),
+                    ) == 0
+            }
+            Step::RemountReadOnly { path, keep_flags } => {
+                libc::mount(
+                    std::ptr::null(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | *keep_flags,
+                    std::ptr::null(),
+                ) == 0
+            }
+            Step::LoopbackUp => {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    return false;
+                }
+                let mut ifr: libc::ifreq = std::mem::zeroed();
+                for (i, b) in b"lo\0".iter().enumerate() {
+                    ifr.ifr_name[i] = *b as c_char;
+                }
+                let ok = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 && {
+                    ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                    libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) == 0
+                };
+                libc::close(fd);
+                ok
+            }
+            Step::Rlimit {
+                resource,
+                soft,
+                hard,
+            } => {
+                let limit = libc::rlimit64 {
+                    rlim_cur: *soft,
+                    rlim_max: *hard,
+                };
+                libc::prlimit64(
+                    0,
+                    *resource as libc::__rlimit_resource_t,
+                    &limit,
+                    std::ptr::null_mut(),
+                ) == 0
+            }
+            Step::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
+            Step::VerifyCwd => {
+                let mut buf = [0u8; 256];
+                let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
+                // A directory outside the root reads as "(unreachable)/...". A path longer
+                // than the buffer (ERANGE) is inside: it starts with '/' too.
+                if n < 0 {
+                    return errno() == libc::ERANGE;
+                }
+                if buf[0] != b'/' {
+                    *libc::__errno_location() = libc::EXDEV;
+                    return false;
+                }
+                true
+            }
+            Step::NoNewPrivs => libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0,
+            Step::Seccomp(program) => program.install(),
+            Step::DropBounding { keep, last_cap } => caps::drop_bounding_except(*keep, *last_cap),
+            Step::KeepCaps(on) => caps::set_keepcaps(*on),
+            Step::SwitchUser { uid, gid, groups } => {
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
+                    && libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) == 0
+                    && libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) == 0
+            }
+            Step::Capabilities(keep) => caps::apply(*keep),
+        }
+    }
+}
+
 /// The child side. Only async-signal-safe system calls; never returns.
 ///
 /// # Safety
@@ -228,10 +514,10 @@ unsafe fn run_child(
     // the parent built before clone3 and which stay valid in our copy of its memory.
     unsafe {
         let fail = |step: u32| -> ! {
-            let errno = *libc::__errno_location();
+            let code = errno();
             let mut msg = [0u8; 8];
             msg[..4].copy_from_slice(&step.to_ne_bytes());
-            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            msg[4..].copy_from_slice(&code.to_ne_bytes());
             libc::write(err_fd, msg.as_ptr().cast(), msg.len());
             libc::_exit(127);
         };
@@ -248,63 +534,13 @@ unsafe fn run_child(
                 fail(exec_step_index(plan));
             }
         }
-        // Device nodes and directories get exactly the modes in the plan.
+        // Files and directories the plan creates get exactly the modes it names.
         libc::umask(0);
-
         for (index, step) in plan.steps.iter().enumerate() {
-            let ok = match step {
-                Step::Mount {
-                    source,
-                    target,
-                    fstype,
-                    flags,
-                    data,
-                } => {
-                    libc::mount(
-                        source.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-                        target.as_ptr(),
-                        fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-                        *flags,
-                        data.as_ref()
-                            .map_or(std::ptr::null(), |s| s.as_ptr().cast()),
-                    ) == 0
-                }
-                Step::Unshare { flags } => libc::unshare(*flags) == 0,
-                Step::Mkdir { path, mode } => {
-                    libc::mkdir(path.as_ptr(), *mode) == 0
-                        || *libc::__errno_location() == libc::EEXIST
-                }
-                Step::CharDevice {
-                    path,
-                    mode,
-                    major,
-                    minor,
-                } => {
-                    libc::mknod(
-                        path.as_ptr(),
-                        libc::S_IFCHR | *mode,
-                        libc::makedev(*major, *minor),
-                    ) == 0
-                }
-                Step::Symlink { target, link } => {
-                    libc::symlink(target.as_ptr(), link.as_ptr()) == 0
-                }
-                Step::PivotRoot { new_root } => {
-                    libc::chdir(new_root.as_ptr()) == 0
-                        && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0
-                        && libc::umount2(c".".as_ptr(), libc::MNT_DETACH) == 0
-                        && libc::chdir(c"/".as_ptr()) == 0
-                }
-                Step::Hostname { name } => {
-                    libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0
-                }
-                Step::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
-            };
-            if !ok {
+            if !run_step(step) {
                 fail(index as u32);
             }
         }
-
         libc::umask(0o022);
         // Nothing of PID 1's leaks in: every fd above 2 closes at execve, the error pipe too.
         libc::syscall(
@@ -316,10 +552,10 @@ unsafe fn run_child(
         let mut last_errno = libc::ENOENT;
         for path in &plan.exec_paths {
             libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            let errno = *libc::__errno_location();
+            let e = errno();
             // Like execvp: a missing candidate is not the error to report if another exists.
-            if errno != libc::ENOENT && errno != libc::ENOTDIR {
-                last_errno = errno;
+            if e != libc::ENOENT && e != libc::ENOTDIR {
+                last_errno = e;
             }
         }
         *libc::__errno_location() = last_errno;
@@ -366,5 +602,37 @@ mod tests {
                 .starts_with("execve: No such file")
         );
         assert_eq!(describe_failure(&steps, &[1, 2]), None);
+    }
+
+    #[test]
+    fn namespace_flags() {
+        let all = Namespaces {
+            pid: true,
+            net: true,
+            time: true,
+        }
+        .clone_flags();
+        for flag in [
+            libc::CLONE_NEWNS,
+            libc::CLONE_NEWUTS,
+            libc::CLONE_NEWIPC,
+            libc::CLONE_NEWPID,
+            libc::CLONE_NEWNET,
+            libc::CLONE_NEWTIME,
+        ] {
+            assert_ne!(all & flag as u64, 0);
+        }
+        let host = Namespaces {
+            pid: false,
+            net: false,
+            time: false,
+        }
+        .clone_flags();
+        assert_eq!(host & (libc::CLONE_NEWPID | libc::CLONE_NEWNET) as u64, 0);
+        assert_eq!(
+            host & libc::CLONE_NEWCGROUP as u64,
+            0,
+            "the cgroup namespace is unshared by a step"
+        );
     }
 }

@@ -11,13 +11,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_config::{Container, HostConfig, RestartPolicy};
+use keel_config::{Container, HostConfig, RestartPolicy, VolumeSource};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::cgroup::{Cgroup, Limits};
-use crate::container::{ContainerDirs, ImageProcess, build_plan, overlay_options, resolve_process};
+use crate::caps::{self, CapSet};
+use crate::cgroup::Cgroup;
+use crate::container::{
+    ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
+    overlay_options, resolve_process,
+};
 use crate::logs::{Console, pump};
-use crate::spawn::{Namespaces, Plan, Step, describe_failure, spawn};
+use crate::seccomp::ProgramCache;
+use crate::spawn::{Step, describe_failure, spawn};
+use crate::user;
 
 /// Where the supervisor finds images and keeps its state in the guest.
 #[derive(Debug, Clone)]
@@ -29,6 +35,8 @@ pub struct Paths {
     /// Per-container overlay upper, work and mount point directories.
     pub containers: PathBuf,
     pub logs: PathBuf,
+    /// Named volumes, one directory each, created on first use.
+    pub volumes: PathBuf,
 }
 
 impl Default for Paths {
@@ -38,6 +46,7 @@ impl Default for Paths {
             layers: "/var/lib/keel/layers".into(),
             containers: "/run/keel/containers".into(),
             logs: "/var/log/keel".into(),
+            volumes: "/var/lib/keel/volumes".into(),
         }
     }
 }
@@ -84,6 +93,8 @@ enum State {
         pid: libc::pid_t,
         pidfd: OwnedFd,
         since: Instant,
+        /// memory.events oom_kill when it started, to tell an OOM kill from a kill -9.
+        oom_kills_before: u64,
     },
     BackingOff {
         generation: u64,
@@ -92,9 +103,13 @@ enum State {
     Done,
 }
 
+/// What is done once per container: image unpacked, directories, cgroup.
 struct Prepared {
-    plan: Plan,
-    step_names: Vec<String>,
+    process: ProcessSpec,
+    overlay: String,
+    dirs: ContainerDirs,
+    /// The overlay upper, then the image layers from the top down.
+    layers_top_first: Vec<PathBuf>,
     cgroup: Cgroup,
     cgroup_fd: OwnedFd,
 }
@@ -138,6 +153,40 @@ pub struct Supervisor {
     backoff: Backoff,
     containers: BTreeMap<String, Managed>,
     stopping: bool,
+    seccomp: ProgramCache,
+    last_cap: u32,
+    time_namespace: bool,
+}
+
+/// A container's counters, read from its cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub state: &'static str,
+    pub pid: Option<libc::pid_t>,
+    pub restarts: u64,
+    pub cpu_usage_usec: Option<u64>,
+    pub memory_current: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub pids_current: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "state={} pid={} restarts={} cpu_usec={} memory={} memory_peak={} pids={} oom_kills={}",
+            self.state,
+            self.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            self.restarts,
+            n(self.cpu_usage_usec),
+            n(self.memory_current),
+            n(self.memory_peak),
+            n(self.pids_current),
+            n(self.oom_kills)
+        )
+    }
 }
 
 impl Supervisor {
@@ -182,6 +231,9 @@ impl Supervisor {
             backoff: Backoff::default(),
             containers,
             stopping: false,
+            seccomp: ProgramCache::new(),
+            last_cap: caps::last_cap(),
+            time_namespace: std::path::Path::new("/proc/self/ns/time").exists(),
         }
     }
 
@@ -219,11 +271,37 @@ impl Supervisor {
         let Some(prepared) = managed.prepared.as_ref() else {
             return;
         };
+        // Checked and built at every start: the container may have changed its own files
+        // (its /etc/passwd, a symlink where a volume goes) since the last one.
+        let plan = match security(
+            &self.paths,
+            &mut self.seccomp,
+            self.last_cap,
+            self.time_namespace,
+            &managed.config,
+            prepared,
+        )
+        .and_then(|(security, process)| {
+            build_plan(name, &process, &prepared.overlay, &prepared.dirs, &security)
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(plan) => plan,
+            Err(e) => {
+                log::error!("{name}: cannot be started: {e}");
+                managed.state = State::Done;
+                return;
+            }
+        };
         let Some(dev_null) = self.dev_null.as_ref() else {
             log::error!("{name}: cannot be started without /dev/null");
             managed.state = State::Done;
             return;
         };
+        // Leftovers of a previous run (possible when it shared the host pid namespace)
+        // must not share the cgroup with the new one.
+        if !prepared.cgroup.is_empty() {
+            let _ = prepared.cgroup.kill_all();
+        }
         let (out_read, out_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         {
             Ok(p) => p,
@@ -238,7 +316,11 @@ impl Supervisor {
             out_write.as_raw_fd(),
             out_write.as_raw_fd(),
         ];
-        match spawn(&prepared.plan, &prepared.cgroup_fd, stdio) {
+        let oom_kills_before = prepared
+            .cgroup
+            .keyed("memory.events", "oom_kill")
+            .unwrap_or(0);
+        match spawn(&plan, &prepared.cgroup_fd, stdio) {
             Ok(spawned) => {
                 drop(out_write);
                 log::info!("{name}: started pid={}", spawned.pid);
@@ -249,15 +331,17 @@ impl Supervisor {
                     None
                 };
                 tokio::spawn(pump(name.to_string(), out_read, log_path, console));
+                let steps = plan.steps.iter().map(Step::describe).collect();
                 tokio::spawn(report_start_failure(
                     name.to_string(),
                     spawned.error_pipe,
-                    prepared.step_names.clone(),
+                    steps,
                 ));
                 managed.state = State::Running {
                     pid: spawned.pid,
                     pidfd: spawned.pidfd,
                     since: Instant::now(),
+                    oom_kills_before,
                 };
             }
             Err(e) => {
@@ -265,6 +349,36 @@ impl Supervisor {
                 self.schedule_restart(name, Duration::ZERO);
             }
         }
+    }
+
+    /// Counters of every container, for the log or an API.
+    pub fn stats(&self) -> Vec<(String, Stats)> {
+        self.containers
+            .iter()
+            .map(|(name, m)| {
+                let (state, pid) = match &m.state {
+                    State::Idle => ("idle", None),
+                    State::Running { pid, .. } => ("running", Some(*pid)),
+                    State::BackingOff { .. } => ("restarting", None),
+                    State::Done => ("stopped", None),
+                };
+                let mut stats = Stats {
+                    state,
+                    pid,
+                    restarts: m.restarts,
+                    ..Stats::default()
+                };
+                if let Some(p) = &m.prepared {
+                    let cg = &p.cgroup;
+                    stats.cpu_usage_usec = cg.keyed("cpu.stat", "usage_usec");
+                    stats.memory_current = cg.number("memory.current");
+                    stats.memory_peak = cg.number("memory.peak");
+                    stats.pids_current = cg.number("pids.current");
+                    stats.oom_kills = cg.keyed("memory.events", "oom_kill");
+                }
+                (name.clone(), stats)
+            })
+            .collect()
     }
 
     /// Handles the exit of a reaped child; false when `pid` is not a container's main process.
@@ -277,17 +391,45 @@ impl Supervisor {
             return false;
         };
         let name = name.clone();
-        let ran_for = match &managed.state {
-            State::Running { since, .. } => since.elapsed(),
-            _ => Duration::ZERO,
+        let (ran_for, oom_kills_before) = match &managed.state {
+            State::Running {
+                since,
+                oom_kills_before,
+                ..
+            } => (since.elapsed(), *oom_kills_before),
+            _ => (Duration::ZERO, 0),
         };
         managed.state = State::Idle;
+        // The kernel's OOM killer sends SIGKILL: memory.events tells it from a kill -9.
+        let oom_kills = managed
+            .prepared
+            .as_ref()
+            .and_then(|p| p.cgroup.keyed("memory.events", "oom_kill"))
+            .unwrap_or(0);
+        if oom_kills > oom_kills_before {
+            let limit = managed
+                .config
+                .resources
+                .memory_max
+                .map_or_else(|| "no limit".to_string(), |m| format!("memory.max {m}"));
+            log::warn!(
+                "{name}: out of memory: killed by the OOM killer ({limit}, oom_kill {oom_kills})"
+            );
+        }
+        let status_text =
+            if status == ExitStatus::Signal(libc::SIGKILL) && oom_kills > oom_kills_before {
+                "OOM-killed".to_string()
+            } else {
+                status.to_string()
+            };
+        let status = status_text;
         if self.stopping {
             log::info!(
                 "{name}: {status} after {} ms (stopped)",
                 ran_for.as_millis()
             );
             managed.state = State::Done;
+            remove_cgroup(&name, managed);
             return true;
         }
         match managed.config.restart {
@@ -297,6 +439,7 @@ impl Supervisor {
                     ran_for.as_millis()
                 );
                 managed.state = State::Done;
+                remove_cgroup(&name, managed);
             }
             RestartPolicy::Always => {
                 let delay = self.backoff.next(managed.last_delay, ran_for);
@@ -396,7 +539,7 @@ impl Supervisor {
     }
 }
 
-/// Everything done once per container: image layers unpacked, directories, cgroup, plan.
+/// Everything done once per container: image layers unpacked, directories, cgroup.
 fn prepare(
     paths: &Paths,
     cgroups: &Cgroup,
@@ -414,27 +557,15 @@ fn prepare(
     dirs.create()
         .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
     let overlay = overlay_options(&lowers, &dirs);
-    let plan = build_plan(
-        name,
-        &process,
-        &overlay,
-        &dirs,
-        Namespaces {
-            pid: !config.isolation.host_pid,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let limits = Limits {
-        memory_max: config.resources.memory_max,
-        pids_max: config.resources.pids_max,
-    };
     let cgroup = cgroups
-        .child(name, &limits)
+        .child(name, &config.resources)
         .map_err(|e| format!("cgroup: {e}"))?;
     let cgroup_fd = cgroup
         .open_dir()
         .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
-    let step_names = plan.steps.iter().map(Step::describe).collect();
+    let layers_top_first = std::iter::once(dirs.upper.clone())
+        .chain(lowers.iter().rev().cloned())
+        .collect();
     log::info!(
         "{name}: image {} ready ({} layers), runs {:?}",
         config.image,
@@ -442,11 +573,133 @@ fn prepare(
         process.argv
     );
     Ok(Prepared {
-        plan,
-        step_names,
+        process,
+        overlay,
+        dirs,
+        layers_top_first,
         cgroup,
         cgroup_fd,
     })
+}
+
+/// The per-start security settings: the user from the container's own /etc files, the
+/// capabilities, the cached seccomp program, and volumes resolved on the host.
+fn security(
+    paths: &Paths,
+    seccomp: &mut ProgramCache,
+    last_cap: u32,
+    time_namespace: bool,
+    config: &Container,
+    prepared: &Prepared,
+) -> Result<(Security, ProcessSpec), String> {
+    let iso = &config.isolation;
+    let read = |file: &str| -> Result<Option<String>, String> {
+        user::read_merged(&prepared.layers_top_first, file)
+            .map(|bytes| bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .map_err(|e| format!("reading the image's {file}: {e}"))
+    };
+    let user_spec = iso.user.as_deref();
+    let user = user::resolve(
+        user_spec,
+        read("/etc/passwd")?.as_deref(),
+        read("/etc/group")?.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut process = prepared.process.clone();
+    if !process.env.iter().any(|e| e.starts_with("HOME=")) {
+        process.env.push(format!("HOME={}", user.home));
+    }
+
+    let names = iso.capabilities();
+    let capabilities = CapSet::from_names(&names).map_err(|e| e.to_string())?;
+    let seccomp = if iso.privileged {
+        None
+    } else {
+        Some(seccomp.get(&names).map_err(|e| format!("seccomp: {e}"))?)
+    };
+
+    let mut mounts = Vec::new();
+    for volume in &iso.volumes {
+        let source = match &volume.source {
+            VolumeSource::Named(name) => {
+                let dir = paths.volumes.join(name);
+                std::fs::create_dir_all(&dir).map_err(|e| format!("volume {name}: {e}"))?;
+                dir
+            }
+            VolumeSource::Host(path) => {
+                if !path.exists() {
+                    return Err(format!(
+                        "volume source {} does not exist on the host",
+                        path.display()
+                    ));
+                }
+                path.clone()
+            }
+        };
+        mounts.push(ExtraMount::Bind {
+            source,
+            target: volume.target.clone(),
+            readonly: volume.readonly,
+        });
+    }
+    for tmpfs in &iso.tmpfs {
+        mounts.push(ExtraMount::Tmpfs {
+            target: tmpfs.target.clone(),
+            size: tmpfs.size,
+        });
+    }
+    for target in ["/proc", "/sys", "/dev"]
+        .into_iter()
+        .chain(mounts.iter().map(ExtraMount::target))
+    {
+        check_mount_target(&prepared.layers_top_first, target)?;
+    }
+    let security = Security {
+        isolation: iso.clone(),
+        user,
+        capabilities,
+        last_cap,
+        seccomp,
+        time_namespace,
+        mounts,
+    };
+    Ok((security, process))
+}
+
+/// Kills whatever is left in a finished container's cgroup and removes it.
+fn remove_cgroup(name: &str, managed: &Managed) {
+    let Some(prepared) = &managed.prepared else {
+        return;
+    };
+    let cgroup = prepared.cgroup.clone();
+    if !cgroup.is_empty() {
+        let _ = cgroup.kill_all();
+    }
+    let name = name.to_string();
+    // Killed processes leave the cgroup asynchronously; rmdir succeeds once they have.
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(5);
+        for _ in 0..12 {
+            match cgroup.remove() {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{name}: cannot remove cgroup {}: {e}",
+                        cgroup.path().display()
+                    );
+                    return;
+                }
+            }
+        }
+        log::warn!(
+            "{name}: cgroup {} still busy; left in place",
+            cgroup.path().display()
+        );
+    });
 }
 
 /// Logs why a child failed before its execve, if it did.
