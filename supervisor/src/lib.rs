@@ -2,6 +2,7 @@
 //! process, which is watched, restarted with backoff, and stopped in order.
 //!
 //! - [`container`]: pure logic from definition + image to the process and setup plan;
+//! - [`instance`]: one container prepared once and started any number of times;
 //! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
 //! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
 //! - [`logs`]: output to per-container log files and the console;
@@ -10,10 +11,12 @@
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod instance;
 pub mod logs;
 pub mod seccomp;
 pub mod spawn;
 mod supervisor;
 pub mod user;
 
-pub use supervisor::{Backoff, Event, ExitStatus, Paths, Supervisor};
+pub use instance::{Instance, Runtime};
+pub use supervisor::{Backoff, Event, ExitStatus, Paths, Stats, Supervisor};

@@ -11,19 +11,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_config::{Container, HostConfig, RestartPolicy, VolumeSource};
+use keel_config::{Container, HostConfig, RestartPolicy};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::caps::{self, CapSet};
 use crate::cgroup::Cgroup;
-use crate::container::{
-    ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
-    overlay_options, resolve_process,
-};
+use crate::instance::{Instance, Runtime};
 use crate::logs::{Console, pump};
-use crate::seccomp::ProgramCache;
-use crate::spawn::{Step, describe_failure, spawn};
-use crate::user;
+use crate::spawn::{Step, describe_failure};
 
 /// Where the supervisor finds images and keeps its state in the guest.
 #[derive(Debug, Clone)]
@@ -103,20 +97,9 @@ enum State {
     Done,
 }
 
-/// What is done once per container: image unpacked, directories, cgroup.
-struct Prepared {
-    process: ProcessSpec,
-    overlay: String,
-    dirs: ContainerDirs,
-    /// The overlay upper, then the image layers from the top down.
-    layers_top_first: Vec<PathBuf>,
-    cgroup: Cgroup,
-    cgroup_fd: OwnedFd,
-}
-
 struct Managed {
     config: Container,
-    prepared: Option<Prepared>,
+    prepared: Option<Instance>,
     state: State,
     restarts: u64,
     last_delay: Option<Duration>,
@@ -145,17 +128,13 @@ impl std::fmt::Display for ExitStatus {
 }
 
 pub struct Supervisor {
-    paths: Paths,
-    cgroups: Cgroup,
+    runtime: Runtime,
     events: UnboundedSender<Event>,
     console: Option<Arc<Console>>,
     dev_null: Option<OwnedFd>,
     backoff: Backoff,
     containers: BTreeMap<String, Managed>,
     stopping: bool,
-    seccomp: ProgramCache,
-    last_cap: u32,
-    time_namespace: bool,
 }
 
 /// A container's counters, read from its cgroup.
@@ -223,24 +202,24 @@ impl Supervisor {
         .map_err(|e| log::error!("cannot open /dev/null for container stdin: {e}"))
         .ok();
         Supervisor {
-            paths,
-            cgroups,
+            runtime: Runtime::new(paths, cgroups),
             events,
             console,
             dev_null,
             backoff: Backoff::default(),
             containers,
             stopping: false,
-            seccomp: ProgramCache::new(),
-            last_cap: caps::last_cap(),
-            time_namespace: std::path::Path::new("/proc/self/ns/time").exists(),
         }
     }
 
     /// Starts every container. A container that fails to start is logged and does not
     /// stop the others.
     pub fn start_all(&mut self) {
-        for dir in [&self.paths.layers, &self.paths.containers, &self.paths.logs] {
+        for dir in [
+            &self.runtime.paths.layers,
+            &self.runtime.paths.containers,
+            &self.runtime.paths.logs,
+        ] {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 log::error!("cannot create {}: {e}", dir.display());
             }
@@ -259,7 +238,7 @@ impl Supervisor {
             return;
         };
         if managed.prepared.is_none() {
-            match prepare(&self.paths, &self.cgroups, name, &managed.config) {
+            match Instance::prepare(&self.runtime, name, &managed.config) {
                 Ok(p) => managed.prepared = Some(p),
                 Err(e) => {
                     log::error!("{name}: cannot be started: {e}");
@@ -271,20 +250,7 @@ impl Supervisor {
         let Some(prepared) = managed.prepared.as_ref() else {
             return;
         };
-        // Checked and built at every start: the container may have changed its own files
-        // (its /etc/passwd, a symlink where a volume goes) since the last one.
-        let plan = match security(
-            &self.paths,
-            &mut self.seccomp,
-            self.last_cap,
-            self.time_namespace,
-            &managed.config,
-            prepared,
-        )
-        .and_then(|(security, process)| {
-            build_plan(name, &process, &prepared.overlay, &prepared.dirs, &security)
-                .map_err(|e| e.to_string())
-        }) {
+        let plan = match prepared.plan(&mut self.runtime) {
             Ok(plan) => plan,
             Err(e) => {
                 log::error!("{name}: cannot be started: {e}");
@@ -299,8 +265,8 @@ impl Supervisor {
         };
         // Leftovers of a previous run (possible when it shared the host pid namespace)
         // must not share the cgroup with the new one.
-        if !prepared.cgroup.is_empty() {
-            let _ = prepared.cgroup.kill_all();
+        if !prepared.cgroup().is_empty() {
+            let _ = prepared.cgroup().kill_all();
         }
         let (out_read, out_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         {
@@ -317,14 +283,14 @@ impl Supervisor {
             out_write.as_raw_fd(),
         ];
         let oom_kills_before = prepared
-            .cgroup
+            .cgroup()
             .keyed("memory.events", "oom_kill")
             .unwrap_or(0);
-        match spawn(&plan, &prepared.cgroup_fd, stdio) {
+        match prepared.spawn(&plan, stdio) {
             Ok(spawned) => {
                 drop(out_write);
                 log::info!("{name}: started pid={}", spawned.pid);
-                let log_path = self.paths.logs.join(format!("{name}.log"));
+                let log_path = self.runtime.paths.logs.join(format!("{name}.log"));
                 let console = if managed.config.console {
                     self.console.clone()
                 } else {
@@ -369,7 +335,7 @@ impl Supervisor {
                     ..Stats::default()
                 };
                 if let Some(p) = &m.prepared {
-                    let cg = &p.cgroup;
+                    let cg = p.cgroup();
                     stats.cpu_usage_usec = cg.keyed("cpu.stat", "usage_usec");
                     stats.memory_current = cg.number("memory.current");
                     stats.memory_peak = cg.number("memory.peak");
@@ -404,7 +370,7 @@ impl Supervisor {
         let oom_kills = managed
             .prepared
             .as_ref()
-            .and_then(|p| p.cgroup.keyed("memory.events", "oom_kill"))
+            .and_then(|p| p.cgroup().keyed("memory.events", "oom_kill"))
             .unwrap_or(0);
         if oom_kills > oom_kills_before {
             let limit = managed
@@ -509,7 +475,7 @@ impl Supervisor {
         for (name, managed) in &self.containers {
             if let (State::Running { .. }, Some(prepared)) = (&managed.state, &managed.prepared) {
                 log::warn!("{name}: still running after the stop timeout: killing its cgroup");
-                if let Err(e) = prepared.cgroup.kill_all() {
+                if let Err(e) = prepared.cgroup().kill_all() {
                     log::warn!("{name}: {e}");
                 }
             }
@@ -528,142 +494,15 @@ impl Supervisor {
     pub fn remove_cgroups(&self) {
         for (name, managed) in &self.containers {
             if let Some(prepared) = &managed.prepared
-                && let Err(e) = prepared.cgroup.remove()
+                && let Err(e) = prepared.cgroup().remove()
             {
                 log::warn!(
                     "{name}: cannot remove cgroup {}: {e}",
-                    prepared.cgroup.path().display()
+                    prepared.cgroup().path().display()
                 );
             }
         }
     }
-}
-
-/// Everything done once per container: image layers unpacked, directories, cgroup.
-fn prepare(
-    paths: &Paths,
-    cgroups: &Cgroup,
-    name: &str,
-    config: &Container,
-) -> Result<Prepared, String> {
-    let image_dir = paths.images.join(&config.image);
-    let layout = keel_image::layout::ImageLayout::open(&image_dir)
-        .map_err(|e| format!("image {}: {e}", image_dir.display()))?;
-    let lowers = keel_image::unpack::unpack_image(&layout, &paths.layers)
-        .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
-    let image = ImageProcess::from_oci(layout.config());
-    let process = resolve_process(name, &image, config)?;
-    let dirs = ContainerDirs::under(&paths.containers, name);
-    dirs.create()
-        .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
-    let overlay = overlay_options(&lowers, &dirs);
-    let cgroup = cgroups
-        .child(name, &config.resources)
-        .map_err(|e| format!("cgroup: {e}"))?;
-    let cgroup_fd = cgroup
-        .open_dir()
-        .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
-    let layers_top_first = std::iter::once(dirs.upper.clone())
-        .chain(lowers.iter().rev().cloned())
-        .collect();
-    log::info!(
-        "{name}: image {} ready ({} layers), runs {:?}",
-        config.image,
-        lowers.len(),
-        process.argv
-    );
-    Ok(Prepared {
-        process,
-        overlay,
-        dirs,
-        layers_top_first,
-        cgroup,
-        cgroup_fd,
-    })
-}
-
-/// The per-start security settings: the user from the container's own /etc files, the
-/// capabilities, the cached seccomp program, and volumes resolved on the host.
-fn security(
-    paths: &Paths,
-    seccomp: &mut ProgramCache,
-    last_cap: u32,
-    time_namespace: bool,
-    config: &Container,
-    prepared: &Prepared,
-) -> Result<(Security, ProcessSpec), String> {
-    let iso = &config.isolation;
-    let read = |file: &str| -> Result<Option<String>, String> {
-        user::read_merged(&prepared.layers_top_first, file)
-            .map(|bytes| bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
-            .map_err(|e| format!("reading the image's {file}: {e}"))
-    };
-    let user_spec = iso.user.as_deref();
-    let user = user::resolve(
-        user_spec,
-        read("/etc/passwd")?.as_deref(),
-        read("/etc/group")?.as_deref(),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut process = prepared.process.clone();
-    if !process.env.iter().any(|e| e.starts_with("HOME=")) {
-        process.env.push(format!("HOME={}", user.home));
-    }
-
-    let names = iso.capabilities();
-    let capabilities = CapSet::from_names(&names).map_err(|e| e.to_string())?;
-    let seccomp = if iso.privileged {
-        None
-    } else {
-        Some(seccomp.get(&names).map_err(|e| format!("seccomp: {e}"))?)
-    };
-
-    let mut mounts = Vec::new();
-    for volume in &iso.volumes {
-        let source = match &volume.source {
-            VolumeSource::Named(name) => {
-                let dir = paths.volumes.join(name);
-                std::fs::create_dir_all(&dir).map_err(|e| format!("volume {name}: {e}"))?;
-                dir
-            }
-            VolumeSource::Host(path) => {
-                if !path.exists() {
-                    return Err(format!(
-                        "volume source {} does not exist on the host",
-                        path.display()
-                    ));
-                }
-                path.clone()
-            }
-        };
-        mounts.push(ExtraMount::Bind {
-            source,
-            target: volume.target.clone(),
-            readonly: volume.readonly,
-        });
-    }
-    for tmpfs in &iso.tmpfs {
-        mounts.push(ExtraMount::Tmpfs {
-            target: tmpfs.target.clone(),
-            size: tmpfs.size,
-        });
-    }
-    for target in ["/proc", "/sys", "/dev"]
-        .into_iter()
-        .chain(mounts.iter().map(ExtraMount::target))
-    {
-        check_mount_target(&prepared.layers_top_first, target)?;
-    }
-    let security = Security {
-        isolation: iso.clone(),
-        user,
-        capabilities,
-        last_cap,
-        seccomp,
-        time_namespace,
-        mounts,
-    };
-    Ok((security, process))
 }
 
 /// Kills whatever is left in a finished container's cgroup and removes it.
@@ -671,7 +510,7 @@ fn remove_cgroup(name: &str, managed: &Managed) {
     let Some(prepared) = &managed.prepared else {
         return;
     };
-    let cgroup = prepared.cgroup.clone();
+    let cgroup = prepared.cgroup().clone();
     if !cgroup.is_empty() {
         let _ = cgroup.kill_all();
     }

@@ -1,0 +1,211 @@
+//! One container's runtime side, without supervision: prepared once (image unpacked,
+//! directories, cgroup), then started any number of times. The supervisor drives it; the
+//! start-latency benchmark drives it directly, so it measures the same path.
+
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keel_config::{Container, VolumeSource};
+
+use crate::caps::{self, CapSet};
+use crate::cgroup::Cgroup;
+use crate::container::{
+    ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
+    overlay_options, resolve_process,
+};
+use crate::seccomp::ProgramCache;
+use crate::spawn::{Plan, Spawned, spawn};
+use crate::supervisor::Paths;
+use crate::user;
+
+/// What every start shares: where things live, the compiled seccomp programs, kernel facts.
+pub struct Runtime {
+    pub paths: Paths,
+    /// Parent of every container cgroup (`/sys/fs/cgroup/keel`).
+    pub cgroups: Cgroup,
+    seccomp: ProgramCache,
+    last_cap: u32,
+    time_namespace: bool,
+}
+
+impl Runtime {
+    pub fn new(paths: Paths, cgroups: Cgroup) -> Runtime {
+        Runtime {
+            paths,
+            cgroups,
+            seccomp: ProgramCache::new(),
+            last_cap: caps::last_cap(),
+            time_namespace: std::path::Path::new("/proc/self/ns/time").exists(),
+        }
+    }
+
+    /// How many distinct seccomp programs were compiled so far.
+    pub fn seccomp_programs(&self) -> usize {
+        self.seccomp.compiled()
+    }
+}
+
+/// A prepared container.
+pub struct Instance {
+    name: String,
+    config: Container,
+    process: ProcessSpec,
+    overlay: String,
+    dirs: ContainerDirs,
+    /// The overlay upper, then the image layers from the top down.
+    layers_top_first: Vec<PathBuf>,
+    cgroup: Cgroup,
+    cgroup_fd: OwnedFd,
+}
+
+impl Instance {
+    /// Unpacks the image's layers into the shared store (once per layer), creates the
+    /// container's directories and its cgroup with the configured limits.
+    pub fn prepare(runtime: &Runtime, name: &str, config: &Container) -> Result<Instance, String> {
+        let paths = &runtime.paths;
+        let image_dir = paths.images.join(&config.image);
+        let layout = keel_image::layout::ImageLayout::open(&image_dir)
+            .map_err(|e| format!("image {}: {e}", image_dir.display()))?;
+        let lowers = keel_image::unpack::unpack_image(&layout, &paths.layers)
+            .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
+        let image = ImageProcess::from_oci(layout.config());
+        let process = resolve_process(name, &image, config)?;
+        let dirs = ContainerDirs::under(&paths.containers, name);
+        dirs.create()
+            .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
+        let overlay = overlay_options(&lowers, &dirs);
+        let cgroup = runtime
+            .cgroups
+            .child(name, &config.resources)
+            .map_err(|e| format!("cgroup: {e}"))?;
+        let cgroup_fd = cgroup
+            .open_dir()
+            .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
+        let layers_top_first = std::iter::once(dirs.upper.clone())
+            .chain(lowers.iter().rev().cloned())
+            .collect();
+        log::info!(
+            "{name}: image {} ready ({} layers), runs {:?}",
+            config.image,
+            lowers.len(),
+            process.argv
+        );
+        Ok(Instance {
+            name: name.to_string(),
+            config: config.clone(),
+            process,
+            overlay,
+            dirs,
+            layers_top_first,
+            cgroup,
+            cgroup_fd,
+        })
+    }
+
+    pub fn config(&self) -> &Container {
+        &self.config
+    }
+
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    /// The setup plan of the next start. Built at every start: the container may have
+    /// changed its own files (its /etc/passwd, a symlink where a volume goes) since the last.
+    pub fn plan(&self, runtime: &mut Runtime) -> Result<Plan, String> {
+        let (security, process) = self.security(runtime)?;
+        build_plan(&self.name, &process, &self.overlay, &self.dirs, &security)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts the container's process; `stdio` become its fds 0, 1 and 2.
+    pub fn spawn(&self, plan: &Plan, stdio: [RawFd; 3]) -> std::io::Result<Spawned> {
+        spawn(plan, &self.cgroup_fd, stdio)
+    }
+
+    /// The user from the container's own /etc files, the capabilities, the cached seccomp
+    /// program, and volumes resolved on the host.
+    fn security(&self, runtime: &mut Runtime) -> Result<(Security, ProcessSpec), String> {
+        let iso = &self.config.isolation;
+        let read = |file: &str| -> Result<Option<String>, String> {
+            user::read_merged(&self.layers_top_first, file)
+                .map(|bytes| bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .map_err(|e| format!("reading the image's {file}: {e}"))
+        };
+        let user = user::resolve(
+            iso.user.as_deref(),
+            read("/etc/passwd")?.as_deref(),
+            read("/etc/group")?.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut process = self.process.clone();
+        if !process.env.iter().any(|e| e.starts_with("HOME=")) {
+            process.env.push(format!("HOME={}", user.home));
+        }
+
+        let names = iso.capabilities();
+        let capabilities = CapSet::from_names(&names)
+            .map_err(|e| e.to_string())?
+            .known_to_kernel(runtime.last_cap);
+        let seccomp: Option<Arc<_>> = if iso.privileged {
+            None
+        } else {
+            Some(
+                runtime
+                    .seccomp
+                    .get(&names)
+                    .map_err(|e| format!("seccomp: {e}"))?,
+            )
+        };
+
+        let mut mounts = Vec::new();
+        for volume in &iso.volumes {
+            let source = match &volume.source {
+                VolumeSource::Named(name) => {
+                    let dir = runtime.paths.volumes.join(name);
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("volume {name}: {e}"))?;
+                    dir
+                }
+                VolumeSource::Host(path) => {
+                    if !path.exists() {
+                        return Err(format!(
+                            "volume source {} does not exist on the host",
+                            path.display()
+                        ));
+                    }
+                    path.clone()
+                }
+            };
+            mounts.push(ExtraMount::Bind {
+                source,
+                target: volume.target.clone(),
+                readonly: volume.readonly,
+            });
+        }
+        for tmpfs in &iso.tmpfs {
+            mounts.push(ExtraMount::Tmpfs {
+                target: tmpfs.target.clone(),
+                size: tmpfs.size,
+            });
+        }
+        for target in ["/proc", "/sys", "/dev"]
+            .into_iter()
+            .chain(mounts.iter().map(ExtraMount::target))
+        {
+            check_mount_target(&self.layers_top_first, target)?;
+        }
+        let mut user = user;
+        user.additional_gids = user.setgroups_list();
+        let security = Security {
+            isolation: iso.clone(),
+            user,
+            capabilities,
+            last_cap: runtime.last_cap,
+            seccomp,
+            time_namespace: runtime.time_namespace,
+            mounts,
+        };
+        Ok((security, process))
+    }
+}
