@@ -183,9 +183,27 @@ pub fn uptime_ms() -> u128 {
         .unwrap_or(0)
 }
 
+/// This process's resident set size in KiB.
+pub fn rss_kb() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix("VmRSS:")?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_is_read() {
+        assert!(rss_kb().is_some_and(|kb| kb > 0));
+    }
 
     #[test]
     fn mounts_come_parent_first() {

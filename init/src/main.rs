@@ -9,12 +9,7 @@
 //! PID 1 must never exit or panic: the kernel would panic with it. Failures are logged and
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
-mod early;
-mod logger;
-mod modules;
-mod net;
-mod power;
-mod reaper;
+use keel_init::{early, logger, modules, net, power, reaper};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -192,6 +187,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
                 }
                 supervisor.start_all();
                 log::info!("ready uptime_ms={}", early::uptime_ms());
+                log::info!("pid1 rss_kb={} containers={}", early::rss_kb().unwrap_or(0), config.containers.len());
             }
             _ = signals.term.recv() => break Action::PowerOff,
             _ = signals.usr2.recv() => break Action::PowerOff,

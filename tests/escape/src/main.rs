@@ -467,17 +467,33 @@ fn write_proc_sys() -> Outcome {
         Ok(f) => f,
         Err(e) => return failed_io(&format!("open {path} for writing"), &e),
     };
+    if is_device(&file) {
+        return blocked(format!("{path} is masked by a device node"));
+    }
     match file.write_all(value.as_bytes()) {
         Ok(()) => allowed(format!("wrote {} back to {path}", value.trim())),
         Err(e) => failed_io(&format!("write {path}"), &e),
     }
 }
 
+/// A proc file masked by binding /dev/null over it accepts writes that go nowhere.
+fn is_device(file: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file.metadata()
+        .is_ok_and(|m| m.file_type().is_char_device())
+}
+
 fn sysrq_trigger() -> Outcome {
     let mut file = match OpenOptions::new().write(true).open("/proc/sysrq-trigger") {
         Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return blocked("no /proc/sysrq-trigger");
+        }
         Err(e) => return failed_io("open /proc/sysrq-trigger for writing", &e),
     };
+    if is_device(&file) {
+        return blocked("/proc/sysrq-trigger is masked by a device node");
+    }
     // `h` only prints the SysRq help to the kernel log.
     match file.write_all(b"h") {
         Ok(()) => allowed("wrote h to /proc/sysrq-trigger"),
@@ -577,7 +593,7 @@ fn make_and_open(
         let e = errno();
         return Err(if refused(e) {
             blocked(format!(
-                "mknod {what} {major}:{minor} worked, opening it was refused: {} (nodev)",
+                "mknod {what} {major}:{minor} worked, opening it was refused: {}",
                 errname(e)
             ))
         } else {

@@ -1,0 +1,9 @@
+//! The pieces of Keel's PID 1, as a library so that other guest programs (the start-latency
+//! benchmark's guest) boot the same way. `main.rs` is PID 1 itself.
+
+pub mod early;
+pub mod logger;
+pub mod modules;
+pub mod net;
+pub mod power;
+pub mod reaper;
