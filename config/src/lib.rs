@@ -735,6 +735,12 @@ fn validate_container(
     {
         return Err(loc.at(u, format!("{key}.userns"), "`privileged` and `userns` exclude each other: a privileged container is root on the host"));
     }
+    if isolation.host_pid
+        && isolation.userns.is_some()
+        && let Some(u) = &c.userns
+    {
+        return Err(loc.at(u, format!("{key}.userns"), "`userns` needs the container's own pid namespace: it cannot be combined with pid = \"host\""));
+    }
     let resources = Resources {
         memory_max,
         memory_high: container::optional_size(

@@ -66,6 +66,37 @@ pub struct UnpackStats {
 /// the end; on a mismatch an error is returned and `dest` holds untrusted content that
 /// the caller must discard ([`unpack_image`] does).
 pub fn unpack_layer(layer: &Layer, dest: &Path) -> Result<UnpackStats, ImageError> {
+    unpack_layer_shifted(layer, dest, None)
+}
+
+/// Owner ids shifted into a user namespace's range: an entry owned by uid `n` is written
+/// owned by `uid + n` on disk, so a container whose root is host uid `uid` owns its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdShift {
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u32,
+}
+
+impl IdShift {
+    fn apply(&self, id: u32, base: u32, what: &str) -> Result<u32, String> {
+        if id >= self.size {
+            return Err(format!(
+                "{what} {id} is outside the user namespace's {} ids",
+                self.size
+            ));
+        }
+        base.checked_add(id)
+            .ok_or_else(|| format!("{what} {id} overflows when shifted by {base}"))
+    }
+}
+
+/// [`unpack_layer`] with owners shifted by `shift` (for user-namespaced containers).
+pub fn unpack_layer_shifted(
+    layer: &Layer,
+    dest: &Path,
+    shift: Option<IdShift>,
+) -> Result<UnpackStats, ImageError> {
     let expected = layer.digest_hex()?.to_owned();
     let compression = layer.compression()?;
 
@@ -90,6 +121,7 @@ pub fn unpack_layer(layer: &Layer, dest: &Path) -> Result<UnpackStats, ImageErro
     let mut hashing = HashingReader::new(io::BufReader::new(file));
     let mut unpacker = Unpacker {
         root,
+        shift,
         dest: dest.to_owned(),
         stats: UnpackStats::default(),
         dir_times: HashMap::new(),
@@ -131,11 +163,25 @@ pub fn unpack_layer(layer: &Layer, dest: &Path) -> Result<UnpackStats, ImageErro
 /// Each layer is extracted into `store_dir/.tmp-<hex>`, synced, and renamed into place,
 /// so a directory named after a digest always holds a complete, verified layer.
 pub fn unpack_image(layout: &ImageLayout, store_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    unpack_image_shifted(layout, store_dir, None)
+}
+
+/// [`unpack_image`] with owners shifted into a user namespace's range. Shifted copies are
+/// kept apart from the plain ones (`<hex>@<uid>-<gid>-<size>`): layers cannot be shared
+/// across id ranges without idmapped mounts, which tmpfs lacks before Linux 6.3.
+pub fn unpack_image_shifted(
+    layout: &ImageLayout,
+    store_dir: &Path,
+    shift: Option<IdShift>,
+) -> Result<Vec<PathBuf>, ImageError> {
     fs::create_dir_all(store_dir)
         .map_err(|e| ImageError::io(format!("creating {}", store_dir.display()), e))?;
     let mut dirs = Vec::new();
     for layer in layout.layers() {
-        let hex = layer.digest_hex()?.to_owned();
+        let hex = match shift {
+            None => layer.digest_hex()?.to_owned(),
+            Some(s) => format!("{}@{}-{}-{}", layer.digest_hex()?, s.uid, s.gid, s.size),
+        };
         let final_dir = store_dir.join(&hex);
         if final_dir.is_dir() {
             dirs.push(final_dir);
@@ -149,7 +195,7 @@ pub fn unpack_image(layout: &ImageLayout, store_dir: &Path) -> Result<Vec<PathBu
         }
         fs::create_dir(&tmp)
             .map_err(|e| ImageError::io(format!("creating {}", tmp.display()), e))?;
-        let result = unpack_layer(&layer, &tmp).and_then(|_| {
+        let result = unpack_layer_shifted(&layer, &tmp, shift).and_then(|_| {
             let fd = fs::File::open(&tmp)
                 .map_err(|e| ImageError::io(format!("opening {}", tmp.display()), e))?;
             // The rename below must not become durable before the layer's contents do.
@@ -189,6 +235,7 @@ struct Meta {
 
 struct Unpacker {
     root: OwnedFd,
+    shift: Option<IdShift>,
     dest: PathBuf,
     stats: UnpackStats,
     /// Directory mtimes are applied after all entries, since creating children changes them.
@@ -298,7 +345,10 @@ impl Unpacker {
         }
     }
 
-    fn meta(entry: &mut tar::Entry<'_, impl Read>) -> Result<Meta, ImageError> {
+    fn meta(
+        shift: Option<IdShift>,
+        entry: &mut tar::Entry<'_, impl Read>,
+    ) -> Result<Meta, ImageError> {
         let raw = entry.path_bytes().into_owned();
         let bad = |reason: String| ImageError::BadEntry {
             path: display(&raw),
@@ -344,10 +394,15 @@ impl Unpacker {
                 .filter(|&v| v != u32::MAX)
                 .ok_or_else(|| bad(format!("{what} {v} out of range")))
         };
+        let (mut uid, mut gid) = (id(uid, "uid")?, id(gid, "gid")?);
+        if let Some(shift) = shift {
+            uid = shift.apply(uid, shift.uid, "uid").map_err(bad)?;
+            gid = shift.apply(gid, shift.gid, "gid").map_err(bad)?;
+        }
         Ok(Meta {
             mode,
-            uid: id(uid, "uid")?,
-            gid: id(gid, "gid")?,
+            uid,
+            gid,
             mtime: i64::try_from(mtime).map_err(|_| bad("mtime out of range".into()))?,
             xattrs,
         })
@@ -379,7 +434,7 @@ impl Unpacker {
             });
         }
 
-        let meta = Self::meta(&mut entry)?;
+        let meta = Self::meta(self.shift, &mut entry)?;
         let Some(name) = comps.pop() else {
             // The layer root itself ("./"): only directory attributes make sense.
             if kind != tar::EntryType::Directory {
@@ -852,6 +907,42 @@ mod tests {
         assert!(!d2.join(".wh.a").exists());
         assert!(fs::symlink_metadata(d2.join(".wh..wh.plnk")).is_err());
         assert!(opaque(&d1.join("d")).is_none());
+    }
+
+    #[test]
+    fn owners_are_shifted_into_a_user_namespace_range() {
+        let tmp = scratch();
+        let bytes = T::new()
+            .dir("d")
+            .file_owned("d/f", 0o644, 1000, b"F")
+            .finish();
+        let layer = layer_file(tmp.path(), "l.tar", &bytes, MEDIA_TYPE_LAYER_TAR);
+        let dest = tmp.path().join("shifted");
+        fs::create_dir(&dest).unwrap();
+        let shift = IdShift {
+            uid: 100_000,
+            gid: 200_000,
+            size: 65_536,
+        };
+        unpack_layer_shifted(&layer, &dest, Some(shift)).unwrap();
+        let d = fs::symlink_metadata(dest.join("d")).unwrap();
+        assert_eq!((d.uid(), d.gid()), (100_000, 200_000));
+        let f = fs::symlink_metadata(dest.join("d/f")).unwrap();
+        assert_eq!((f.uid(), f.gid()), (101_000, 201_001));
+
+        // An owner the namespace cannot map is refused, not silently squashed.
+        let narrow = tmp.path().join("narrow");
+        fs::create_dir(&narrow).unwrap();
+        let e = unpack_layer_shifted(
+            &layer,
+            &narrow,
+            Some(IdShift {
+                size: 1000,
+                ..shift
+            }),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("outside the user namespace"), "{e}");
     }
 
     #[test]

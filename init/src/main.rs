@@ -149,8 +149,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let console = Console::open(Path::new("/dev/console"))
         .map_err(|e| log::warn!("container output will not be echoed: {e}"))
-        .ok()
-        .map(std::sync::Arc::new);
+        .ok();
     let empty = HostConfig {
         path: HOST_FILE.into(),
         hostname: "keel".into(),

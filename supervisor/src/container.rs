@@ -10,7 +10,7 @@ use keel_config::{Container, Isolation, NetworkMode};
 
 use crate::caps::CapSet;
 use crate::seccomp::Program;
-use crate::spawn::{Namespaces, Plan, Step, cstring, exec_candidates, path_cstring};
+use crate::spawn::{IdMap, Namespaces, Plan, Step, cstring, exec_candidates, path_cstring};
 use crate::user::ResolvedUser;
 
 /// The parts of an OCI image configuration that decide how the process starts.
@@ -181,6 +181,9 @@ pub struct Security {
     /// Whether the kernel has time namespaces.
     pub time_namespace: bool,
     pub mounts: Vec<ExtraMount>,
+    /// A user namespace of its own. Its overlay is then mounted by the parent (PID 1) before
+    /// clone3: mounted from inside, overlayfs could not use its trusted.* xattrs.
+    pub userns: Option<IdMap>,
 }
 
 /// Docker's masked paths: kernel information and controls a container has no business with.
@@ -343,13 +346,28 @@ pub fn build_plan(
             flags: MS_REC | MS_PRIVATE,
             data: None,
         },
-        Step::Mount {
+    ];
+    if security.userns.is_some() {
+        // The parent's overlay arrived locked (it came from a more privileged mount
+        // namespace) and pivot_root refuses a locked new root: bind it onto itself.
+        let rootfs = path_cstring(root)?;
+        steps.push(Step::Mount {
+            source: Some(rootfs.clone()),
+            target: rootfs,
+            fstype: None,
+            flags: MS_BIND | MS_REC,
+            data: None,
+        });
+    } else {
+        steps.push(Step::Mount {
             source: Some(c("overlay")?),
             target: path_cstring(root)?,
             fstype: Some(c("overlay")?),
             flags: nodev,
             data: Some(c(overlay)?),
-        },
+        });
+    }
+    steps.extend([
         mkdir("proc", 0o555)?,
         mount(
             "proc",
@@ -359,13 +377,35 @@ pub fn build_plan(
             None,
         )?,
         mkdir("sys", 0o555)?,
-        mount(
+    ]);
+    let sys_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+    if security.userns.is_some() && iso.network == NetworkMode::Host {
+        // sysfs may only be mounted by the owner of the network namespace; a user-namespaced
+        // container on the host network gets the host's, read-only (as rootless runc does).
+        steps.push(bind("/sys", "sys", MS_REC)?);
+        steps.push(Step::RemountReadOnly {
+            path: at("sys")?,
+            keep_flags: sys_flags,
+        });
+        // The host's cgroup2 came along under sys/fs/cgroup, locked to the bind: cover it,
+        // since cgroup2 cannot be mounted straight over a mount of the same superblock.
+        steps.push(mount(
+            "tmpfs",
+            "sys/fs/cgroup",
+            "tmpfs",
+            sys_flags,
+            Some("size=4k,mode=755"),
+        )?);
+    } else {
+        steps.push(mount(
             "sysfs",
             "sys",
             "sysfs",
-            MS_NOSUID | MS_NODEV | MS_NOEXEC | if privileged { 0 } else { MS_RDONLY },
+            sys_flags | if privileged { 0 } else { MS_RDONLY },
             None,
-        )?,
+        )?);
+    }
+    steps.extend([
         // The container's own cgroup (it has a cgroup namespace) appears as the root.
         mount(
             "cgroup2",
@@ -375,7 +415,7 @@ pub fn build_plan(
             None,
         )?,
         mkdir("dev", 0o755)?,
-    ];
+    ]);
     if privileged {
         steps.push(mount(
             "devtmpfs",
@@ -566,6 +606,7 @@ pub fn build_plan(
         .map(cstring)
         .collect::<io::Result<_>>()?;
     Ok(Plan {
+        userns: security.userns,
         namespaces: Namespaces {
             pid: !iso.host_pid,
             net: iso.network == NetworkMode::None,
@@ -719,6 +760,7 @@ mod tests {
                     size: 1 << 20,
                 },
             ],
+            userns: None,
         }
     }
 
@@ -873,6 +915,30 @@ mod tests {
             .collect();
         assert_eq!(argv, ["/dev/init", "--reap", "--", "/bin/httpd", "-f"]);
         assert_eq!(plan.exec_paths, [cstring("/dev/init").unwrap()]);
+    }
+
+    #[test]
+    fn a_user_namespace_has_its_overlay_mounted_by_the_parent_and_binds_sys() {
+        let dirs = ContainerDirs::under(Path::new("/c"), "u");
+        let p = resolve_process("u", &image(), &container()).unwrap();
+        let mut sec = security(container().isolation);
+        sec.userns = Some(IdMap {
+            uid: 100_000,
+            gid: 100_000,
+            size: 65_536,
+        });
+        let plan = build_plan("u", &p, "lowerdir=/a", &dirs, &sec).unwrap();
+        let names = names(&plan);
+        assert!(
+            !names.iter().any(|n| n.contains("mount overlay")),
+            "{names:#?}"
+        );
+        assert!(
+            position(&names, "bind-mount /sys on /c/u/rootfs/sys")
+                < position(&names, "remount /c/u/rootfs/sys read-only")
+        );
+        assert!(!names.iter().any(|n| n.contains("mount sysfs")));
+        assert_eq!(plan.userns, sec.userns);
     }
 
     #[test]

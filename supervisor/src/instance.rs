@@ -15,7 +15,7 @@ use crate::container::{
     overlay_options, resolve_process,
 };
 use crate::seccomp::ProgramCache;
-use crate::spawn::{Plan, Spawned, spawn};
+use crate::spawn::{IdMap, Plan, Spawned, spawn};
 use crate::supervisor::Paths;
 use crate::user;
 
@@ -57,23 +57,41 @@ pub struct Instance {
     layers_top_first: Vec<PathBuf>,
     cgroup: Cgroup,
     cgroup_fd: OwnedFd,
+    userns: Option<IdMap>,
 }
 
 impl Instance {
     /// Unpacks the image's layers into the shared store (once per layer), creates the
     /// container's directories and its cgroup with the configured limits.
-    pub fn prepare(runtime: &Runtime, name: &str, config: &Container) -> Result<Instance, String> {
+    ///
+    /// With a user namespace (`userns`), the layers are unpacked with their owners shifted
+    /// into the container's id range, and its upper directory belongs to its root.
+    pub fn prepare(
+        runtime: &Runtime,
+        name: &str,
+        config: &Container,
+        userns: Option<IdMap>,
+    ) -> Result<Instance, String> {
         let paths = &runtime.paths;
         let image_dir = paths.images.join(&config.image);
         let layout = keel_image::layout::ImageLayout::open(&image_dir)
             .map_err(|e| format!("image {}: {e}", image_dir.display()))?;
-        let lowers = keel_image::unpack::unpack_image(&layout, &paths.layers)
+        let shift = userns.map(|m| keel_image::unpack::IdShift {
+            uid: m.uid,
+            gid: m.gid,
+            size: m.size,
+        });
+        let lowers = keel_image::unpack::unpack_image_shifted(&layout, &paths.layers, shift)
             .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
         let image = ImageProcess::from_oci(layout.config());
         let process = resolve_process(name, &image, config)?;
         let dirs = ContainerDirs::under(&paths.containers, name);
         dirs.create()
             .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
+        if let Some(map) = userns {
+            std::os::unix::fs::chown(&dirs.upper, Some(map.uid), Some(map.gid))
+                .map_err(|e| format!("chown {}: {e}", dirs.upper.display()))?;
+        }
         let overlay = overlay_options(&lowers, &dirs);
         let cgroup = runtime
             .cgroups
@@ -100,6 +118,7 @@ impl Instance {
             layers_top_first,
             cgroup,
             cgroup_fd,
+            userns,
         })
     }
 
@@ -121,7 +140,34 @@ impl Instance {
 
     /// Starts the container's process; `stdio` become its fds 0, 1 and 2.
     pub fn spawn(&self, plan: &Plan, stdio: [RawFd; 3]) -> std::io::Result<Spawned> {
-        spawn(plan, &self.cgroup_fd, stdio)
+        if plan.userns.is_none() {
+            return spawn(plan, &self.cgroup_fd, stdio);
+        }
+        // The child's mount namespace is a copy of ours taken at clone3: mount the overlay
+        // here, clone, and take it away again from PID 1's namespace.
+        let root = &self.dirs.rootfs;
+        nix::mount::mount(
+            Some("overlay"),
+            root,
+            Some("overlay"),
+            nix::mount::MsFlags::MS_NODEV,
+            Some(self.overlay.as_str()),
+        )
+        .map_err(|e| {
+            std::io::Error::new(
+                std::io::Error::from(e).kind(),
+                format!("mounting the overlay on {}: {e}", root.display()),
+            )
+        })?;
+        let spawned = spawn(plan, &self.cgroup_fd, stdio);
+        if let Err(e) = nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH) {
+            log::warn!(
+                "{}: unmounting {} in PID 1's namespace: {e}",
+                self.name,
+                root.display()
+            );
+        }
+        spawned
     }
 
     /// The user from the container's own /etc files, the capabilities, the cached seccomp
@@ -165,6 +211,10 @@ impl Instance {
                 VolumeSource::Named(name) => {
                     let dir = runtime.paths.volumes.join(name);
                     std::fs::create_dir_all(&dir).map_err(|e| format!("volume {name}: {e}"))?;
+                    if let Some(map) = self.userns {
+                        std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid))
+                            .map_err(|e| format!("volume {name}: chown: {e}"))?;
+                    }
                     dir
                 }
                 VolumeSource::Host(path) => {
@@ -205,6 +255,7 @@ impl Instance {
             seccomp,
             time_namespace: runtime.time_namespace,
             mounts,
+            userns: self.userns,
         };
         Ok((security, process))
     }

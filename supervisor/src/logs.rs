@@ -1,44 +1,123 @@
 //! A container's output: appended to its log file and, optionally, echoed on the console
 //! with the container's name in front.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// The console for container echo, opened non-blocking so a slow serial line drops output
-/// instead of stalling PID 1.
+/// The console for container echo. Lines are queued and written by a task of their own as
+/// fast as the serial line takes them, so a slow console never stalls PID 1 or a container;
+/// past [`CONSOLE_QUEUE`] bytes of backlog whole lines are dropped and counted.
 #[derive(Debug)]
 pub struct Console {
-    fd: OwnedFd,
+    fd: AsyncFd<OwnedFd>,
+    queue: Mutex<Backlog>,
+    wake: tokio::sync::Notify,
 }
 
+#[derive(Debug, Default)]
+struct Backlog {
+    bytes: VecDeque<u8>,
+    dropped_lines: u64,
+}
+
+/// How much echo may wait for the console before lines are dropped.
+pub const CONSOLE_QUEUE: usize = 256 * 1024;
+
 impl Console {
-    pub fn open(path: &Path) -> io::Result<Console> {
+    /// Opens the console and starts its writer task (call inside the runtime).
+    pub fn open(path: &Path) -> io::Result<Arc<Console>> {
         use rustix::fs::{Mode, OFlags};
         let fd = rustix::fs::open(
             path,
             OFlags::WRONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Console { fd })
+        // SAFETY: the fd stays open, owned by the AsyncFd, for as long as it is registered.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }
+            .map_err(io::Error::from)?;
+        let console = Arc::new(Console {
+            fd,
+            queue: Mutex::new(Backlog::default()),
+            wake: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(write_out(console.clone()));
+        Ok(console)
     }
 
-    /// Writes what fits; returns false when something was dropped.
-    fn write_all_or_drop(&self, mut bytes: &[u8]) -> bool {
-        while !bytes.is_empty() {
-            match rustix::io::write(&self.fd, bytes) {
-                Ok(0) => return false,
-                Ok(n) => bytes = &bytes[n..],
-                Err(rustix::io::Errno::INTR) => {}
-                Err(_) => return false,
-            }
+    /// Queues one whole line (with its newline); false if it was dropped.
+    pub fn line(&self, bytes: &[u8]) -> bool {
+        let Ok(mut queue) = self.queue.lock() else {
+            return false;
+        };
+        if queue.bytes.len() + bytes.len() > CONSOLE_QUEUE {
+            queue.dropped_lines += 1;
+            return false;
         }
+        queue.bytes.extend(bytes);
+        drop(queue);
+        self.wake.notify_one();
         true
+    }
+}
+
+/// Writes the backlog out, whole lines per write where it can, waiting for the console
+/// to take more when it is full.
+async fn write_out(console: Arc<Console>) {
+    let mut chunk = Vec::with_capacity(4096);
+    loop {
+        chunk.clear();
+        let dropped = {
+            let Ok(mut queue) = console.queue.lock() else {
+                return;
+            };
+            let take = queue.bytes.len().min(4096);
+            let (a, b) = queue.bytes.as_slices();
+            chunk.extend(a.iter().chain(b.iter()).take(take));
+            std::mem::take(&mut queue.dropped_lines)
+        };
+        if dropped > 0 {
+            let note = format!(
+                "keel: warning: {dropped} container output lines were not echoed to a busy console (see /var/log/keel)\n"
+            );
+            if let Ok(mut queue) = console.queue.lock() {
+                queue.bytes.extend(note.as_bytes());
+            }
+            continue;
+        }
+        if chunk.is_empty() {
+            console.wake.notified().await;
+            continue;
+        }
+        // Prefer ending a write at a line boundary, so PID 1's own log lines (written
+        // through another fd) fall between lines.
+        let end = chunk
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(chunk.len(), |nl| nl + 1);
+        let Ok(mut guard) = console.fd.writable().await else {
+            return;
+        };
+        match guard
+            .try_io(|fd| rustix::io::write(fd.get_ref(), &chunk[..end]).map_err(io::Error::from))
+        {
+            Ok(Ok(n)) => {
+                if let Ok(mut queue) = console.queue.lock() {
+                    let written = n.min(queue.bytes.len());
+                    queue.bytes.drain(..written);
+                }
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The console is gone: nothing more will be echoed.
+            Ok(Err(_)) => return,
+            Err(_would_block) => {}
+        }
     }
 }
 
@@ -112,7 +191,7 @@ pub async fn pump(
             out.extend_from_slice(prefix.as_bytes());
             out.extend_from_slice(line);
             out.push(b'\n');
-            if !console.write_all_or_drop(&out) {
+            if !console.line(&out) {
                 dropped += 1;
             }
         }

@@ -55,6 +55,14 @@ impl Namespaces {
     }
 }
 
+/// A user namespace's mapping: container ids 0..size are host ids uid.. and gid...
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u32,
+}
+
 /// One step the child performs, in order.
 #[derive(Debug)]
 pub enum Step {
@@ -194,6 +202,8 @@ impl Step {
 /// Everything the child needs, prepared while allocation is still allowed.
 pub struct Plan {
     pub namespaces: Namespaces,
+    /// A user namespace of its own: the parent writes the maps, then lets the child go on.
+    pub userns: Option<IdMap>,
     pub steps: Vec<Step>,
     /// execve candidates tried in order: the program resolved against each PATH entry.
     pub exec_paths: Vec<CString>,
@@ -265,6 +275,8 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    // The child of a user namespace waits on this until its id maps are written.
+    let (sync_read, sync_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
 
     let mut pidfd: libc::c_int = -1;
     // SAFETY: clone_args is a plain C struct for which all-zero is a valid value.
@@ -273,6 +285,9 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
         | CLONE_INTO_CGROUP
         | CLONE_CLEAR_SIGHAND
         | plan.namespaces.clone_flags();
+    if plan.userns.is_some() {
+        args.flags |= libc::CLONE_NEWUSER as u64;
+    }
     args.pidfd = &mut pidfd as *mut libc::c_int as u64;
     args.exit_signal = libc::SIGCHLD as u64;
     args.cgroup = cgroup_dir.as_raw_fd() as u64;
@@ -292,16 +307,51 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
     }
     if ret == 0 {
         // SAFETY: we are the child; see run_child's contract.
-        unsafe { run_child(plan, &argv, &envp, stdio, err_write.as_raw_fd()) }
+        unsafe {
+            run_child(
+                plan,
+                &argv,
+                &envp,
+                stdio,
+                err_write.as_raw_fd(),
+                sync_read.as_raw_fd(),
+            )
+        }
     }
     drop(err_write);
+    drop(sync_read);
     // SAFETY: clone3 stored a fresh pidfd that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let pid = ret as libc::pid_t;
+    if let Some(map) = plan.userns {
+        if let Err(e) = write_id_maps(pid, map) {
+            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("writing the user namespace maps: {e}"),
+            ));
+        }
+        rustix::io::write(&sync_write, b"g")?;
+    }
+    drop(sync_write);
     Ok(Spawned {
-        pid: ret as libc::pid_t,
+        pid,
         pidfd,
         error_pipe: err_read,
     })
+}
+
+/// Maps container ids 0..size to the host range. Written by PID 1, which is privileged in
+/// the parent namespace, so setgroups(2) stays allowed inside.
+fn write_id_maps(pid: libc::pid_t, map: IdMap) -> io::Result<()> {
+    std::fs::write(
+        format!("/proc/{pid}/uid_map"),
+        format!("0 {} {}\n", map.uid, map.size),
+    )?;
+    std::fs::write(
+        format!("/proc/{pid}/gid_map"),
+        format!("0 {} {}\n", map.gid, map.size),
+    )
 }
 
 /// errno of the last failed call.
@@ -509,6 +559,7 @@ unsafe fn run_child(
     envp: &[*const c_char],
     stdio: [RawFd; 3],
     err_fd: RawFd,
+    sync_fd: RawFd,
 ) -> ! {
     // SAFETY (whole body): raw libc calls on pointers into `plan`, `argv` and `envp`, which
     // the parent built before clone3 and which stay valid in our copy of its memory.
@@ -534,6 +585,21 @@ unsafe fn run_child(
                 fail(exec_step_index(plan));
             }
         }
+        if plan.userns.is_some() {
+            // Until the parent has written the maps our ids mean nothing in the namespace.
+            let mut byte = 0u8;
+            if libc::read(sync_fd, (&mut byte as *mut u8).cast(), 1) != 1 {
+                fail(0);
+            }
+            // Become the namespace's root (host uid `map.uid`): files the setup creates
+            // belong to the container, and its capabilities are kept.
+            if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+            {
+                fail(0);
+            }
+        }
+        libc::close(sync_fd);
         // Files and directories the plan creates get exactly the modes it names.
         libc::umask(0);
         for (index, step) in plan.steps.iter().enumerate() {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::cgroup::Cgroup;
 use crate::instance::{Instance, Runtime};
 use crate::logs::{Console, pump};
-use crate::spawn::{Step, describe_failure};
+use crate::spawn::{IdMap, Step, describe_failure};
 
 /// Where the supervisor finds images and keeps its state in the guest.
 #[derive(Debug, Clone)]
@@ -100,10 +100,63 @@ enum State {
 struct Managed {
     config: Container,
     prepared: Option<Instance>,
+    /// The container's user namespace range, if it has one.
+    userns: Option<IdMap>,
     state: State,
     restarts: u64,
     last_delay: Option<Duration>,
     generation: u64,
+}
+
+/// Where automatically allocated user namespace ranges start (like /etc/subuid's usual
+/// first range), and how many ids each gets.
+pub const AUTO_USERNS_START: u32 = 100_000;
+pub const AUTO_USERNS_SIZE: u32 = 65_536;
+
+/// Gives every container with a user namespace its id range: explicit maps as written,
+/// `auto` ones the next free block of 65536 ids after AUTO_USERNS_START that overlaps no
+/// other range. Containers are taken in name order, so a name keeps its range as long as
+/// the set of user-namespaced containers before it does not change.
+pub fn allocate_userns(containers: &BTreeMap<String, Container>) -> BTreeMap<String, IdMap> {
+    use keel_config::UserNamespace;
+    let mut out = BTreeMap::new();
+    let mut taken: Vec<(u64, u64)> = Vec::new();
+    for (name, c) in containers {
+        if let Some(UserNamespace::Map { uid, gid, size }) = c.isolation.userns {
+            out.insert(name.clone(), IdMap { uid, gid, size });
+            taken.push((u64::from(uid), u64::from(uid) + u64::from(size)));
+            taken.push((u64::from(gid), u64::from(gid) + u64::from(size)));
+        }
+    }
+    let mut next = u64::from(AUTO_USERNS_START);
+    for (name, c) in containers {
+        if c.isolation.userns != Some(UserNamespace::Auto) {
+            continue;
+        }
+        let size = u64::from(AUTO_USERNS_SIZE);
+        while let Some(&(_, end)) = taken
+            .iter()
+            .find(|(start, end)| next < *end && *start < next + size)
+        {
+            next = end.div_ceil(size) * size;
+        }
+        let Ok(base) = u32::try_from(next) else { break };
+        if base.checked_add(AUTO_USERNS_SIZE).is_none() {
+            log::error!("{name}: no free user namespace range left");
+            break;
+        }
+        out.insert(
+            name.clone(),
+            IdMap {
+                uid: base,
+                gid: base,
+                size: AUTO_USERNS_SIZE,
+            },
+        );
+        taken.push((next, next + size));
+        next += size;
+    }
+    out
 }
 
 /// How a process ended, as reaped by PID 1.
@@ -177,6 +230,7 @@ impl Supervisor {
         events: UnboundedSender<Event>,
         console: Option<Arc<Console>>,
     ) -> Supervisor {
+        let userns = allocate_userns(&config.containers);
         let containers = config
             .containers
             .iter()
@@ -186,6 +240,7 @@ impl Supervisor {
                     Managed {
                         config: c.clone(),
                         prepared: None,
+                        userns: userns.get(name).copied(),
                         state: State::Idle,
                         restarts: 0,
                         last_delay: None,
@@ -238,7 +293,7 @@ impl Supervisor {
             return;
         };
         if managed.prepared.is_none() {
-            match Instance::prepare(&self.runtime, name, &managed.config) {
+            match Instance::prepare(&self.runtime, name, &managed.config, managed.userns) {
                 Ok(p) => managed.prepared = Some(p),
                 Err(e) => {
                     log::error!("{name}: cannot be started: {e}");
@@ -599,6 +654,72 @@ mod tests {
             b.next(Some(Duration::from_secs(60)), Duration::from_secs(11)),
             Duration::from_millis(100)
         );
+    }
+
+    fn with_userns(
+        modes: &[(&str, Option<keel_config::UserNamespace>)],
+    ) -> BTreeMap<String, Container> {
+        let text = "[host]\nhostname = \"h\"\n[images.i]\nlayout = \"x\"\n";
+        let mut config = HostConfig::parse(std::path::Path::new("h.toml"), text).unwrap();
+        let template: Container = {
+            let t = format!("{text}[containers.c]\nimage = \"i\"\n");
+            HostConfig::parse(std::path::Path::new("h.toml"), &t)
+                .unwrap()
+                .containers["c"]
+                .clone()
+        };
+        for (name, mode) in modes {
+            let mut c = template.clone();
+            c.isolation.userns = *mode;
+            config.containers.insert(name.to_string(), c);
+        }
+        config.containers
+    }
+
+    #[test]
+    fn user_namespace_ranges_never_overlap() {
+        use keel_config::UserNamespace::{Auto, Map};
+        let containers = with_userns(&[
+            ("a", Some(Auto)),
+            ("b", None),
+            (
+                "c",
+                Some(Map {
+                    uid: 165_536,
+                    gid: 165_536,
+                    size: 1000,
+                }),
+            ),
+            ("d", Some(Auto)),
+            ("e", Some(Auto)),
+        ]);
+        let maps = allocate_userns(&containers);
+        assert!(!maps.contains_key("b"));
+        assert_eq!(
+            maps["a"],
+            IdMap {
+                uid: 100_000,
+                gid: 100_000,
+                size: 65_536
+            }
+        );
+        assert_eq!(
+            maps["c"],
+            IdMap {
+                uid: 165_536,
+                gid: 165_536,
+                size: 1000
+            }
+        );
+        // 165536.. is taken by c, so d moves past it to the next aligned block.
+        let mut ranges: Vec<(u32, u32)> = maps.values().map(|m| (m.uid, m.uid + m.size)).collect();
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "overlap in {ranges:?}");
+        }
+        assert!(maps["d"].uid > 165_536 && maps["e"].uid > maps["d"].uid);
+        // The same set gives the same ranges.
+        assert_eq!(allocate_userns(&containers), maps);
     }
 
     #[test]
