@@ -20,6 +20,8 @@ pub struct ImageProcess {
     pub cmd: Vec<String>,
     pub env: Vec<String>,
     pub workdir: Option<String>,
+    /// The image's `User`, used unless the host file names one.
+    pub user: Option<String>,
 }
 
 impl ImageProcess {
@@ -32,6 +34,7 @@ impl ImageProcess {
             cmd: c.cmd().clone().unwrap_or_default(),
             env: c.env().clone().unwrap_or_default(),
             workdir: c.working_dir().clone().filter(|w| !w.is_empty()),
+            user: c.user().clone().filter(|u| !u.is_empty()),
         }
     }
 }
@@ -40,6 +43,8 @@ impl ImageProcess {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessSpec {
     pub argv: Vec<String>,
+    /// Who runs it: the host file's `user`, else the image's `User`, else root.
+    pub user: Option<String>,
     /// NAME=value, image variables first, overridden by name from the host file.
     pub env: Vec<String>,
     pub workdir: String,
@@ -101,6 +106,11 @@ pub fn resolve_process(
         .unwrap_or_else(|| "/".into());
     Ok(ProcessSpec {
         argv,
+        user: container
+            .isolation
+            .user
+            .clone()
+            .or_else(|| image.user.clone()),
         env: ordered.into_iter().map(|(_, e)| e).collect(),
         workdir,
     })
@@ -474,7 +484,6 @@ pub fn build_plan(
         ("dev/stdin", "/proc/self/fd/0"),
         ("dev/stdout", "/proc/self/fd/1"),
         ("dev/stderr", "/proc/self/fd/2"),
-        ("dev/core", "/proc/kcore"),
     ] {
         if privileged && link == "dev/ptmx" {
             continue; // devtmpfs has its own ptmx node.
@@ -660,6 +669,7 @@ mod tests {
             cmd: vec!["-f".into()],
             env: vec!["PATH=/bin".into(), "A=image".into()],
             workdir: Some("/www".into()),
+            user: None,
         }
     }
 
@@ -669,6 +679,29 @@ mod tests {
         assert_eq!(p.argv, ["/bin/httpd", "-f"]);
         assert_eq!(p.env, ["PATH=/bin", "A=image", "HOSTNAME=web"]);
         assert_eq!(p.workdir, "/www");
+    }
+
+    #[test]
+    fn the_host_file_user_wins_over_the_image_user() {
+        let mut img = image();
+        img.user = Some("www-data".into());
+        assert_eq!(
+            resolve_process("web", &img, &container())
+                .unwrap()
+                .user
+                .as_deref(),
+            Some("www-data")
+        );
+        let mut c = container();
+        c.isolation.user = Some("1000:1000".into());
+        assert_eq!(
+            resolve_process("web", &img, &c).unwrap().user.as_deref(),
+            Some("1000:1000")
+        );
+        assert_eq!(
+            resolve_process("web", &image(), &container()).unwrap().user,
+            None
+        );
     }
 
     #[test]

@@ -180,7 +180,7 @@ impl Instance {
                 .map_err(|e| format!("reading the image's {file}: {e}"))
         };
         let user = user::resolve(
-            iso.user.as_deref(),
+            self.process.user.as_deref(),
             read("/etc/passwd")?.as_deref(),
             read("/etc/group")?.as_deref(),
         )
