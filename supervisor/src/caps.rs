@@ -345,22 +345,7 @@ mod tests {
             CapSet(1 << 5),
             "duplicates are harmless"
         );
-        let docker = set(&[
-            "CHOWN",
-            "DAC_OVERRIDE",
-            "FSETID",
-            "FOWNER",
-            "MKNOD",
-            "NET_RAW",
-            "SETGID",
-            "SETUID",
-            "SETFCAP",
-            "SETPCAP",
-            "NET_BIND_SERVICE",
-            "SYS_CHROOT",
-            "KILL",
-            "AUDIT_WRITE",
-        ]);
+        let docker = set(keel_config::DEFAULT_CAPABILITIES);
         assert_eq!(
             docker.0, 0xa80425fb,
             "Docker's default set as CapBnd shows it"

@@ -718,22 +718,7 @@ mod tests {
     use std::time::Instant;
 
     /// Docker's and containerd's 14 default capabilities.
-    const DOCKER_CAPS: [&str; 14] = [
-        "CHOWN",
-        "DAC_OVERRIDE",
-        "FSETID",
-        "FOWNER",
-        "MKNOD",
-        "NET_RAW",
-        "SETGID",
-        "SETUID",
-        "SETFCAP",
-        "SETPCAP",
-        "NET_BIND_SERVICE",
-        "SYS_CHROOT",
-        "KILL",
-        "AUDIT_WRITE",
-    ];
+    const DOCKER_CAPS: &[&str] = keel_config::DEFAULT_CAPABILITIES;
 
     fn caps(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
