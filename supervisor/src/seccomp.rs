@@ -725,7 +725,7 @@ mod tests {
     }
 
     fn docker_caps_plus(extra: &[&str]) -> Vec<String> {
-        let mut all = caps(&DOCKER_CAPS);
+        let mut all = caps(DOCKER_CAPS);
         all.extend(caps(extra));
         all
     }
@@ -740,7 +740,7 @@ mod tests {
 
     #[test]
     fn profile_compiles_within_kernel_limits() {
-        let program = docker_default(&caps(&DOCKER_CAPS)).unwrap();
+        let program = docker_default(&caps(DOCKER_CAPS)).unwrap();
         assert!(!program.is_empty());
         assert!(program.len() <= 4096, "{}", program.len());
         assert_eq!(usize::from(program.len), program.len());
@@ -794,7 +794,7 @@ mod tests {
 
     #[test]
     fn capability_sets_yield_different_programs() {
-        let base = docker_default(&caps(&DOCKER_CAPS)).unwrap();
+        let base = docker_default(&caps(DOCKER_CAPS)).unwrap();
         let admin = docker_default(&docker_caps_plus(&["SYS_ADMIN"])).unwrap();
         let ptrace = docker_default(&docker_caps_plus(&["SYS_PTRACE"])).unwrap();
         let irrelevant = docker_default(&docker_caps_plus(&["NET_ADMIN"])).unwrap();
@@ -808,7 +808,7 @@ mod tests {
         // Deterministic: the same set compiles to the same instructions.
         assert_eq!(
             words(&base),
-            words(&docker_default(&caps(&DOCKER_CAPS)).unwrap())
+            words(&docker_default(&caps(DOCKER_CAPS)).unwrap())
         );
         // Only the non-admin program carries the clone3 prefix.
         assert_eq!(base.instructions[1].k, AUDIT_ARCH_X86_64);
@@ -820,8 +820,8 @@ mod tests {
     fn cache_compiles_each_set_once() {
         let mut cache = ProgramCache::new();
         assert_eq!(cache.compiled(), 0);
-        let a = cache.get(&caps(&DOCKER_CAPS)).unwrap();
-        let mut reversed = caps(&DOCKER_CAPS);
+        let a = cache.get(&caps(DOCKER_CAPS)).unwrap();
+        let mut reversed = caps(DOCKER_CAPS);
         reversed.reverse();
         let b = cache.get(&reversed).unwrap();
         let c = cache
@@ -839,7 +839,7 @@ mod tests {
 
     #[test]
     fn compile_time_and_length() {
-        let caps = caps(&DOCKER_CAPS);
+        let caps = caps(DOCKER_CAPS);
         let rounds = 200u32;
         let start = Instant::now();
         let mut len = 0;
@@ -1077,7 +1077,7 @@ mod tests {
 
     #[test]
     fn default_caps_deny_and_allow_like_docker() {
-        let program = docker_default(&caps(&DOCKER_CAPS)).unwrap();
+        let program = docker_default(&caps(DOCKER_CAPS)).unwrap();
         check(
             &program,
             &[
@@ -1145,7 +1145,7 @@ mod tests {
 
     #[test]
     fn i386_system_calls_kill_the_process() {
-        let program = docker_default(&caps(&DOCKER_CAPS)).unwrap();
+        let program = docker_default(&caps(DOCKER_CAPS)).unwrap();
         // Kernels built or booted without IA-32 emulation fault on int 0x80 anyway.
         let unfiltered = run(None, i386_getpid);
         if unfiltered != OK {
