@@ -16,6 +16,12 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod container;
+mod lifecycle;
+
+pub use lifecycle::{
+    Condition, Dependency, HealthCheck, HealthProbe, Kind, Lifecycle, LogConfig, RestartPolicy,
+    TaskFailure, find_cycle, parse_signal,
+};
 
 pub use container::{
     ALL_CAPABILITIES, CPU_PERIOD_US, DEFAULT_CAPABILITIES, IoLimits, Isolation, NetworkMode,
@@ -57,8 +63,10 @@ pub struct HostConfig {
     pub hostname: String,
     /// Extra kernel modules to load at boot, beside the ones Keel always needs.
     pub modules: Vec<String>,
-    /// Time containers get between SIGTERM and SIGKILL when the host shuts down.
+    /// Default time a container gets between its stop signal and SIGKILL.
     pub stop_timeout_ms: u64,
+    /// The whole shutdown (services, onshutdown tasks, unmount) must fit in this.
+    pub shutdown_timeout_ms: u64,
     pub interfaces: BTreeMap<String, Interface>,
     pub images: BTreeMap<String, Image>,
     pub containers: BTreeMap<String, Container>,
@@ -110,12 +118,6 @@ pub struct Image {
     pub defaults: ImageDefaults,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestartPolicy {
-    No,
-    Always,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Container {
     pub image: String,
@@ -131,6 +133,10 @@ pub struct Container {
     pub console: bool,
     pub isolation: Isolation,
     pub resources: Resources,
+    pub lifecycle: Lifecycle,
+    pub logs: LogConfig,
+    /// Position in the host file: one-shot tasks run in this order.
+    pub order: usize,
 }
 
 impl HostConfig {
@@ -238,6 +244,7 @@ mod raw {
         #[serde(default)]
         pub modules: Vec<Spanned<String>>,
         pub stop_timeout: Option<Spanned<String>>,
+        pub shutdown_timeout: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -309,6 +316,17 @@ mod raw {
         pub cpus: Option<Spanned<f64>>,
         pub cpu_weight: Option<Spanned<i64>>,
         pub io: Option<Spanned<container::raw::Io>>,
+        pub kind: Option<Spanned<String>>,
+        pub on_failure: Option<Spanned<String>>,
+        pub depends_on: Option<Spanned<lifecycle::raw::DependsOn>>,
+        pub healthcheck: Option<Spanned<lifecycle::raw::HealthCheck>>,
+        #[serde(default)]
+        pub restart_on_unhealthy: bool,
+        #[serde(default)]
+        pub notify: bool,
+        pub stop_signal: Option<Spanned<String>>,
+        pub stop_timeout: Option<Spanned<String>>,
+        pub logs: Option<Spanned<lifecycle::raw::Logs>>,
     }
 
     fn yes() -> bool {
@@ -361,6 +379,19 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         })?,
     };
 
+    let shutdown_timeout_ms = match &host.shutdown_timeout {
+        None => (stop_timeout_ms * 3).max(30_000),
+        Some(text) => parse_duration_ms(text.get_ref())
+            .filter(|ms| *ms >= 1000)
+            .ok_or_else(|| {
+                loc.at(
+                    text,
+                    "host.shutdown_timeout",
+                    "expected a duration of at least 1s, such as \"60s\" or \"2m\"",
+                )
+            })?,
+    };
+
     let mut interfaces = BTreeMap::new();
     for (name, iface) in &raw.network.interfaces {
         let key = format!("network.interfaces.{name}");
@@ -395,14 +426,29 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
                 ),
             ));
         }
-        containers.insert(name.clone(), validate_container(loc, &key, c)?);
+        let mut validated = validate_container(loc, &key, c, stop_timeout_ms)?;
+        validated.order = container.span().start;
+        containers.insert(name.clone(), validated);
     }
+    let graph = raw
+        .containers
+        .iter()
+        .filter_map(|(name, spanned)| {
+            let c = containers.get(name)?;
+            Some((
+                name.clone(),
+                (c.lifecycle.clone(), c.restart, spanned.span()),
+            ))
+        })
+        .collect();
+    lifecycle::check_graph(loc, &graph)?;
 
     Ok(HostConfig {
         path: loc.file.to_path_buf(),
         hostname,
         modules,
         stop_timeout_ms,
+        shutdown_timeout_ms,
         interfaces,
         images,
         containers,
@@ -610,6 +656,7 @@ fn validate_container(
     loc: &Locator<'_>,
     key: &str,
     c: &raw::Container,
+    default_stop_timeout_ms: u64,
 ) -> Result<Container, ConfigError> {
     for name in c.env.keys() {
         if name.is_empty() || name.contains('=') {
@@ -669,20 +716,32 @@ fn validate_container(
             ));
         }
     };
-    let restart = match &c.restart {
-        None => RestartPolicy::Always,
-        Some(policy) => match policy.get_ref().as_str() {
-            "always" => RestartPolicy::Always,
-            "no" => RestartPolicy::No,
-            other => {
-                return Err(loc.at(
-                    policy,
-                    format!("{key}.restart"),
-                    format!("unknown restart policy `{other}`: expected \"always\" or \"no\""),
-                ));
-            }
-        },
+    let kind = lifecycle::kind(loc, &c.kind, format!("{key}.kind"))?;
+    let restart = lifecycle::restart(loc, &c.restart, format!("{key}.restart"), kind)?;
+    let healthcheck = lifecycle::healthcheck(loc, &c.healthcheck, format!("{key}.healthcheck"))?;
+    if c.restart_on_unhealthy && healthcheck.is_none() {
+        return Err(loc.error(
+            None,
+            format!("{key}.restart_on_unhealthy"),
+            "needs a `healthcheck` to know when the container is unhealthy".into(),
+        ));
+    }
+    let lifecycle = Lifecycle {
+        kind,
+        on_failure: lifecycle::on_failure(loc, &c.on_failure, format!("{key}.on_failure"), kind)?,
+        depends_on: lifecycle::depends_on(loc, &c.depends_on, format!("{key}.depends_on"))?,
+        healthcheck,
+        restart_on_unhealthy: c.restart_on_unhealthy,
+        notify: c.notify,
+        stop_signal: lifecycle::stop_signal(loc, &c.stop_signal, format!("{key}.stop_signal"))?,
+        stop_timeout_ms: lifecycle::stop_timeout(
+            loc,
+            &c.stop_timeout,
+            format!("{key}.stop_timeout"),
+            default_stop_timeout_ms,
+        )?,
     };
+    let logs = lifecycle::logs(loc, &c.logs, format!("{key}.logs"))?;
     let host_pid = match &c.pid {
         None => false,
         Some(mode) => match mode.get_ref().as_str() {
@@ -770,6 +829,9 @@ fn validate_container(
         console: c.console,
         isolation,
         resources,
+        lifecycle,
+        logs,
+        order: 0,
     })
 }
 

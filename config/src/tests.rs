@@ -285,3 +285,145 @@ fn an_unknown_pid_mode_is_rejected() {
     assert_eq!(e.key, "containers.c.pid");
     assert!(e.message.contains("\"host\""), "{e}");
 }
+
+const TWO_IMAGES: &str = "[host]\nhostname = \"h\"\n[images.i]\nlayout = \"x\"\n";
+
+#[test]
+fn supervision_keys_parse() {
+    let text = format!(
+        "{TWO_IMAGES}\
+[containers.migrate]\nimage = \"i\"\nkind = \"onboot\"\non_failure = \"halt\"\nrestart = \"on-failure:3\"\n\
+[containers.db]\nimage = \"i\"\nhealthcheck = {{ tcp = 5432, interval = \"2s\", retries = 5, start_period = \"10s\" }}\nrestart_on_unhealthy = true\n\
+[containers.web]\nimage = \"i\"\ndepends_on = {{ db = \"healthy\", migrate = \"completed_successfully\" }}\nhealthcheck = {{ http = \"8080/healthz\" }}\nstop_signal = \"SIGQUIT\"\nstop_timeout = \"3s\"\nnotify = true\nlogs = {{ max_size = \"1M\", max_files = 5 }}\nrestart = \"unless-stopped\"\n\
+[containers.backup]\nimage = \"i\"\nkind = \"onshutdown\"\n"
+    );
+    let c = parse(&text).unwrap();
+    let migrate = &c.containers["migrate"];
+    assert_eq!(migrate.lifecycle.kind, Kind::OnBoot);
+    assert_eq!(migrate.lifecycle.on_failure, TaskFailure::Halt);
+    assert_eq!(migrate.restart, RestartPolicy::OnFailure { max: Some(3) });
+    let db = &c.containers["db"].lifecycle;
+    let check = db.healthcheck.as_ref().unwrap();
+    assert_eq!(check.probe, HealthProbe::Tcp { port: 5432 });
+    assert_eq!(
+        (
+            check.interval_ms,
+            check.timeout_ms,
+            check.retries,
+            check.start_period_ms
+        ),
+        (2000, 5000, 5, 10_000)
+    );
+    assert!(db.restart_on_unhealthy);
+    let web = &c.containers["web"];
+    assert_eq!(
+        web.lifecycle.depends_on,
+        [
+            Dependency {
+                name: "db".into(),
+                condition: Condition::Healthy
+            },
+            Dependency {
+                name: "migrate".into(),
+                condition: Condition::CompletedSuccessfully
+            },
+        ]
+    );
+    assert_eq!(
+        web.lifecycle.healthcheck.as_ref().unwrap().probe,
+        HealthProbe::Http {
+            port: 8080,
+            path: "/healthz".into()
+        }
+    );
+    assert_eq!(
+        (web.lifecycle.stop_signal, web.lifecycle.stop_timeout_ms),
+        (3, 3000)
+    );
+    assert!(web.lifecycle.notify);
+    assert_eq!(
+        web.logs,
+        LogConfig {
+            max_size: 1 << 20,
+            max_files: 5
+        }
+    );
+    assert_eq!(web.restart, RestartPolicy::UnlessStopped);
+    assert_eq!(
+        c.containers["backup"].restart,
+        RestartPolicy::No,
+        "tasks default to no restart"
+    );
+    // File order survives, for running one-shot tasks in order.
+    let mut order: Vec<(&String, usize)> = c.containers.iter().map(|(n, c)| (n, c.order)).collect();
+    order.sort_by_key(|(_, o)| *o);
+    assert_eq!(
+        order.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["migrate", "db", "web", "backup"]
+    );
+}
+
+#[test]
+fn a_dependency_cycle_is_named() {
+    let text = format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\ndepends_on = [\"b\"]\n[containers.b]\nimage = \"i\"\ndepends_on = [\"c\"]\n[containers.c]\nimage = \"i\"\ndepends_on = [\"a\"]\n"
+    );
+    let e = error(&text);
+    assert!(
+        e.message.contains("dependency cycle: a -> b -> c -> a"),
+        "{e}"
+    );
+    assert_eq!(e.key, "containers.a.depends_on");
+    assert_eq!(e.line, 5, "{e}");
+}
+
+#[test]
+fn dependencies_must_exist_and_be_able_to_meet_their_condition() {
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\ndepends_on = [\"ghost\"]\n"
+    ));
+    assert!(
+        e.message.contains("`ghost`, which is not a container"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\ndepends_on = {{ b = \"healthy\" }}\n[containers.b]\nimage = \"i\"\n"
+    ));
+    assert!(e.message.contains("has no healthcheck"), "{e}");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\ndepends_on = {{ b = \"completed_successfully\" }}\n[containers.b]\nimage = \"i\"\n"
+    ));
+    assert!(e.message.contains("restarts forever"), "{e}");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\ndepends_on = {{ b = \"ready\" }}\n[containers.b]\nimage = \"i\"\n"
+    ));
+    assert!(e.message.contains("unknown condition `ready`"), "{e}");
+}
+
+#[test]
+fn bad_supervision_keys_are_explained() {
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\nkind = \"onboot\"\nrestart = \"always\"\n"
+    ));
+    assert_eq!(e.key, "containers.a.restart");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\non_failure = \"halt\"\n"
+    ));
+    assert!(e.message.contains("one-shot"), "{e}");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\nhealthcheck = {{ tcp = 80, http = \"80/\" }}\n"
+    ));
+    assert!(e.message.contains("exactly one"), "{e}");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\nstop_signal = \"SIGFOO\"\n"
+    ));
+    assert_eq!(e.key, "containers.a.stop_signal");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\nrestart_on_unhealthy = true\n"
+    ));
+    assert!(e.message.contains("needs a `healthcheck`"), "{e}");
+    let e = error(&format!(
+        "{TWO_IMAGES}[containers.a]\nimage = \"i\"\nrestart = \"on-failure:0\"\n"
+    ));
+    assert_eq!(e.key, "containers.a.restart");
+}

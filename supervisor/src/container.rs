@@ -634,33 +634,11 @@ mod tests {
     use keel_config::RestartPolicy;
 
     fn container() -> Container {
-        Container {
-            image: "img".into(),
-            entrypoint: None,
-            command: None,
-            env: BTreeMap::new(),
-            workdir: None,
-            restart: RestartPolicy::Always,
-            console: true,
-            isolation: keel_config::Isolation {
-                network: keel_config::NetworkMode::Host,
-                host_pid: false,
-                userns: None,
-                readonly_rootfs: false,
-                privileged: false,
-                init: false,
-                cap_add: vec![],
-                cap_drop: vec![],
-                no_new_privileges: true,
-                user: None,
-                sysctls: BTreeMap::new(),
-                rlimits: BTreeMap::new(),
-                shm_size: 64 << 20,
-                tmpfs: vec![],
-                volumes: vec![],
-            },
-            resources: Default::default(),
-        }
+        let text = "[host]\nhostname = \"h\"\n[images.img]\nlayout = \"x\"\n[containers.c]\nimage = \"img\"\n";
+        keel_config::HostConfig::parse(Path::new("h.toml"), text)
+            .unwrap()
+            .containers["c"]
+            .clone()
     }
 
     fn image() -> ImageProcess {

@@ -462,7 +462,9 @@ impl Supervisor {
                 managed.state = State::Done;
                 remove_cgroup(&name, managed);
             }
-            RestartPolicy::Always => {
+            RestartPolicy::Always
+            | RestartPolicy::UnlessStopped
+            | RestartPolicy::OnFailure { .. } => {
                 let delay = self.backoff.next(managed.last_delay, ran_for);
                 log::info!(
                     "{name}: {status} after {} ms; restarting in {} ms (restart #{})",
