@@ -631,7 +631,6 @@ pub fn build_plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keel_config::RestartPolicy;
 
     fn container() -> Container {
         let text = "[host]\nhostname = \"h\"\n[images.img]\nlayout = \"x\"\n[containers.c]\nimage = \"img\"\n";
