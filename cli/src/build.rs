@@ -15,14 +15,7 @@ use keel_image::modules::ModuleIndex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// Modules every Keel host loads: the virtio NIC and its PCI transport, overlayfs for
-/// container roots, and the ACPI power button with the evdev interface it is read through.
-pub const BASE_MODULES: &[&str] = &["virtio_pci", "virtio_net", "overlay", "button", "evdev"];
-
-/// The kernel command line: serial console; only critical kernel messages on it (PID 1
-/// prints its own lines, which would otherwise show twice through /dev/kmsg); PID 1's kmsg
-/// lines not rate-limited; and a kernel panic ends the VM instead of hanging it.
-pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on";
+pub use keel_image::os::{BASE_MODULES, CMDLINE};
 
 pub struct BuildOptions {
     pub init: PathBuf,

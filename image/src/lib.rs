@@ -34,4 +34,26 @@ pub mod kernel;
 #[cfg(feature = "builder")]
 pub mod modules;
 
+/// What every Keel host image has, whoever builds it (`keel build`, the benchmarks).
+#[cfg(feature = "builder")]
+pub mod os {
+    /// Modules every Keel host loads: the virtio NIC and its PCI transport, the
+    /// virtio-serial port the control API is reached through from the host, overlayfs for
+    /// container roots, and the ACPI power button with the evdev interface it is read
+    /// through.
+    pub const BASE_MODULES: &[&str] = &[
+        "virtio_pci",
+        "virtio_net",
+        "virtio_console",
+        "overlay",
+        "button",
+        "evdev",
+    ];
+
+    /// The kernel command line: serial console; only critical kernel messages on it (PID 1
+    /// prints its own lines, which would otherwise show twice through /dev/kmsg); PID 1's
+    /// kmsg lines not rate-limited; and a kernel panic ends the VM instead of hanging it.
+    pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on";
+}
+
 pub use error::ImageError;

@@ -1,6 +1,7 @@
 //! The pieces of Keel's PID 1, as a library so that other guest programs (the start-latency
 //! benchmark's guest) boot the same way. `main.rs` is PID 1 itself.
 
+pub mod api;
 pub mod early;
 pub mod logger;
 pub mod modules;

@@ -11,6 +11,8 @@
 
 use keel_init::{early, logger, modules, net, power, reaper};
 
+mod control;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// The host file `keel build` puts in the initramfs.
 const HOST_FILE: &str = "/etc/keel/host.toml";
-/// After the stop timeout and a cgroup kill, how long to wait for the kills to land.
+/// After the shutdown deadline and a cgroup kill, how long to wait for the kills to land.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,17 +169,21 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         Ok(s) => s,
         Err(e) => give_up(&format!("cannot install signal handlers: {e}")),
     };
+    let (calls_tx, mut calls) = tokio::sync::mpsc::unbounded_channel();
+    control::start_servers(calls_tx);
     let interfaces = config.interfaces.clone();
     let hostname = config.hostname.clone();
     let mut network = tokio::spawn(async move { net::configure(&interfaces, &hostname).await });
     let mut network_done = false;
+    let mut ready_reported = false;
     let power_button = power::pressed();
     tokio::pin!(power_button);
 
     let action = loop {
-        tokio::select! {
-            _ = signals.child.recv() => reap(&mut supervisor),
-            Some(event) = events.recv() => supervisor.on_event(event),
+        let requested = tokio::select! {
+            _ = signals.child.recv() => { guarded("reaping", || reap(&mut supervisor)); None }
+            Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
+            Some(call) = calls.recv() => control::handle(&mut supervisor, call),
             result = &mut network, if !network_done => {
                 network_done = true;
                 match result {
@@ -185,47 +191,86 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
                     Ok(Err(e)) => log::error!("network: {e}"),
                     Err(e) => log::error!("network setup task failed: {e}"),
                 }
-                supervisor.start_all();
-                log::info!("ready uptime_ms={}", early::uptime_ms());
-                log::info!("pid1 rss_kb={} containers={}", early::rss_kb().unwrap_or(0), config.containers.len());
+                guarded("starting containers", || supervisor.start_all());
+                None
             }
-            _ = signals.term.recv() => break Action::PowerOff,
-            _ = signals.usr2.recv() => break Action::PowerOff,
-            _ = signals.pwr.recv() => break Action::PowerOff,
-            _ = signals.int.recv() => break Action::Reboot,
+            _ = signals.term.recv() => Some(Action::PowerOff),
+            _ = signals.usr2.recv() => Some(Action::PowerOff),
+            _ = signals.pwr.recv() => Some(Action::PowerOff),
+            _ = signals.int.recv() => Some(Action::Reboot),
             _ = signals.usr1.recv() => {
                 for (name, stats) in supervisor.stats() {
                     log::info!("stats {name} {stats}");
                 }
+                None
             }
             _ = &mut power_button => {
                 log::info!("power button pressed");
-                break Action::PowerOff;
+                Some(Action::PowerOff)
             }
+        };
+        if !ready_reported && network_done && supervisor.booted() {
+            ready_reported = true;
+            log::info!("ready uptime_ms={}", early::uptime_ms());
+            log::info!(
+                "pid1 rss_kb={} containers={}",
+                early::rss_kb().unwrap_or(0),
+                config.containers.len()
+            );
+        }
+        if let Some(action) = requested {
+            break action;
         }
     };
 
+    // The whole shutdown must fit in shutdown_timeout; keep a little of it for the end
+    // (killing strays, unmounting).
+    let total = Duration::from_millis(config.shutdown_timeout_ms);
+    let deadline = tokio::time::Instant::now() + total.saturating_sub(KILL_GRACE);
     log::info!(
-        "shutting down for {}: stopping containers (timeout {} ms)",
+        "shutting down for {}: stopping containers, dependents first (deadline {} ms)",
         action.name(),
-        stop_timeout.as_millis()
+        total.as_millis()
     );
-    supervisor.stop_all();
-    let deadline = tokio::time::Instant::now() + stop_timeout;
-    reap_until(&mut supervisor, &mut signals, deadline).await;
+    guarded("stopping", || supervisor.shutdown());
+    while !supervisor.finished() {
+        tokio::select! {
+            _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
+            Some(event) = events.recv() => guarded("a supervisor event", || supervisor.on_event(event)),
+            Some(call) = calls.recv() => { control::handle(&mut supervisor, call); }
+            _ = tokio::time::sleep_until(deadline) => {
+                log::warn!("shutdown deadline reached");
+                break;
+            }
+        }
+    }
     if supervisor.running() > 0 {
         supervisor.kill_all();
-        reap_until(
-            &mut supervisor,
-            &mut signals,
-            tokio::time::Instant::now() + KILL_GRACE,
-        )
-        .await;
+        let grace = tokio::time::Instant::now() + KILL_GRACE;
+        while supervisor.running() > 0 {
+            tokio::select! {
+                _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
+                _ = tokio::time::sleep_until(grace) => break,
+            }
+        }
     }
     supervisor.remove_cgroups();
     kill_everything_else();
     reap(&mut supervisor);
     action
+}
+
+/// Runs a piece of supervision; a panic in it is caught and logged, and the machine stays
+/// up (the supervisor may have lost track of one container, not of the host).
+fn guarded(what: &str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        log::error!("caught a panic while handling {what}: {why}; PID 1 carries on");
+    }
 }
 
 struct Signals {
@@ -247,21 +292,6 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             usr1: signal(SignalKind::user_defined1())?,
         })
-    }
-}
-
-/// Reaps (and dispatches) until no container runs or the deadline passes.
-async fn reap_until(
-    supervisor: &mut Supervisor,
-    signals: &mut Signals,
-    deadline: tokio::time::Instant,
-) {
-    reap(supervisor);
-    while supervisor.running() > 0 {
-        tokio::select! {
-            _ = signals.child.recv() => reap(supervisor),
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
     }
 }
 

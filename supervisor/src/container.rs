@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -170,12 +171,20 @@ pub enum ExtraMount {
         target: String,
         size: u64,
     },
+    /// A single file (a socket) bound onto an empty file Keel creates in the container's
+    /// own /dev, so no image path is involved.
+    DevFile {
+        source: PathBuf,
+        target: String,
+    },
 }
 
 impl ExtraMount {
     pub fn target(&self) -> &str {
         match self {
-            ExtraMount::Bind { target, .. } | ExtraMount::Tmpfs { target, .. } => target,
+            ExtraMount::Bind { target, .. }
+            | ExtraMount::Tmpfs { target, .. }
+            | ExtraMount::DevFile { target, .. } => target,
         }
     }
 }
@@ -293,6 +302,91 @@ pub fn check_mount_target(layers_top_first: &[PathBuf], target: &str) -> Result<
         }
     }
     Ok(())
+}
+
+/// The tail every process started in a container shares (its main process and every exec):
+/// working directory, then runc's order of privilege drops.
+fn privilege_steps(workdir: &str, security: &Security) -> io::Result<Vec<Step>> {
+    let iso = &security.isolation;
+    let mut steps = vec![
+        Step::Chdir {
+            path: cstring(workdir)?,
+        },
+        Step::VerifyCwd,
+    ];
+    if iso.no_new_privileges {
+        steps.push(Step::NoNewPrivs);
+    }
+    let mut seccomp = security
+        .seccomp
+        .as_ref()
+        .map(|p| Step::Seccomp(p.clone()))
+        .into_iter();
+    if !iso.no_new_privileges {
+        // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it while we have it.
+        steps.extend(seccomp.by_ref());
+    }
+    steps.push(Step::DropBounding {
+        keep: security.capabilities,
+        last_cap: security.last_cap,
+    });
+    let user = &security.user;
+    steps.push(Step::KeepCaps(true));
+    steps.push(Step::SwitchUser {
+        uid: user.uid,
+        gid: user.gid,
+        groups: user.additional_gids.clone(),
+    });
+    steps.push(Step::KeepCaps(false));
+    steps.push(Step::Capabilities(security.capabilities));
+    // With no_new_privs the filter goes last, so it need not allow the setup calls above.
+    steps.extend(seccomp);
+    Ok(steps)
+}
+
+/// A process started inside a running container (`keel exec`, exec health checks): it joins
+/// the container's namespaces through `container_pidfd`, forks so that it is inside the
+/// pid namespace too, and drops privileges exactly like the container's main process.
+/// Its cgroup is the container's (the caller clones into it).
+pub fn build_exec_plan(
+    container_pidfd: RawFd,
+    namespaces: libc::c_int,
+    argv: &[String],
+    env: &[String],
+    workdir: &str,
+    security: &Security,
+) -> io::Result<Plan> {
+    if argv.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "nothing to run",
+        ));
+    }
+    let mut steps = vec![
+        Step::Setns {
+            pidfd: container_pidfd,
+            flags: namespaces,
+        },
+        Step::ForkAndWait,
+    ];
+    steps.extend(privilege_steps(workdir, security)?);
+    let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
+    Ok(Plan {
+        userns: None,
+        namespaces: Namespaces {
+            pid: false,
+            net: false,
+            time: false,
+            mount: false,
+        },
+        steps,
+        exec_paths: exec_candidates(&argv[0], path_var)
+            .iter()
+            .map(cstring)
+            .collect::<io::Result<_>>()?,
+        argv: argv.iter().map(cstring).collect::<io::Result<_>>()?,
+        envp: env.iter().map(cstring).collect::<io::Result<_>>()?,
+    })
 }
 
 /// The ordered setup steps and the exec of one container.
@@ -505,6 +599,14 @@ pub fn build_plan(
         });
     }
     for extra in &security.mounts {
+        if let ExtraMount::DevFile { source, target } = extra {
+            steps.push(Step::Touch {
+                path: at(target)?,
+                mode: 0o666,
+            });
+            steps.push(bind(&source.to_string_lossy(), target, 0)?);
+            continue;
+        }
         for dir in ancestors_and_self(extra.target()) {
             steps.push(mkdir(&dir, 0o755)?);
         }
@@ -523,6 +625,7 @@ pub fn build_plan(
                     });
                 }
             }
+            ExtraMount::DevFile { .. } => {}
             ExtraMount::Tmpfs { target, size } => {
                 steps.push(mount(
                     "tmpfs",
@@ -575,34 +678,7 @@ pub fn build_plan(
             hard: value.hard,
         });
     }
-    steps.push(Step::Chdir {
-        path: c(&process.workdir)?,
-    });
-    steps.push(Step::VerifyCwd);
-    if iso.no_new_privileges {
-        steps.push(Step::NoNewPrivs);
-    }
-    let seccomp = security.seccomp.as_ref().map(|p| Step::Seccomp(p.clone()));
-    let mut seccomp = seccomp.into_iter();
-    if !iso.no_new_privileges {
-        // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it while we have it.
-        steps.extend(seccomp.by_ref());
-    }
-    steps.push(Step::DropBounding {
-        keep: security.capabilities,
-        last_cap: security.last_cap,
-    });
-    let user = &security.user;
-    steps.push(Step::KeepCaps(true));
-    steps.push(Step::SwitchUser {
-        uid: user.uid,
-        gid: user.gid,
-        groups: user.additional_gids.clone(),
-    });
-    steps.push(Step::KeepCaps(false));
-    steps.push(Step::Capabilities(security.capabilities));
-    // With no_new_privs the filter goes last, so it need not allow the setup calls above.
-    steps.extend(seccomp);
+    steps.extend(privilege_steps(&process.workdir, security)?);
 
     let argv = if iso.init {
         wrap_with_init(&process.argv)
@@ -617,6 +693,7 @@ pub fn build_plan(
     Ok(Plan {
         userns: security.userns,
         namespaces: Namespaces {
+            mount: true,
             pid: !iso.host_pid,
             net: iso.network == NetworkMode::None,
             time: security.time_namespace,
@@ -847,6 +924,7 @@ mod tests {
         assert_eq!(
             plan.namespaces,
             Namespaces {
+                mount: true,
                 pid: true,
                 net: false,
                 time: true
@@ -913,6 +991,7 @@ mod tests {
         assert_eq!(
             plan.namespaces,
             Namespaces {
+                mount: true,
                 pid: false,
                 net: true,
                 time: true

@@ -58,6 +58,8 @@ pub struct Instance {
     cgroup: Cgroup,
     cgroup_fd: OwnedFd,
     userns: Option<IdMap>,
+    /// The host side of the container's sd_notify socket, when it has one.
+    notify_socket: Option<PathBuf>,
 }
 
 impl Instance {
@@ -119,7 +121,13 @@ impl Instance {
             cgroup,
             cgroup_fd,
             userns,
+            notify_socket: None,
         })
+    }
+
+    /// Gives the container an sd_notify socket (bound at /dev/notify.sock, NOTIFY_SOCKET).
+    pub fn set_notify_socket(&mut self, host_path: PathBuf) {
+        self.notify_socket = Some(host_path);
     }
 
     pub fn config(&self) -> &Container {
@@ -168,6 +176,52 @@ impl Instance {
             );
         }
         spawned
+    }
+
+    /// Starts `argv` inside the running container whose main process is `container_pidfd`:
+    /// its namespaces, cgroup, user, capabilities and seccomp filter.
+    pub fn spawn_exec(
+        &self,
+        runtime: &mut Runtime,
+        container_pidfd: &OwnedFd,
+        argv: &[String],
+        extra_env: &[String],
+        stdio: [RawFd; 3],
+    ) -> Result<Spawned, String> {
+        use std::os::fd::AsRawFd;
+        let (security, process) = self.security(runtime)?;
+        let iso = &self.config.isolation;
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP;
+        if !iso.host_pid {
+            flags |= libc::CLONE_NEWPID;
+        }
+        if iso.network == keel_config::NetworkMode::None {
+            flags |= libc::CLONE_NEWNET;
+        }
+        if runtime.time_namespace {
+            flags |= libc::CLONE_NEWTIME;
+        }
+        if self.userns.is_some() {
+            flags |= libc::CLONE_NEWUSER;
+        }
+        let mut env = process.env.clone();
+        for extra in extra_env {
+            if let Some((name, _)) = extra.split_once('=') {
+                env.retain(|e| e.split_once('=').is_none_or(|(n, _)| n != name));
+                env.push(extra.clone());
+            }
+        }
+        let plan = crate::container::build_exec_plan(
+            container_pidfd.as_raw_fd(),
+            flags,
+            argv,
+            &env,
+            &process.workdir,
+            &security,
+        )
+        .map_err(|e| e.to_string())?;
+        spawn(&plan, &self.cgroup_fd, stdio).map_err(|e| format!("clone3: {e}"))
     }
 
     /// The user from the container's own /etc files, the capabilities, the cached seccomp

@@ -11,12 +11,17 @@
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod health;
 pub mod instance;
 pub mod logs;
+pub mod notify;
 pub mod seccomp;
 pub mod spawn;
 mod supervisor;
 pub mod user;
 
 pub use instance::{Instance, Runtime};
-pub use supervisor::{Backoff, Event, ExitStatus, Paths, Stats, Supervisor};
+pub use supervisor::{
+    Backoff, ControlError, Decision, Event, ExecStarted, ExitStatus, Paths, Phase, Stats, Status,
+    Supervisor, decide,
+};

@@ -31,6 +31,8 @@ const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 /// the cgroup namespace is unshared by the first step, see [`Step::Unshare`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Namespaces {
+    /// Mount, uts and ipc namespaces (every container; not an exec, which joins).
+    pub mount: bool,
     /// false shares PID 1's pid namespace (`pid = "host"`).
     pub pid: bool,
     /// A network namespace of its own (`network = "none"`).
@@ -41,7 +43,10 @@ pub struct Namespaces {
 
 impl Namespaces {
     fn clone_flags(&self) -> u64 {
-        let mut flags = (libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+        let mut flags = 0;
+        if self.mount {
+            flags |= (libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC) as u64;
+        }
         if self.pid {
             flags |= libc::CLONE_NEWPID as u64;
         }
@@ -127,6 +132,15 @@ pub enum Step {
         path: CString,
         keep_flags: libc::c_ulong,
     },
+    /// Joins the namespaces of the process behind `pidfd` (setns with a pidfd, Linux 5.8).
+    Setns {
+        pidfd: RawFd,
+        flags: libc::c_int,
+    },
+    /// Forks: the parent waits for the child and exits with its status, the child goes on.
+    /// After joining a pid namespace only children are inside it; the parent's death
+    /// takes the child along (PR_SET_PDEATHSIG), so killing the parent stops both.
+    ForkAndWait,
     /// Brings up `lo` in a network namespace of the container's own.
     LoopbackUp,
     Rlimit {
@@ -185,6 +199,8 @@ impl Step {
             Step::Mask { path } => format!("mask {}", s(path)),
             Step::ReadOnly { path } => format!("make {} read-only", s(path)),
             Step::RemountReadOnly { path, .. } => format!("remount {} read-only", s(path)),
+            Step::Setns { flags, .. } => format!("join the container's namespaces ({flags:#x})"),
+            Step::ForkAndWait => "fork into the container's pid namespace".into(),
             Step::LoopbackUp => "bring up lo".into(),
             Step::Rlimit { resource, .. } => format!("setrlimit({resource})"),
             Step::Chdir { path } => format!("chdir to the working directory {}", s(path)),
@@ -488,6 +504,36 @@ unsafe fn run_step(step: &Step) -> bool {
                     std::ptr::null(),
                 ) == 0
             }
+            Step::Setns { pidfd, flags } => libc::setns(*pidfd, *flags) == 0,
+            Step::ForkAndWait => {
+                let child =
+                    libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
+                if child < 0 {
+                    return false;
+                }
+                if child == 0 {
+                    // Our parent is outside the pid namespace we are now in, so getppid()
+                    // reads 0 (or its pid when the container shares PID 1's namespace);
+                    // anything else means it died before prctl and we were re-parented.
+                    let ppid = libc::getppid();
+                    // If the waiting parent is killed (a timed-out health check), so are we.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                    if libc::getppid() != ppid {
+                        libc::_exit(137);
+                    }
+                    return true;
+                }
+                let mut status = 0;
+                while libc::waitpid(child as libc::pid_t, &mut status, 0) < 0 {
+                    if errno() != libc::EINTR {
+                        libc::_exit(127);
+                    }
+                }
+                if libc::WIFEXITED(status) {
+                    libc::_exit(libc::WEXITSTATUS(status));
+                }
+                libc::_exit(128 + libc::WTERMSIG(status));
+            }
             Step::LoopbackUp => {
                 let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
                 if fd < 0 {
@@ -673,6 +719,7 @@ mod tests {
     #[test]
     fn namespace_flags() {
         let all = Namespaces {
+            mount: true,
             pid: true,
             net: true,
             time: true,
@@ -689,6 +736,7 @@ mod tests {
             assert_ne!(all & flag as u64, 0);
         }
         let host = Namespaces {
+            mount: true,
             pid: false,
             net: false,
             time: false,

@@ -1,9 +1,10 @@
-//! The supervision state machine: start, watch, restart with backoff, stop.
+//! The supervision state machine: boot tasks, dependencies, starts, health, restarts with
+//! backoff, ordered stops and shutdown tasks, and the control operations behind the API.
 //!
 //! The supervisor never waits for children itself. PID 1 owns reaping (one `waitpid(-1)`
-//! loop for every child, containers and orphans alike) and hands each container exit to
-//! [`Supervisor::on_exit`]; restarts come back through the event channel as
-//! [`Event::RestartDue`]. Everything runs on PID 1's single thread.
+//! loop for every child: containers, execs and orphans alike) and hands each exit to
+//! [`Supervisor::on_exit`]; timers, health results and sd_notify readiness come back
+//! through the event channel as [`Event`]s. Everything runs on PID 1's single thread.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -11,12 +12,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_config::{Container, HostConfig, RestartPolicy};
+use keel_config::{
+    Condition, Container, Dependency, HealthProbe, HostConfig, Kind, RestartPolicy, TaskFailure,
+};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::cgroup::Cgroup;
+use crate::health::{Health, HealthState};
 use crate::instance::{Instance, Runtime};
-use crate::logs::{Console, pump};
+use crate::logs::{Console, ContainerLog, Stream, pump};
 use crate::spawn::{IdMap, Step, describe_failure};
 
 /// Where the supervisor finds images and keeps its state in the guest.
@@ -43,12 +47,6 @@ impl Default for Paths {
             volumes: "/var/lib/keel/volumes".into(),
         }
     }
-}
-
-/// Something the supervisor scheduled for itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    RestartDue { name: String, generation: u64 },
 }
 
 /// Restart backoff: 100 ms doubling to a cap, back to the start once a run lasted 10 s.
@@ -79,33 +77,1308 @@ impl Backoff {
     }
 }
 
+/// Where a container is in its life.
 #[derive(Debug)]
 enum State {
-    /// Not started yet, or stopped for good.
-    Idle,
-    Running {
-        pid: libc::pid_t,
-        pidfd: OwnedFd,
-        since: Instant,
-        /// memory.events oom_kill when it started, to tell an OOM kill from a kill -9.
-        oom_kills_before: u64,
-    },
+    /// Not started yet: waiting for its turn (boot phase) or for its dependencies.
+    Waiting,
+    Running(Run),
+    /// Its stop signal was sent; SIGKILL to the cgroup follows at the deadline.
+    Stopping(Run),
     BackingOff {
         generation: u64,
     },
-    /// Will not run again: its policy says so, or it cannot be prepared.
-    Done,
+    /// Ran and will not run again by itself (policy, or a task that completed).
+    Exited {
+        code: Option<i32>,
+    },
+    /// Stopped on request (API or shutdown).
+    Stopped,
+    /// Cannot run: a preparation error or a dependency that can never be met.
+    Failed(String),
+}
+
+/// One run of a container's main process.
+#[derive(Debug)]
+struct Run {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    since: Instant,
+    generation: u64,
+    /// memory.events oom_kill when it started, to tell an OOM kill from a kill -9.
+    oom_kills_before: u64,
+    /// READY=1 seen (containers with `notify = true`; others are ready when started).
+    ready: bool,
+    health: Option<HealthState>,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Waiting => "waiting",
+            State::Running(run) if !run.ready => "starting",
+            State::Running(_) => "running",
+            State::Stopping(_) => "stopping",
+            State::BackingOff { .. } => "restarting",
+            State::Exited { .. } => "exited",
+            State::Stopped => "stopped",
+            State::Failed(_) => "failed",
+        }
+    }
+
+    fn run(&self) -> Option<&Run> {
+        match self {
+            State::Running(run) | State::Stopping(run) => Some(run),
+            _ => None,
+        }
+    }
 }
 
 struct Managed {
     config: Container,
-    prepared: Option<Instance>,
+    instance: Option<Instance>,
     /// The container's user namespace range, if it has one.
     userns: Option<IdMap>,
     state: State,
     restarts: u64,
+    /// Failed runs since the last success, for `on-failure:N`.
+    failures: u32,
     last_delay: Option<Duration>,
+    /// Counts starts; events carry it so a stale timer cannot touch a later run.
     generation: u64,
+    last_exit: Option<String>,
+    /// Stopped through the API: no restart until started again.
+    held: bool,
+    /// Stop, then start again once it has exited (API restart, restart_on_unhealthy).
+    restart_requested: bool,
+    log: Option<Arc<ContainerLog>>,
+}
+
+/// Where the host as a whole is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running the onboot tasks one after another.
+    Boot,
+    /// Services run.
+    Running,
+    /// An onboot task with `on_failure = "halt"` failed: no service starts.
+    Halted,
+    /// Services are being stopped, dependents first.
+    Stopping,
+    /// Running the onshutdown tasks.
+    ShutdownTasks,
+    /// Everything has stopped.
+    Finished,
+}
+
+/// Something the supervisor scheduled for itself, or learned from a socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    RestartDue {
+        name: String,
+        generation: u64,
+    },
+    StopDeadline {
+        name: String,
+        generation: u64,
+    },
+    HealthDue {
+        name: String,
+        generation: u64,
+    },
+    HealthResult {
+        name: String,
+        generation: u64,
+        passed: bool,
+        detail: String,
+    },
+    Ready {
+        name: String,
+    },
+}
+
+/// What the policy says after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Restart,
+    /// Done for good; `completed` when it exited with code 0.
+    Done {
+        completed: bool,
+    },
+    /// on-failure:N ran out of attempts.
+    GiveUp,
+}
+
+/// Docker's restart policies. `failures` counts failed runs since the last success,
+/// including this one.
+pub fn decide(policy: RestartPolicy, status: ExitStatus, failures: u32) -> Decision {
+    let success = status == ExitStatus::Code(0);
+    match policy {
+        RestartPolicy::Always | RestartPolicy::UnlessStopped => Decision::Restart,
+        RestartPolicy::No => Decision::Done { completed: success },
+        RestartPolicy::OnFailure { .. } if success => Decision::Done { completed: true },
+        RestartPolicy::OnFailure { max: Some(max) } if failures > max => Decision::GiveUp,
+        RestartPolicy::OnFailure { .. } => Decision::Restart,
+    }
+}
+
+/// Whether a dependency is met, pending, or can never be met.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Readiness {
+    Met,
+    Pending,
+    Never(String),
+}
+
+/// Status of one container for `keel ps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub name: String,
+    pub kind: Kind,
+    pub state: &'static str,
+    pub pid: Option<libc::pid_t>,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u64,
+    pub health: Option<&'static str>,
+    pub last_exit: Option<String>,
+}
+
+/// Errors of the control operations, by kind, for the API's error codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    NotFound(String),
+    Conflict(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlError::NotFound(m) | ControlError::Conflict(m) | ControlError::Failed(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// A process started with [`Supervisor::exec`].
+pub struct ExecStarted {
+    pub pid: libc::pid_t,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub exit: tokio::sync::oneshot::Receiver<i32>,
+}
+
+pub struct Supervisor {
+    runtime: Runtime,
+    events: UnboundedSender<Event>,
+    console: Option<Arc<Console>>,
+    dev_null: Option<OwnedFd>,
+    backoff: Backoff,
+    containers: BTreeMap<String, Managed>,
+    phase: Phase,
+    /// Exec'd processes (API execs and exec health probes) by pid, with who waits.
+    execs: BTreeMap<libc::pid_t, ExecWaiter>,
+}
+
+enum ExecWaiter {
+    Api(tokio::sync::oneshot::Sender<i32>),
+    Probe {
+        name: String,
+        generation: u64,
+        pidfd: OwnedFd,
+    },
+}
+
+impl Supervisor {
+    /// `cgroups` is the parent of every container cgroup (`/sys/fs/cgroup/keel`).
+    pub fn new(
+        config: &HostConfig,
+        paths: Paths,
+        cgroups: Cgroup,
+        events: UnboundedSender<Event>,
+        console: Option<Arc<Console>>,
+    ) -> Supervisor {
+        let userns = allocate_userns(&config.containers);
+        let containers = config
+            .containers
+            .iter()
+            .map(|(name, c)| {
+                let managed = Managed {
+                    config: c.clone(),
+                    instance: None,
+                    userns: userns.get(name).copied(),
+                    state: State::Waiting,
+                    restarts: 0,
+                    failures: 0,
+                    last_delay: None,
+                    generation: 0,
+                    last_exit: None,
+                    held: false,
+                    restart_requested: false,
+                    log: None,
+                };
+                (name.clone(), managed)
+            })
+            .collect();
+        let dev_null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| log::error!("cannot open /dev/null for container stdin: {e}"))
+        .ok();
+        Supervisor {
+            runtime: Runtime::new(paths, cgroups),
+            events,
+            console,
+            dev_null,
+            backoff: Backoff::default(),
+            containers,
+            phase: Phase::Boot,
+            execs: BTreeMap::new(),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Starts the boot: onboot tasks in file order, then the services.
+    pub fn start_all(&mut self) {
+        for dir in [
+            &self.runtime.paths.layers,
+            &self.runtime.paths.containers,
+            &self.runtime.paths.logs,
+        ] {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                log::error!("cannot create {}: {e}", dir.display());
+            }
+        }
+        self.advance();
+    }
+
+    /// Names of the containers of `kind`, in file order.
+    fn in_order(&self, kind: Kind) -> Vec<String> {
+        let mut names: Vec<(&String, usize)> = self
+            .containers
+            .iter()
+            .filter(|(_, m)| m.config.lifecycle.kind == kind)
+            .map(|(n, m)| (n, m.config.order))
+            .collect();
+        names.sort_by_key(|(_, order)| *order);
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Moves the host forward after any change: next task, startable services, the next
+    /// wave of stops, the end of the shutdown.
+    fn advance(&mut self) {
+        // Several steps may follow from one change (a task finishing lets a service start).
+        for _ in 0..self.containers.len() + 4 {
+            let before = self.snapshot();
+            match self.phase {
+                Phase::Boot => self.advance_tasks(Kind::OnBoot),
+                Phase::Running => self.start_ready_services(),
+                Phase::Halted | Phase::Finished => {}
+                Phase::Stopping => self.advance_stop(),
+                Phase::ShutdownTasks => self.advance_tasks(Kind::OnShutdown),
+            }
+            if self.snapshot() == before {
+                break;
+            }
+        }
+    }
+
+    /// A cheap fingerprint of every state, to know when `advance` has settled.
+    fn snapshot(&self) -> (Phase, Vec<(&'static str, u64)>) {
+        (
+            self.phase,
+            self.containers
+                .values()
+                .map(|m| (m.state.name(), m.generation))
+                .collect(),
+        )
+    }
+
+    /// Runs the tasks of `kind` one at a time in file order.
+    fn advance_tasks(&mut self, kind: Kind) {
+        for name in self.in_order(kind) {
+            let Some(m) = self.containers.get(&name) else {
+                continue;
+            };
+            match &m.state {
+                State::Waiting => {
+                    self.start(&name);
+                    return;
+                }
+                State::Running(_) | State::Stopping(_) | State::BackingOff { .. } => return,
+                State::Exited { code: Some(0) } | State::Stopped => continue,
+                State::Exited { .. } | State::Failed(_) => {
+                    if m.config.lifecycle.on_failure == TaskFailure::Halt {
+                        if kind == Kind::OnBoot {
+                            log::error!(
+                                "boot halted: onboot task {name} failed and has on_failure = \"halt\"; no service will start"
+                            );
+                            self.phase = Phase::Halted;
+                        } else {
+                            log::error!(
+                                "onshutdown task {name} failed and has on_failure = \"halt\"; skipping the remaining tasks"
+                            );
+                            self.phase = Phase::Finished;
+                        }
+                        return;
+                    }
+                    log::warn!(
+                        "{} task {name} failed; continuing",
+                        if kind == Kind::OnBoot {
+                            "onboot"
+                        } else {
+                            "onshutdown"
+                        }
+                    );
+                }
+            }
+        }
+        self.phase = if kind == Kind::OnBoot {
+            Phase::Running
+        } else {
+            Phase::Finished
+        };
+        if kind == Kind::OnBoot {
+            log::info!("boot tasks done; starting services");
+        }
+    }
+
+    fn readiness(&self, dep: &Dependency) -> Readiness {
+        let Some(m) = self.containers.get(&dep.name) else {
+            return Readiness::Never(format!("{} does not exist", dep.name));
+        };
+        let restarts = !matches!(
+            decide(m.config.restart, ExitStatus::Code(1), m.failures + 1),
+            Decision::Done { .. } | Decision::GiveUp
+        );
+        match (&m.state, dep.condition) {
+            (State::Running(run), Condition::Started) if run.ready => Readiness::Met,
+            (State::Running(run), Condition::Healthy)
+                if run
+                    .health
+                    .as_ref()
+                    .is_some_and(|h| h.health == Health::Healthy) =>
+            {
+                Readiness::Met
+            }
+            (State::Exited { code: Some(0) }, Condition::CompletedSuccessfully) => Readiness::Met,
+            (State::Exited { code }, _)
+                if !restarts || dep.condition == Condition::CompletedSuccessfully =>
+            {
+                Readiness::Never(format!(
+                    "{} {}",
+                    dep.name,
+                    code.map_or_else(
+                        || "was killed".to_string(),
+                        |c| format!("exited with code {c}")
+                    )
+                ))
+            }
+            (State::Failed(why), _) => Readiness::Never(format!("{} failed: {why}", dep.name)),
+            (State::Stopped, _) => Readiness::Pending,
+            _ => Readiness::Pending,
+        }
+    }
+
+    /// Starts every waiting service whose dependencies are met; fails the ones whose
+    /// dependencies never will be (loudly: nothing waits in silence).
+    fn start_ready_services(&mut self) {
+        for name in self.in_order(Kind::Service) {
+            let Some(m) = self.containers.get(&name) else {
+                continue;
+            };
+            if !matches!(m.state, State::Waiting) || m.held {
+                continue;
+            }
+            let mut pending = false;
+            let mut never = None;
+            for dep in &m.config.lifecycle.depends_on {
+                match self.readiness(dep) {
+                    Readiness::Met => {}
+                    Readiness::Pending => pending = true,
+                    Readiness::Never(why) => never = Some(why),
+                }
+            }
+            if let Some(why) = never {
+                log::error!("{name}: will not start: dependency {why}");
+                if let Some(m) = self.containers.get_mut(&name) {
+                    m.state = State::Failed(format!("dependency {why}"));
+                }
+            } else if !pending {
+                self.start(&name);
+            }
+        }
+    }
+
+    /// During shutdown, stops every service no running service depends on.
+    fn advance_stop(&mut self) {
+        let mut still_running = false;
+        let names: Vec<String> = self.containers.keys().cloned().collect();
+        for name in &names {
+            let Some(m) = self.containers.get(name) else {
+                continue;
+            };
+            if m.config.lifecycle.kind == Kind::OnShutdown {
+                continue;
+            }
+            match &m.state {
+                State::Running(_) => {
+                    still_running = true;
+                    let has_running_dependent = self.containers.iter().any(|(other, o)| {
+                        other != name
+                            && matches!(o.state, State::Running(_) | State::Stopping(_))
+                            && o.config
+                                .lifecycle
+                                .depends_on
+                                .iter()
+                                .any(|d| &d.name == name)
+                    });
+                    if !has_running_dependent {
+                        self.send_stop(name);
+                    }
+                }
+                State::Stopping(_) => still_running = true,
+                State::Waiting | State::BackingOff { .. } => {
+                    if let Some(m) = self.containers.get_mut(name) {
+                        m.state = State::Stopped;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !still_running {
+            self.phase = Phase::ShutdownTasks;
+            if !self.in_order(Kind::OnShutdown).is_empty() {
+                log::info!("services stopped; running onshutdown tasks");
+            }
+        }
+    }
+
+    fn start(&mut self, name: &str) {
+        let Some(managed) = self.containers.get_mut(name) else {
+            return;
+        };
+        if managed.instance.is_none() {
+            match Instance::prepare(&self.runtime, name, &managed.config, managed.userns) {
+                Ok(mut instance) => {
+                    if managed.config.lifecycle.notify {
+                        let path = self.runtime.paths.containers.join(name).join("notify.sock");
+                        match crate::notify::listen(name, &path, self.events.clone()) {
+                            Ok(path) => instance.set_notify_socket(path),
+                            Err(e) => log::error!("{name}: notify socket {}: {e}", path.display()),
+                        }
+                    }
+                    managed.instance = Some(instance);
+                }
+                Err(e) => {
+                    log::error!("{name}: cannot be started: {e}");
+                    managed.state = State::Failed(e);
+                    return;
+                }
+            }
+        }
+        let log_sink = managed
+            .log
+            .get_or_insert_with(|| {
+                let console = if managed.config.console {
+                    self.console.clone()
+                } else {
+                    None
+                };
+                ContainerLog::open(name, &self.runtime.paths.logs, managed.config.logs, console)
+            })
+            .clone();
+        let Some(instance) = managed.instance.as_ref() else {
+            return;
+        };
+        let plan = match instance.plan(&mut self.runtime) {
+            Ok(plan) => plan,
+            Err(e) => {
+                log::error!("{name}: cannot be started: {e}");
+                managed.state = State::Failed(e);
+                return;
+            }
+        };
+        let Some(dev_null) = self.dev_null.as_ref() else {
+            managed.state = State::Failed("no /dev/null for stdin".into());
+            return;
+        };
+        // Leftovers of a previous run (possible when it shared the host pid namespace)
+        // must not share the cgroup with the new one.
+        if !instance.cgroup().is_empty() {
+            let _ = instance.cgroup().kill_all();
+        }
+        let pipes = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|out| {
+            Ok((
+                out,
+                rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?,
+            ))
+        });
+        let ((out_read, out_write), (err_read, err_write)) = match pipes {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("{name}: cannot create output pipes: {e}");
+                self.after_exit_decision(name, ExitStatus::Code(127), Duration::ZERO);
+                return;
+            }
+        };
+        let stdio = [
+            dev_null.as_raw_fd(),
+            out_write.as_raw_fd(),
+            err_write.as_raw_fd(),
+        ];
+        let oom_kills_before = instance
+            .cgroup()
+            .keyed("memory.events", "oom_kill")
+            .unwrap_or(0);
+        match instance.spawn(&plan, stdio) {
+            Ok(spawned) => {
+                drop((out_write, err_write));
+                managed.generation += 1;
+                let generation = managed.generation;
+                log::info!("{name}: started pid={}", spawned.pid);
+                tokio::spawn(pump(log_sink.clone(), Stream::Stdout, out_read));
+                tokio::spawn(pump(log_sink, Stream::Stderr, err_read));
+                let steps = plan.steps.iter().map(Step::describe).collect();
+                tokio::spawn(report_start_failure(
+                    name.to_string(),
+                    spawned.error_pipe,
+                    steps,
+                ));
+                let health = managed.config.lifecycle.healthcheck.as_ref().map(|check| {
+                    schedule(
+                        &self.events,
+                        Duration::from_millis(check.interval_ms),
+                        Event::HealthDue {
+                            name: name.to_string(),
+                            generation,
+                        },
+                    );
+                    HealthState::default()
+                });
+                managed.state = State::Running(Run {
+                    pid: spawned.pid,
+                    pidfd: spawned.pidfd,
+                    since: Instant::now(),
+                    generation,
+                    oom_kills_before,
+                    ready: !managed.config.lifecycle.notify,
+                    health,
+                });
+            }
+            Err(e) => {
+                log::error!("{name}: clone3 failed: {e}");
+                self.after_exit_decision(name, ExitStatus::Code(127), Duration::ZERO);
+            }
+        }
+    }
+
+    fn schedule(&self, delay: Duration, event: Event) {
+        schedule(&self.events, delay, event);
+    }
+
+    /// Sends a container its stop signal and arms the SIGKILL deadline.
+    fn send_stop(&mut self, name: &str) {
+        let Some(m) = self.containers.get_mut(name) else {
+            return;
+        };
+        let State::Running(_) = &m.state else { return };
+        let State::Running(run) = std::mem::replace(&mut m.state, State::Waiting) else {
+            return;
+        };
+        let signal = m.config.lifecycle.stop_signal;
+        let timeout = Duration::from_millis(m.config.lifecycle.stop_timeout_ms);
+        log::info!(
+            "{name}: stopping: signal {signal} to pid {}, SIGKILL in {} ms",
+            run.pid,
+            timeout.as_millis()
+        );
+        if let Err(e) = send_signal(&run.pidfd, signal) {
+            log::warn!("{name}: stop signal: {e}");
+        }
+        let generation = run.generation;
+        m.state = State::Stopping(run);
+        self.schedule(
+            timeout,
+            Event::StopDeadline {
+                name: name.to_string(),
+                generation,
+            },
+        );
+    }
+
+    /// Handles the exit of a reaped child; false when `pid` is not one of ours.
+    pub fn on_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
+        if let Some(waiter) = self.execs.remove(&pid) {
+            let code = match status {
+                ExitStatus::Code(c) => c,
+                ExitStatus::Signal(s) => 128 + s,
+            };
+            match waiter {
+                ExecWaiter::Api(reply) => {
+                    let _ = reply.send(code);
+                }
+                ExecWaiter::Probe {
+                    name, generation, ..
+                } => {
+                    let detail = format!("exec probe {status}");
+                    self.on_event(Event::HealthResult {
+                        name,
+                        generation,
+                        passed: code == 0,
+                        detail,
+                    });
+                }
+            }
+            return true;
+        }
+        let Some(name) = self
+            .containers
+            .iter()
+            .find(|(_, m)| m.state.run().is_some_and(|r| r.pid == pid))
+            .map(|(n, _)| n.clone())
+        else {
+            return false;
+        };
+        let Some(m) = self.containers.get_mut(&name) else {
+            return false;
+        };
+        let run = match std::mem::replace(&mut m.state, State::Waiting) {
+            State::Running(run) | State::Stopping(run) => run,
+            other => {
+                m.state = other;
+                return false;
+            }
+        };
+        let ran_for = run.since.elapsed();
+        // The kernel's OOM killer sends SIGKILL: memory.events tells it from a kill -9.
+        let oom_kills = m
+            .instance
+            .as_ref()
+            .and_then(|i| i.cgroup().keyed("memory.events", "oom_kill"))
+            .unwrap_or(0);
+        let oom = oom_kills > run.oom_kills_before;
+        if oom {
+            let limit = m
+                .config
+                .resources
+                .memory_max
+                .map_or_else(|| "no limit".to_string(), |b| format!("memory.max {b}"));
+            log::warn!(
+                "{name}: out of memory: killed by the OOM killer ({limit}, oom_kill {oom_kills})"
+            );
+        }
+        let text = if oom && status == ExitStatus::Signal(libc::SIGKILL) {
+            "OOM-killed".to_string()
+        } else {
+            status.to_string()
+        };
+        m.last_exit = Some(if oom {
+            format!("{status} (OOM)")
+        } else {
+            status.to_string()
+        });
+        if let Some(log) = &m.log {
+            log.note(&format!("{text} after {} ms", ran_for.as_millis()));
+        }
+        let stopping_host = matches!(
+            self.phase,
+            Phase::Stopping | Phase::ShutdownTasks | Phase::Finished
+        ) && m.config.lifecycle.kind != Kind::OnShutdown;
+        if m.held || stopping_host {
+            log::info!("{name}: {text} after {} ms (stopped)", ran_for.as_millis());
+            m.state = State::Stopped;
+            remove_cgroup(&name, m);
+        } else if m.restart_requested {
+            m.restart_requested = false;
+            log::info!(
+                "{name}: {text} after {} ms; restarting as requested",
+                ran_for.as_millis()
+            );
+            m.state = State::Waiting;
+            self.start(&name);
+        } else {
+            log::info!("{name}: {text} after {} ms", ran_for.as_millis());
+            self.after_exit_decision(&name, status, ran_for);
+        }
+        self.advance();
+        true
+    }
+
+    /// Applies the restart policy after an exit (or a failed start).
+    fn after_exit_decision(&mut self, name: &str, status: ExitStatus, ran_for: Duration) {
+        let Some(m) = self.containers.get_mut(name) else {
+            return;
+        };
+        if status == ExitStatus::Code(0) {
+            m.failures = 0;
+        } else {
+            m.failures += 1;
+        }
+        match decide(m.config.restart, status, m.failures) {
+            Decision::Restart => {
+                let delay = self.backoff.next(m.last_delay, ran_for);
+                log::info!(
+                    "{name}: restarting in {} ms (restart #{})",
+                    delay.as_millis(),
+                    m.restarts + 1
+                );
+                m.restarts += 1;
+                m.last_delay = Some(delay);
+                m.generation += 1;
+                let generation = m.generation;
+                m.state = State::BackingOff { generation };
+                self.schedule(
+                    delay,
+                    Event::RestartDue {
+                        name: name.to_string(),
+                        generation,
+                    },
+                );
+            }
+            Decision::Done { completed } => {
+                let code = match status {
+                    ExitStatus::Code(c) => Some(c),
+                    ExitStatus::Signal(_) => None,
+                };
+                if !completed {
+                    log::info!("{name}: not restarting (restart = {:?})", m.config.restart);
+                }
+                m.state = State::Exited { code };
+                remove_cgroup(name, m);
+            }
+            Decision::GiveUp => {
+                log::error!(
+                    "{name}: gave up after {} failed runs (restart = {:?})",
+                    m.failures,
+                    m.config.restart
+                );
+                m.state = State::Exited {
+                    code: match status {
+                        ExitStatus::Code(c) => Some(c),
+                        ExitStatus::Signal(_) => None,
+                    },
+                };
+                remove_cgroup(name, m);
+            }
+        }
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::RestartDue { name, generation } => {
+                let due = self.containers.get(&name).is_some_and(
+                    |m| matches!(m.state, State::BackingOff { generation: g } if g == generation),
+                );
+                if due
+                    && matches!(
+                        self.phase,
+                        Phase::Boot | Phase::Running | Phase::ShutdownTasks
+                    )
+                {
+                    self.start(&name);
+                }
+            }
+            Event::StopDeadline { name, generation } => {
+                if let Some(m) = self.containers.get(&name)
+                    && let State::Stopping(run) = &m.state
+                    && run.generation == generation
+                {
+                    log::warn!(
+                        "{name}: did not stop within {} ms: killing its cgroup",
+                        m.config.lifecycle.stop_timeout_ms
+                    );
+                    if let Some(i) = &m.instance
+                        && let Err(e) = i.cgroup().kill_all()
+                    {
+                        log::warn!("{name}: cgroup.kill: {e}");
+                        let _ = send_signal(&run.pidfd, libc::SIGKILL);
+                    }
+                }
+            }
+            Event::HealthDue { name, generation } => self.run_probe(&name, generation),
+            Event::HealthResult {
+                name,
+                generation,
+                passed,
+                detail,
+            } => self.on_health(&name, generation, passed, &detail),
+            Event::Ready { name } => {
+                if let Some(m) = self.containers.get_mut(&name)
+                    && let State::Running(run) = &mut m.state
+                    && !run.ready
+                {
+                    run.ready = true;
+                    log::info!("{name}: ready (READY=1)");
+                }
+            }
+        }
+        self.advance();
+    }
+
+    fn run_probe(&mut self, name: &str, generation: u64) {
+        let Some(m) = self.containers.get(name) else {
+            return;
+        };
+        let (Some(check), State::Running(run)) = (m.config.lifecycle.healthcheck.clone(), &m.state)
+        else {
+            return;
+        };
+        if run.generation != generation {
+            return;
+        }
+        let timeout = Duration::from_millis(check.timeout_ms);
+        let events = self.events.clone();
+        let owned_name = name.to_string();
+        let reply = move |passed: bool, detail: String| {
+            let _ = events.send(Event::HealthResult {
+                name: owned_name.clone(),
+                generation,
+                passed,
+                detail,
+            });
+        };
+        match &check.probe {
+            HealthProbe::Tcp { port } => {
+                let port = *port;
+                let reply = reply.clone();
+                tokio::spawn(async move {
+                    match crate::health::probe_tcp(port, timeout).await {
+                        Ok(()) => reply(true, String::new()),
+                        Err(e) => reply(false, e),
+                    }
+                });
+            }
+            HealthProbe::Http { port, path } => {
+                let (port, path) = (*port, path.clone());
+                tokio::spawn(async move {
+                    match crate::health::probe_http(port, &path, timeout).await {
+                        Ok(()) => reply(true, String::new()),
+                        Err(e) => reply(false, e),
+                    }
+                });
+            }
+            HealthProbe::Exec(argv) => {
+                let argv = argv.clone();
+                match self.spawn_exec(name, &argv, &[], true) {
+                    Ok((pid, pidfd, _, _)) => {
+                        // A probe that outlives its timeout is killed; its exit reports the failure.
+                        if let Ok(dup) = pidfd.try_clone() {
+                            tokio::spawn(async move {
+                                tokio::time::sleep(timeout).await;
+                                let _ = send_signal(&dup, libc::SIGKILL);
+                            });
+                        }
+                        self.execs.insert(
+                            pid,
+                            ExecWaiter::Probe {
+                                name: name.to_string(),
+                                generation,
+                                pidfd,
+                            },
+                        );
+                    }
+                    Err(e) => reply(false, e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn on_health(&mut self, name: &str, generation: u64, passed: bool, detail: &str) {
+        let Some(m) = self.containers.get_mut(name) else {
+            return;
+        };
+        let Some(check) = m.config.lifecycle.healthcheck.clone() else {
+            return;
+        };
+        let State::Running(run) = &mut m.state else {
+            return;
+        };
+        if run.generation != generation {
+            return;
+        }
+        let since = run.since.elapsed();
+        let Some(health) = run.health.as_mut() else {
+            return;
+        };
+        if let Some(now) = health.record(passed, since, &check) {
+            match now {
+                Health::Unhealthy => log::warn!(
+                    "{name}: unhealthy after {} failed checks: {detail}",
+                    health.failures
+                ),
+                _ => log::info!("{name}: {}", now.as_str()),
+            }
+            if now == Health::Unhealthy && m.config.lifecycle.restart_on_unhealthy {
+                log::warn!("{name}: restarting because it is unhealthy (restart_on_unhealthy)");
+                m.restart_requested = true;
+                self.send_stop(name);
+            }
+        }
+        self.schedule(
+            Duration::from_millis(check.interval_ms),
+            Event::HealthDue {
+                name: name.to_string(),
+                generation,
+            },
+        );
+    }
+
+    /// Begins the orderly shutdown: dependents stop before what they depend on, then the
+    /// onshutdown tasks run.
+    pub fn shutdown(&mut self) {
+        if matches!(
+            self.phase,
+            Phase::Stopping | Phase::ShutdownTasks | Phase::Finished
+        ) {
+            return;
+        }
+        self.phase = Phase::Stopping;
+        // A task still running at shutdown (onboot) is stopped like a service.
+        self.advance();
+    }
+
+    /// True once every service has stopped and every onshutdown task has run.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Finished && self.running() == 0
+    }
+
+    /// Kills whatever is left of every container, each whole cgroup at once.
+    pub fn kill_all(&mut self) {
+        for (name, m) in &self.containers {
+            if let (Some(_), Some(instance)) = (m.state.run(), &m.instance) {
+                log::warn!("{name}: still running at the shutdown deadline: killing its cgroup");
+                if let Err(e) = instance.cgroup().kill_all() {
+                    log::warn!("{name}: {e}");
+                }
+            }
+        }
+        self.phase = Phase::Finished;
+    }
+
+    /// Number of containers whose main process has not been reaped yet.
+    pub fn running(&self) -> usize {
+        self.containers
+            .values()
+            .filter(|m| m.state.run().is_some())
+            .count()
+    }
+
+    /// True once the boot tasks have run and the services that can start have started.
+    pub fn booted(&self) -> bool {
+        self.phase != Phase::Boot
+    }
+
+    // ---- control operations (the API) ----
+
+    fn managed(&self, name: &str) -> Result<&Managed, ControlError> {
+        self.containers
+            .get(name)
+            .ok_or_else(|| ControlError::NotFound(format!("no container named {name}")))
+    }
+
+    pub fn statuses(&self) -> Vec<Status> {
+        self.containers
+            .iter()
+            .map(|(name, m)| Status {
+                name: name.clone(),
+                kind: m.config.lifecycle.kind,
+                state: m.state.name(),
+                pid: m.state.run().map(|r| r.pid),
+                uptime_ms: m.state.run().map(|r| r.since.elapsed().as_millis() as u64),
+                restarts: m.restarts,
+                health: m
+                    .state
+                    .run()
+                    .and_then(|r| r.health.as_ref())
+                    .map(|h| h.health.as_str()),
+                last_exit: m.last_exit.clone(),
+            })
+            .collect()
+    }
+
+    /// Starts a container that is not running (clears a stop that held it).
+    pub fn start_container(&mut self, name: &str) -> Result<(), ControlError> {
+        let m = self.managed(name)?;
+        if m.state.run().is_some() || matches!(m.state, State::BackingOff { .. }) {
+            return Err(ControlError::Conflict(format!("{name} is already running")));
+        }
+        if matches!(
+            self.phase,
+            Phase::Stopping | Phase::ShutdownTasks | Phase::Finished
+        ) {
+            return Err(ControlError::Conflict("the host is shutting down".into()));
+        }
+        if let Some(m) = self.containers.get_mut(name) {
+            m.held = false;
+            m.failures = 0;
+            m.state = State::Waiting;
+        }
+        self.start(name);
+        self.advance();
+        match &self.managed(name)?.state {
+            State::Failed(why) => Err(ControlError::Failed(why.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops a container and keeps it stopped (no restart) until started again.
+    pub fn stop_container(
+        &mut self,
+        name: &str,
+        timeout_ms: Option<u64>,
+    ) -> Result<(), ControlError> {
+        let m = self.managed(name)?;
+        match &m.state {
+            State::Running(_) => {}
+            State::BackingOff { .. } | State::Waiting => {
+                if let Some(m) = self.containers.get_mut(name) {
+                    m.held = true;
+                    m.state = State::Stopped;
+                }
+                return Ok(());
+            }
+            State::Stopping(_) => return Ok(()),
+            _ => return Err(ControlError::Conflict(format!("{name} is not running"))),
+        }
+        if let Some(m) = self.containers.get_mut(name) {
+            m.held = true;
+            if let Some(ms) = timeout_ms {
+                m.config.lifecycle.stop_timeout_ms = ms;
+            }
+        }
+        self.send_stop(name);
+        Ok(())
+    }
+
+    /// Stops (if running) and starts again.
+    pub fn restart_container(&mut self, name: &str) -> Result<(), ControlError> {
+        let m = self.managed(name)?;
+        if m.state.run().is_none() {
+            return self.start_container(name);
+        }
+        if let Some(m) = self.containers.get_mut(name) {
+            m.held = false;
+            m.restart_requested = true;
+        }
+        self.send_stop(name);
+        Ok(())
+    }
+
+    /// Sends a signal to a container's main process; its restart policy decides the rest.
+    pub fn kill_container(&mut self, name: &str, signal: i32) -> Result<(), ControlError> {
+        let m = self.managed(name)?;
+        let Some(run) = m.state.run() else {
+            return Err(ControlError::Conflict(format!("{name} is not running")));
+        };
+        send_signal(&run.pidfd, signal)
+            .map_err(|e| ControlError::Failed(format!("signal {signal}: {e}")))
+    }
+
+    /// Everything known about one container, for `keel inspect`.
+    pub fn inspect(&self, name: &str) -> Result<serde_json::Value, ControlError> {
+        let m = self.managed(name)?;
+        let status = self.statuses().into_iter().find(|s| s.name == name);
+        let stats = self
+            .stats()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s);
+        Ok(serde_json::json!({
+            "name": name,
+            "kind": format!("{:?}", m.config.lifecycle.kind).to_lowercase(),
+            "state": m.state.name(),
+            "failure": match &m.state { State::Failed(why) => Some(why.clone()), _ => None },
+            "pid": status.as_ref().and_then(|s| s.pid),
+            "uptime_ms": status.as_ref().and_then(|s| s.uptime_ms),
+            "restarts": m.restarts,
+            "health": status.as_ref().and_then(|s| s.health),
+            "last_exit": m.last_exit,
+            "user_namespace": m.userns.map(|u| serde_json::json!({"uid": u.uid, "gid": u.gid, "size": u.size})),
+            "cgroup": m.instance.as_ref().map(|i| i.cgroup().path().display().to_string()),
+            "stats": stats.map(|s| serde_json::json!({
+                "cpu_usage_usec": s.cpu_usage_usec,
+                "memory_current": s.memory_current,
+                "memory_peak": s.memory_peak,
+                "pids_current": s.pids_current,
+                "oom_kills": s.oom_kills,
+            })),
+            "config": format!("{:#?}", m.config),
+        }))
+    }
+
+    /// Runs a command inside a running container; the exit code arrives on `exit`.
+    pub fn exec(
+        &mut self,
+        name: &str,
+        argv: &[String],
+        env: &[String],
+    ) -> Result<ExecStarted, ControlError> {
+        let (pid, _pidfd, stdout, stderr) = self.spawn_exec(name, argv, env, false)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.execs.insert(pid, ExecWaiter::Api(tx));
+        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+            return Err(ControlError::Failed("exec output pipes".into()));
+        };
+        Ok(ExecStarted {
+            pid,
+            stdout,
+            stderr,
+            exit: rx,
+        })
+    }
+
+    /// Starts an exec; with `quiet` its output goes to /dev/null (health probes).
+    fn spawn_exec(
+        &mut self,
+        name: &str,
+        argv: &[String],
+        env: &[String],
+        quiet: bool,
+    ) -> Result<(libc::pid_t, OwnedFd, Option<OwnedFd>, Option<OwnedFd>), ControlError> {
+        let m = self
+            .containers
+            .get(name)
+            .ok_or_else(|| ControlError::NotFound(format!("no container named {name}")))?;
+        let (Some(instance), Some(run)) = (&m.instance, m.state.run()) else {
+            return Err(ControlError::Conflict(format!("{name} is not running")));
+        };
+        let dev_null = self
+            .dev_null
+            .as_ref()
+            .ok_or_else(|| ControlError::Failed("no /dev/null".into()))?;
+        let (stdio, readers) = if quiet {
+            ([dev_null.as_raw_fd(); 3], None)
+        } else {
+            let out = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| ControlError::Failed(e.to_string()))?;
+            let err = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                .map_err(|e| ControlError::Failed(e.to_string()))?;
+            let stdio = [dev_null.as_raw_fd(), out.1.as_raw_fd(), err.1.as_raw_fd()];
+            (stdio, Some((out, err)))
+        };
+        let spawned = instance
+            .spawn_exec(&mut self.runtime, &run.pidfd, argv, env, stdio)
+            .map_err(ControlError::Failed)?;
+        let steps: Vec<String> = Vec::new();
+        tokio::spawn(report_start_failure(
+            format!("{name} (exec)"),
+            spawned.error_pipe,
+            steps,
+        ));
+        let (stdout, stderr) = match readers {
+            Some(((out_r, _out_w), (err_r, _err_w))) => (Some(out_r), Some(err_r)),
+            None => (None, None),
+        };
+        Ok((spawned.pid, spawned.pidfd, stdout, stderr))
+    }
+
+    /// Counters of every container, for the log or the API.
+    pub fn stats(&self) -> Vec<(String, Stats)> {
+        self.containers
+            .iter()
+            .map(|(name, m)| {
+                let mut stats = Stats {
+                    state: m.state.name(),
+                    pid: m.state.run().map(|r| r.pid),
+                    restarts: m.restarts,
+                    ..Stats::default()
+                };
+                if let Some(i) = &m.instance {
+                    let cg = i.cgroup();
+                    stats.cpu_usage_usec = cg.keyed("cpu.stat", "usage_usec");
+                    stats.memory_current = cg.number("memory.current");
+                    stats.memory_peak = cg.number("memory.peak");
+                    stats.pids_current = cg.number("pids.current");
+                    stats.oom_kills = cg.keyed("memory.events", "oom_kill");
+                }
+                (name.clone(), stats)
+            })
+            .collect()
+    }
+
+    /// Removes the cgroups of stopped containers (best effort, at the end of shutdown).
+    pub fn remove_cgroups(&self) {
+        for (name, m) in &self.containers {
+            if let Some(i) = &m.instance
+                && let Err(e) = i.cgroup().remove()
+            {
+                log::warn!(
+                    "{name}: cannot remove cgroup {}: {e}",
+                    i.cgroup().path().display()
+                );
+            }
+        }
+    }
+}
+
+/// Sends `event` back to the supervisor after `delay`.
+fn schedule(events: &UnboundedSender<Event>, delay: Duration, event: Event) {
+    let events = events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = events.send(event);
+    });
+}
+
+fn send_signal(pidfd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Kills whatever is left in a finished container's cgroup and removes it.
+fn remove_cgroup(name: &str, managed: &Managed) {
+    let Some(instance) = &managed.instance else {
+        return;
+    };
+    let cgroup = instance.cgroup().clone();
+    if !cgroup.is_empty() {
+        let _ = cgroup.kill_all();
+    }
+    let name = name.to_string();
+    // Killed processes leave the cgroup asynchronously; rmdir succeeds once they have.
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(5);
+        for _ in 0..12 {
+            match cgroup.remove() {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "{name}: cannot remove cgroup {}: {e}",
+                        cgroup.path().display()
+                    );
+                    return;
+                }
+            }
+        }
+        log::warn!(
+            "{name}: cgroup {} still busy; left in place",
+            cgroup.path().display()
+        );
+    });
 }
 
 /// Where automatically allocated user namespace ranges start (like /etc/subuid's usual
@@ -180,16 +1453,6 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-pub struct Supervisor {
-    runtime: Runtime,
-    events: UnboundedSender<Event>,
-    console: Option<Arc<Console>>,
-    dev_null: Option<OwnedFd>,
-    backoff: Backoff,
-    containers: BTreeMap<String, Managed>,
-    stopping: bool,
-}
-
 /// A container's counters, read from its cgroup.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -219,383 +1482,6 @@ impl std::fmt::Display for Stats {
             n(self.oom_kills)
         )
     }
-}
-
-impl Supervisor {
-    /// `cgroups` is the parent of every container cgroup (`/sys/fs/cgroup/keel`).
-    pub fn new(
-        config: &HostConfig,
-        paths: Paths,
-        cgroups: Cgroup,
-        events: UnboundedSender<Event>,
-        console: Option<Arc<Console>>,
-    ) -> Supervisor {
-        let userns = allocate_userns(&config.containers);
-        let containers = config
-            .containers
-            .iter()
-            .map(|(name, c)| {
-                (
-                    name.clone(),
-                    Managed {
-                        config: c.clone(),
-                        prepared: None,
-                        userns: userns.get(name).copied(),
-                        state: State::Idle,
-                        restarts: 0,
-                        last_delay: None,
-                        generation: 0,
-                    },
-                )
-            })
-            .collect();
-        let dev_null = rustix::fs::open(
-            "/dev/null",
-            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| log::error!("cannot open /dev/null for container stdin: {e}"))
-        .ok();
-        Supervisor {
-            runtime: Runtime::new(paths, cgroups),
-            events,
-            console,
-            dev_null,
-            backoff: Backoff::default(),
-            containers,
-            stopping: false,
-        }
-    }
-
-    /// Starts every container. A container that fails to start is logged and does not
-    /// stop the others.
-    pub fn start_all(&mut self) {
-        for dir in [
-            &self.runtime.paths.layers,
-            &self.runtime.paths.containers,
-            &self.runtime.paths.logs,
-        ] {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                log::error!("cannot create {}: {e}", dir.display());
-            }
-        }
-        let names: Vec<String> = self.containers.keys().cloned().collect();
-        for name in names {
-            self.start(&name);
-        }
-    }
-
-    fn start(&mut self, name: &str) {
-        if self.stopping {
-            return;
-        }
-        let Some(managed) = self.containers.get_mut(name) else {
-            return;
-        };
-        if managed.prepared.is_none() {
-            match Instance::prepare(&self.runtime, name, &managed.config, managed.userns) {
-                Ok(p) => managed.prepared = Some(p),
-                Err(e) => {
-                    log::error!("{name}: cannot be started: {e}");
-                    managed.state = State::Done;
-                    return;
-                }
-            }
-        }
-        let Some(prepared) = managed.prepared.as_ref() else {
-            return;
-        };
-        let plan = match prepared.plan(&mut self.runtime) {
-            Ok(plan) => plan,
-            Err(e) => {
-                log::error!("{name}: cannot be started: {e}");
-                managed.state = State::Done;
-                return;
-            }
-        };
-        let Some(dev_null) = self.dev_null.as_ref() else {
-            log::error!("{name}: cannot be started without /dev/null");
-            managed.state = State::Done;
-            return;
-        };
-        // Leftovers of a previous run (possible when it shared the host pid namespace)
-        // must not share the cgroup with the new one.
-        if !prepared.cgroup().is_empty() {
-            let _ = prepared.cgroup().kill_all();
-        }
-        let (out_read, out_write) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        {
-            Ok(p) => p,
-            Err(e) => {
-                log::error!("{name}: cannot create the output pipe: {e}");
-                self.schedule_restart(name, Duration::ZERO);
-                return;
-            }
-        };
-        let stdio = [
-            dev_null.as_raw_fd(),
-            out_write.as_raw_fd(),
-            out_write.as_raw_fd(),
-        ];
-        let oom_kills_before = prepared
-            .cgroup()
-            .keyed("memory.events", "oom_kill")
-            .unwrap_or(0);
-        match prepared.spawn(&plan, stdio) {
-            Ok(spawned) => {
-                drop(out_write);
-                log::info!("{name}: started pid={}", spawned.pid);
-                let log_path = self.runtime.paths.logs.join(format!("{name}.log"));
-                let console = if managed.config.console {
-                    self.console.clone()
-                } else {
-                    None
-                };
-                tokio::spawn(pump(name.to_string(), out_read, log_path, console));
-                let steps = plan.steps.iter().map(Step::describe).collect();
-                tokio::spawn(report_start_failure(
-                    name.to_string(),
-                    spawned.error_pipe,
-                    steps,
-                ));
-                managed.state = State::Running {
-                    pid: spawned.pid,
-                    pidfd: spawned.pidfd,
-                    since: Instant::now(),
-                    oom_kills_before,
-                };
-            }
-            Err(e) => {
-                log::error!("{name}: clone3 failed: {e}");
-                self.schedule_restart(name, Duration::ZERO);
-            }
-        }
-    }
-
-    /// Counters of every container, for the log or an API.
-    pub fn stats(&self) -> Vec<(String, Stats)> {
-        self.containers
-            .iter()
-            .map(|(name, m)| {
-                let (state, pid) = match &m.state {
-                    State::Idle => ("idle", None),
-                    State::Running { pid, .. } => ("running", Some(*pid)),
-                    State::BackingOff { .. } => ("restarting", None),
-                    State::Done => ("stopped", None),
-                };
-                let mut stats = Stats {
-                    state,
-                    pid,
-                    restarts: m.restarts,
-                    ..Stats::default()
-                };
-                if let Some(p) = &m.prepared {
-                    let cg = p.cgroup();
-                    stats.cpu_usage_usec = cg.keyed("cpu.stat", "usage_usec");
-                    stats.memory_current = cg.number("memory.current");
-                    stats.memory_peak = cg.number("memory.peak");
-                    stats.pids_current = cg.number("pids.current");
-                    stats.oom_kills = cg.keyed("memory.events", "oom_kill");
-                }
-                (name.clone(), stats)
-            })
-            .collect()
-    }
-
-    /// Handles the exit of a reaped child; false when `pid` is not a container's main process.
-    pub fn on_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
-        let Some((name, managed)) = self
-            .containers
-            .iter_mut()
-            .find(|(_, m)| matches!(m.state, State::Running { pid: p, .. } if p == pid))
-        else {
-            return false;
-        };
-        let name = name.clone();
-        let (ran_for, oom_kills_before) = match &managed.state {
-            State::Running {
-                since,
-                oom_kills_before,
-                ..
-            } => (since.elapsed(), *oom_kills_before),
-            _ => (Duration::ZERO, 0),
-        };
-        managed.state = State::Idle;
-        // The kernel's OOM killer sends SIGKILL: memory.events tells it from a kill -9.
-        let oom_kills = managed
-            .prepared
-            .as_ref()
-            .and_then(|p| p.cgroup().keyed("memory.events", "oom_kill"))
-            .unwrap_or(0);
-        if oom_kills > oom_kills_before {
-            let limit = managed
-                .config
-                .resources
-                .memory_max
-                .map_or_else(|| "no limit".to_string(), |m| format!("memory.max {m}"));
-            log::warn!(
-                "{name}: out of memory: killed by the OOM killer ({limit}, oom_kill {oom_kills})"
-            );
-        }
-        let status_text =
-            if status == ExitStatus::Signal(libc::SIGKILL) && oom_kills > oom_kills_before {
-                "OOM-killed".to_string()
-            } else {
-                status.to_string()
-            };
-        let status = status_text;
-        if self.stopping {
-            log::info!(
-                "{name}: {status} after {} ms (stopped)",
-                ran_for.as_millis()
-            );
-            managed.state = State::Done;
-            remove_cgroup(&name, managed);
-            return true;
-        }
-        match managed.config.restart {
-            RestartPolicy::No => {
-                log::info!(
-                    "{name}: {status} after {} ms; restart policy \"no\": not restarting",
-                    ran_for.as_millis()
-                );
-                managed.state = State::Done;
-                remove_cgroup(&name, managed);
-            }
-            RestartPolicy::Always
-            | RestartPolicy::UnlessStopped
-            | RestartPolicy::OnFailure { .. } => {
-                let delay = self.backoff.next(managed.last_delay, ran_for);
-                log::info!(
-                    "{name}: {status} after {} ms; restarting in {} ms (restart #{})",
-                    ran_for.as_millis(),
-                    delay.as_millis(),
-                    managed.restarts + 1
-                );
-                self.schedule_restart(&name, delay);
-            }
-        }
-        true
-    }
-
-    fn schedule_restart(&mut self, name: &str, delay: Duration) {
-        let Some(managed) = self.containers.get_mut(name) else {
-            return;
-        };
-        managed.generation += 1;
-        managed.restarts += 1;
-        managed.last_delay = Some(delay.max(self.backoff.initial));
-        let generation = managed.generation;
-        managed.state = State::BackingOff { generation };
-        let events = self.events.clone();
-        let name = name.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = events.send(Event::RestartDue { name, generation });
-        });
-    }
-
-    pub fn on_event(&mut self, event: Event) {
-        match event {
-            Event::RestartDue { name, generation } => {
-                let due = self.containers.get(&name).is_some_and(
-                    |m| matches!(m.state, State::BackingOff { generation: g } if g == generation),
-                );
-                if due {
-                    self.start(&name);
-                }
-            }
-        }
-    }
-
-    /// Begins an orderly stop: no more restarts, SIGTERM to every container's main process.
-    pub fn stop_all(&mut self) {
-        self.stopping = true;
-        for (name, managed) in &mut self.containers {
-            match &managed.state {
-                State::Running { pidfd, pid, .. } => {
-                    log::info!("{name}: sending SIGTERM to pid {pid}");
-                    if let Err(e) =
-                        rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::TERM)
-                    {
-                        log::warn!("{name}: SIGTERM failed: {e}");
-                    }
-                }
-                State::BackingOff { .. } | State::Idle => managed.state = State::Done,
-                State::Done => {}
-            }
-        }
-    }
-
-    /// Kills whatever is left of every container, its whole cgroup at once.
-    pub fn kill_all(&mut self) {
-        for (name, managed) in &self.containers {
-            if let (State::Running { .. }, Some(prepared)) = (&managed.state, &managed.prepared) {
-                log::warn!("{name}: still running after the stop timeout: killing its cgroup");
-                if let Err(e) = prepared.cgroup().kill_all() {
-                    log::warn!("{name}: {e}");
-                }
-            }
-        }
-    }
-
-    /// Number of containers whose main process has not been reaped yet.
-    pub fn running(&self) -> usize {
-        self.containers
-            .values()
-            .filter(|m| matches!(m.state, State::Running { .. }))
-            .count()
-    }
-
-    /// Removes the cgroups of stopped containers (best effort, at shutdown).
-    pub fn remove_cgroups(&self) {
-        for (name, managed) in &self.containers {
-            if let Some(prepared) = &managed.prepared
-                && let Err(e) = prepared.cgroup().remove()
-            {
-                log::warn!(
-                    "{name}: cannot remove cgroup {}: {e}",
-                    prepared.cgroup().path().display()
-                );
-            }
-        }
-    }
-}
-
-/// Kills whatever is left in a finished container's cgroup and removes it.
-fn remove_cgroup(name: &str, managed: &Managed) {
-    let Some(prepared) = &managed.prepared else {
-        return;
-    };
-    let cgroup = prepared.cgroup().clone();
-    if !cgroup.is_empty() {
-        let _ = cgroup.kill_all();
-    }
-    let name = name.to_string();
-    // Killed processes leave the cgroup asynchronously; rmdir succeeds once they have.
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(5);
-        for _ in 0..12 {
-            match cgroup.remove() {
-                Ok(()) => return,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    log::warn!(
-                        "{name}: cannot remove cgroup {}: {e}",
-                        cgroup.path().display()
-                    );
-                    return;
-                }
-            }
-        }
-        log::warn!(
-            "{name}: cgroup {} still busy; left in place",
-            cgroup.path().display()
-        );
-    });
 }
 
 /// Logs why a child failed before its execve, if it did.
@@ -722,6 +1608,30 @@ mod tests {
         assert!(maps["d"].uid > 165_536 && maps["e"].uid > maps["d"].uid);
         // The same set gives the same ranges.
         assert_eq!(allocate_userns(&containers), maps);
+    }
+
+    #[test]
+    fn restart_policies_decide_like_docker() {
+        use ExitStatus::{Code, Signal};
+        let no = RestartPolicy::No;
+        assert_eq!(decide(no, Code(0), 0), Decision::Done { completed: true });
+        assert_eq!(decide(no, Code(1), 1), Decision::Done { completed: false });
+        for p in [RestartPolicy::Always, RestartPolicy::UnlessStopped] {
+            assert_eq!(decide(p, Code(0), 0), Decision::Restart);
+            assert_eq!(decide(p, Signal(9), 5), Decision::Restart);
+        }
+        let on_failure = RestartPolicy::OnFailure { max: Some(2) };
+        assert_eq!(
+            decide(on_failure, Code(0), 0),
+            Decision::Done { completed: true }
+        );
+        assert_eq!(decide(on_failure, Code(1), 1), Decision::Restart);
+        assert_eq!(decide(on_failure, Signal(9), 2), Decision::Restart);
+        assert_eq!(decide(on_failure, Code(1), 3), Decision::GiveUp);
+        assert_eq!(
+            decide(RestartPolicy::OnFailure { max: None }, Code(1), 1000),
+            Decision::Restart
+        );
     }
 
     #[test]
