@@ -283,11 +283,7 @@ pub struct Supervisor {
 
 enum ExecWaiter {
     Api(tokio::sync::oneshot::Sender<i32>),
-    Probe {
-        name: String,
-        generation: u64,
-        pidfd: OwnedFd,
-    },
+    Probe { name: String, generation: u64 },
 }
 
 impl Supervisor {
@@ -968,19 +964,17 @@ impl Supervisor {
                 let argv = argv.clone();
                 match self.spawn_exec(name, &argv, &[], true) {
                     Ok((pid, pidfd, _, _)) => {
-                        // A probe that outlives its timeout is killed; its exit reports the failure.
-                        if let Ok(dup) = pidfd.try_clone() {
-                            tokio::spawn(async move {
-                                tokio::time::sleep(timeout).await;
-                                let _ = send_signal(&dup, libc::SIGKILL);
-                            });
-                        }
+                        // A probe that outlives its timeout is killed; its exit reports the
+                        // failure. The pidfd makes sure a reused pid is never hit.
+                        tokio::spawn(async move {
+                            tokio::time::sleep(timeout).await;
+                            let _ = send_signal(&pidfd, libc::SIGKILL);
+                        });
                         self.execs.insert(
                             pid,
                             ExecWaiter::Probe {
                                 name: name.to_string(),
                                 generation,
-                                pidfd,
                             },
                         );
                     }
