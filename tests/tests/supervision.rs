@@ -82,9 +82,10 @@ fn tasks_dependencies_policies_health_stops_and_faults() {
     );
     assert!(c.contains("sick: restarting because it is unhealthy"));
 
-    // Faults around a web server: zombies, a log flood, a closed stdout. PID 1 keeps
-    // serving and web keeps its first run.
-    vm.wait_for_line_anywhere("[zombies] zombies: made", STEP_TIMEOUT)
+    // Faults around a web server: 10 000 zombies, a log flood, a closed stdout. PID 1
+    // keeps serving and web keeps its first run. Forking 10 000 shells takes a while
+    // under emulation.
+    vm.wait_for_line_anywhere("[zombies] zombies: made", BOOT_TIMEOUT)
         .unwrap();
     vm.wait_for_line_anywhere("keel: flood: exited with code 0", STEP_TIMEOUT)
         .unwrap();
