@@ -301,6 +301,8 @@ impl std::error::Error for ApiError {}
 pub enum Stream {
     Stdout,
     Stderr,
+    /// Log entries only: a record by Keel itself about the log (lines it had to drop...).
+    Keel,
 }
 
 impl Stream {
@@ -308,6 +310,7 @@ impl Stream {
         match self {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
+            Stream::Keel => "keel",
         }
     }
 }
@@ -324,6 +327,7 @@ impl FromStr for Stream {
         match s {
             "stdout" => Ok(Stream::Stdout),
             "stderr" => Ok(Stream::Stderr),
+            "keel" => Ok(Stream::Keel),
             _ => Err(()),
         }
     }

@@ -1,5 +1,6 @@
 //! The line format of `/var/log/keel/NAME.log`:
-//! `<RFC 3339 UTC timestamp with milliseconds> <stdout|stderr> <the line>`.
+//! `<RFC 3339 UTC timestamp with milliseconds> <stdout|stderr|keel> <the line>` (`keel`:
+//! a record by the supervisor itself, such as a count of dropped lines).
 
 use crate::time::{format_rfc3339_ms, parse_rfc3339_ms};
 use crate::{LogEntry, Stream};
@@ -41,6 +42,11 @@ mod tests {
                 stream: Stream::Stdout,
                 line: "GET / 200".into()
             })
+        );
+        let e = parse_log_line("2026-11-27T16:30:00.123Z keel 3 lines dropped").unwrap();
+        assert_eq!(
+            (e.stream, e.line.as_str()),
+            (Stream::Keel, "3 lines dropped")
         );
         let e = parse_log_line("2026-11-27T16:30:00.123Z stderr  two  spaces ").unwrap();
         assert_eq!(

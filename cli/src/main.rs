@@ -1,6 +1,7 @@
 //! `keel`: build a Keel host from its host file and boot it in QEMU.
 
 mod build;
+mod control;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -17,6 +18,14 @@ use keel_qemu::{PortForward, VmConfig};
     about = "Build Keel hosts and boot them in QEMU"
 )]
 struct Cli {
+    /// Drive the VM that `keel run DIR` runs, through DIR/api.sock (the host end of its
+    /// virtio-serial control port). Without it, the API commands use /run/keel/api.sock, as
+    /// inside a guest.
+    #[arg(long, global = true, value_name = "DIR")]
+    vm: Option<PathBuf>,
+    /// The control API's unix socket, overriding --vm.
+    #[arg(long, global = true, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,11 +90,81 @@ enum Command {
         #[arg(long = "ref")]
         ref_name: Option<String>,
     },
+    /// List the containers of a running host: state, pid, uptime, restarts, health, last exit.
+    Ps {
+        /// The statuses as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a container's log (stdout to stdout, stderr to stderr).
+    Logs {
+        name: String,
+        /// Keep following the log as it grows.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only entries since then: a duration back from now (10m, 1h30m, 45s) or an RFC 3339
+        /// time (2026-11-27T16:30:00Z).
+        #[arg(long, value_name = "DURATION|RFC3339")]
+        since: Option<String>,
+        /// Only the last N entries.
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+        /// Prefix each line with its time.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Start a stopped container.
+    Start { name: String },
+    /// Stop a container (its stop signal, then SIGKILL); it stays stopped until `start`.
+    Stop {
+        name: String,
+        /// Seconds between the stop signal and SIGKILL [default: the container's]
+        #[arg(short = 't', long = "time", value_name = "SECONDS")]
+        time: Option<f64>,
+    },
+    /// Restart a container.
+    Restart { name: String },
+    /// Send a signal to a container's main process (its restart policy then applies).
+    Kill {
+        /// A name (KILL, SIGTERM, hup) or a number.
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        name: String,
+    },
+    /// A container's status and configuration, as JSON.
+    Inspect { name: String },
+    /// cgroup counters: CPU time, memory, pids, OOM kills.
+    Stats {
+        /// One container [default: all]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a running container (its namespaces, cgroup and security settings);
+    /// exits with the command's exit code. No stdin, no terminal.
+    Exec {
+        /// NAME=value added to the container's environment, repeatable.
+        #[arg(short, long)]
+        env: Vec<String>,
+        name: String,
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Reboot the host.
+    Reboot,
+    /// Power the host off.
+    Poweroff,
 }
 
 #[derive(clap::Args)]
 struct Inputs {
-    /// The static init binary [default: keel-init beside this program]
+    /// The static init binary [default: target/<triple>/init/keel-init if built, else
+    /// keel-init beside this program]
     #[arg(long, env = "KEEL_INIT")]
     init: Option<PathBuf>,
     /// Download cache for the kernel package [default: ~/.cache/keel]
@@ -97,9 +176,23 @@ impl Inputs {
     fn options(&self) -> Result<build::BuildOptions, String> {
         let init = match &self.init {
             Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .map_err(|e| e.to_string())?
-                .with_file_name("keel-init"),
+            None => {
+                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                // The size-optimised build (profile `init`, target/<triple>/init/) unless the
+                // one beside this program is newer: a stale small init must never win.
+                let beside = exe.with_file_name("keel-init");
+                let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+                let small = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(|dir| dir.join("init/keel-init"));
+                match small {
+                    Some(small) if modified(&small) >= modified(&beside) && small.is_file() => {
+                        small
+                    }
+                    _ => beside,
+                }
+            }
         };
         let cache_dir = match &self.cache {
             Some(c) => c.clone(),
@@ -159,7 +252,42 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
-    match cli.command {
+    let target = control::Target::new(cli.vm, cli.api_socket);
+    let action = match cli.command {
+        Command::Ps { json } => control::Action::Ps { json },
+        Command::Logs {
+            name,
+            follow,
+            since,
+            tail,
+            timestamps,
+        } => control::Action::Logs {
+            name,
+            follow,
+            since,
+            tail,
+            timestamps,
+        },
+        Command::Start { name } => control::Action::Start { name },
+        Command::Stop { name, time } => control::Action::Stop {
+            name,
+            timeout_s: time,
+        },
+        Command::Restart { name } => control::Action::Restart { name },
+        Command::Kill { signal, name } => control::Action::Kill { name, signal },
+        Command::Inspect { name } => control::Action::Inspect { name },
+        Command::Stats { name, json } => control::Action::Stats { name, json },
+        Command::Exec { env, name, command } => control::Action::Exec { name, command, env },
+        Command::Reboot => control::Action::Reboot,
+        Command::Poweroff => control::Action::Poweroff,
+        other => return run_local(other),
+    };
+    Ok(control::run(&target, action))
+}
+
+/// The commands that do not talk to a running host.
+fn run_local(command: Command) -> Result<ExitCode, Failure> {
+    match command {
         Command::Check { host_file } => {
             let c = load(&host_file)?;
             println!(
@@ -217,6 +345,13 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     p.host, p.guest
                 );
             }
+            // The host end of the guest's control port: `keel --vm DIR ...` connects there.
+            let api_socket = dir.join("api.sock");
+            eprintln!(
+                "keel: control API on {} (keel --vm {} ps)",
+                api_socket.display(),
+                dir.display()
+            );
             let vm = VmConfig {
                 kernel: dir.join("vmlinuz"),
                 initrd: Some(dir.join("initramfs.img")),
@@ -225,10 +360,14 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 publish,
                 echo_console: console.is_none(),
                 console_log: console,
+                api_socket: Some(api_socket.clone()),
                 ..VmConfig::default()
             };
             let code = keel_qemu::run_interactive(vm, Duration::from_secs(shutdown_timeout))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string());
+            // QEMU leaves its listening socket behind; nobody answers there any more.
+            let _ = std::fs::remove_file(&api_socket);
+            let code = code?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
         Command::Import {
@@ -267,5 +406,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        // Dispatched by run() before coming here.
+        _ => Err(Failure::Other("internal error: misrouted command".into())),
     }
 }

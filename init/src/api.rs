@@ -590,6 +590,7 @@ impl<'a> Session<'a> {
         let mut out_buf = vec![0u8; 16 * 1024];
         let mut err_buf = vec![0u8; 16 * 1024];
         let mut input = [0u8; 4096];
+        let mut watching = true;
         let code = loop {
             tokio::select! {
                 read = read_pipe(&out, &mut out_buf), if out_open => match read {
@@ -607,11 +608,15 @@ impl<'a> Session<'a> {
                     _ => err_open = false,
                 },
                 code = &mut exit => break code,
-                read = conn.read(&mut input) => match read {
+                read = conn.read(&mut input), if watching => match read {
                     Ok(n @ 1..) => {
                         self.input.extend_from_slice(input.get(..n).unwrap_or_default());
                         return Ok(());
                     }
+                    // A unix socket client may have only shut down its sending side (as
+                    // socat does): it still wants the answer, and a write will tell if it
+                    // is gone. On the port the end of input is the host end closing.
+                    Ok(0) if matches!(conn, Conn::Unix(_)) => watching = false,
                     _ => return Err(Gone),
                 },
             }
@@ -1138,7 +1143,7 @@ mod tests {
     fn entry(ts_ms: u64, line: &str) -> String {
         format_log_line(&LogEntry {
             ts_ms,
-            stream: if ts_ms % 2 == 0 {
+            stream: if ts_ms.is_multiple_of(2) {
                 Stream::Stdout
             } else {
                 Stream::Stderr
@@ -1406,7 +1411,7 @@ mod tests {
                 vec![],
                 |s, d| match s {
                     Stream::Stdout => out.extend_from_slice(d),
-                    Stream::Stderr => err.extend_from_slice(d),
+                    Stream::Stderr | Stream::Keel => err.extend_from_slice(d),
                 },
             )
             .unwrap();
@@ -1440,7 +1445,9 @@ mod tests {
             runtime.block_on(async move {
                 theirs.set_nonblocking(true).unwrap();
                 let conn = Conn::Unix(UnixStream::from_std(theirs).unwrap());
-                let (calls, _requests) = mpsc::unbounded_channel();
+                // No main loop: commands must fail cleanly.
+                let (calls, requests) = mpsc::unbounded_channel();
+                drop(requests);
                 Session::new(&conn, Vec::new(), &calls, &logs_dir)
                     .run()
                     .await;
@@ -1504,7 +1511,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
             let (calls, _requests) = mpsc::unbounded_channel();
             tokio::spawn(serve_uid(listener, calls, logs, uid.wrapping_add(1)));
-            let mut stream = UnixStream::connect(&socket).await.unwrap();
+            let stream = UnixStream::connect(&socket).await.unwrap();
             let mut text = Vec::new();
             let mut buf = [0u8; 1024];
             loop {

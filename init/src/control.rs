@@ -3,7 +3,6 @@
 //! supervisor to the main loop as a [`Call`]; this module answers it.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use keel_api::{ApiError, ContainerStatus, ErrorCode, Stats};
 use keel_init::api::{self, Call, Command, ExecHandle, Reply};
@@ -14,8 +13,6 @@ use crate::Action;
 
 /// The API socket inside the guest.
 pub const API_SOCKET: &str = "/run/keel/api.sock";
-/// The virtio-serial port `keel run` connects to the host's `DIR/api.sock`.
-pub const VIRTIO_PORT: &str = "/dev/virtio-ports/keel.api";
 const LOGS_DIR: &str = "/var/log/keel";
 
 /// Starts both servers; a server that cannot start is logged and the host runs without it.
@@ -26,20 +23,13 @@ pub fn start_servers(calls: UnboundedSender<Call>) {
         }
         Err(e) => log::error!("control API on {API_SOCKET}: {e}"),
     }
-    tokio::spawn(async move {
-        // The port appears once virtio_console has bound the device; modules are loaded
-        // by now, but udev-less devtmpfs may lag a moment behind.
-        for _ in 0..50 {
-            if Path::new(VIRTIO_PORT).exists() {
-                api::serve_virtio(Path::new(VIRTIO_PORT), calls, PathBuf::from(LOGS_DIR)).await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        log::info!(
-            "no virtio-serial control port ({VIRTIO_PORT}); the API is on {API_SOCKET} only"
-        );
-    });
+    // serve_virtio finds the port by its name in /sys/class/virtio-ports (there is no udev
+    // to make the /dev/virtio-ports link) and waits for it to appear.
+    tokio::spawn(api::serve_virtio(
+        Path::new(api::VIRTIO_PORT_PATH),
+        calls,
+        PathBuf::from(LOGS_DIR),
+    ));
 }
 
 fn error(e: ControlError) -> ApiError {

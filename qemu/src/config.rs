@@ -6,6 +6,9 @@ use std::str::FromStr;
 
 use crate::accel::Accel;
 
+/// The name of the virtio-serial port of the control API (keel_api::VIRTIO_PORT_NAME).
+pub const API_PORT_NAME: &str = "keel.api";
+
 /// The machine type used for every boot (and for the KVM probe, so that the probe exercises the
 /// same vCPU setup as a real boot).
 pub(crate) const MACHINE: &str = "q35";
@@ -31,6 +34,12 @@ pub struct VmConfig {
     pub console_log: Option<PathBuf>,
     /// Copy the console to our stdout as it arrives (what `keel run` wants; tests leave it off).
     pub echo_console: bool,
+    /// The host end of the guest's control API port: QEMU listens on this unix socket and
+    /// connects whoever connects there to the virtio-serial port `keel.api`, where PID 1
+    /// serves the control API (see docs/api.md). Anyone who can open the socket controls the
+    /// guest as root, hence [`crate::Vm::boot`] puts it in a private directory when this is
+    /// `None`. `keel run DIR` uses `DIR/api.sock`.
+    pub api_socket: Option<PathBuf>,
     /// Appended verbatim to the QEMU command line.
     pub extra_args: Vec<String>,
 }
@@ -47,7 +56,7 @@ impl VmConfig {
 
 impl Default for VmConfig {
     /// No kernel (it must be set), no initrd, `console=ttyS0 panic=-1`, 512 MiB, one vCPU,
-    /// nothing published, no log, no echo.
+    /// nothing published, no log, no echo, the API socket chosen at boot.
     ///
     /// `panic=-1` makes a panicking guest reboot at once, which `-no-reboot` turns into QEMU
     /// exiting, so a dead guest never leaves a hung QEMU behind.
@@ -61,6 +70,7 @@ impl Default for VmConfig {
             publish: Vec::new(),
             console_log: None,
             echo_console: false,
+            api_socket: None,
             extra_args: Vec::new(),
         }
     }
@@ -119,7 +129,8 @@ impl fmt::Display for PortForward {
 /// The full QEMU argument list (without the program name) for `cfg`.
 ///
 /// Pure: it neither checks files nor picks ports, so forwards with `host == 0` must have been
-/// resolved before (as [`crate::Vm::boot`] does). Paths are converted lossily; `Vm::boot`
+/// resolved before (as [`crate::Vm::boot`] does), and the API port is only added when
+/// `cfg.api_socket` is set (which `Vm::boot` always does). Paths are converted lossily; `Vm::boot`
 /// rejects non-UTF-8 paths first.
 pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
@@ -156,6 +167,20 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String>
     }
     push(&["-nic", &nic]);
     push(&["-device", "virtio-rng-pci"]);
+    if let Some(socket) = &cfg.api_socket {
+        // A socket chardev is a listener QEMU accepts one client at a time on, relayed to a
+        // named port the guest opens as /dev/vportNpM (its sysfs name: keel.api).
+        let chardev = format!(
+            "socket,id=keelapi,path={},server=on,wait=off",
+            socket.to_string_lossy().replace(',', ",,")
+        );
+        push(&["-device", "virtio-serial-pci"]);
+        push(&["-chardev", &chardev]);
+        push(&[
+            "-device",
+            &format!("virtserialport,chardev=keelapi,name={API_PORT_NAME}"),
+        ]);
+    }
     args.extend(cfg.extra_args.iter().cloned());
     args
 }
@@ -263,6 +288,32 @@ mod tests {
         let kvm = qemu_args(&sample(), Accel::Kvm, Path::new("/q"));
         assert_eq!(value(&kvm, "-accel"), "kvm");
         assert_eq!(value(&kvm, "-cpu"), "host");
+    }
+
+    #[test]
+    fn the_api_port_is_a_virtio_serial_port_on_a_unix_socket() {
+        let mut cfg = sample();
+        cfg.api_socket = Some("/run/a,b/api.sock".into());
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"));
+        assert_eq!(
+            value(&args, "-chardev"),
+            "socket,id=keelapi,path=/run/a,,b/api.sock,server=on,wait=off"
+        );
+        let devices: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-device")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            devices,
+            [
+                "virtio-rng-pci",
+                "virtio-serial-pci",
+                "virtserialport,chardev=keelapi,name=keel.api"
+            ]
+        );
+        // extra_args stay last, so that they can override.
+        assert_eq!(args.last().map(String::as_str), Some("-snapshot"));
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub struct Vm {
     qmp: Mutex<Option<QmpClient>>,
     qmp_path: PathBuf,
     forwards: Vec<PortForward>,
+    api_socket: PathBuf,
     accel: Accel,
     echo: Option<JoinHandle<()>>,
     // Last: removed only after Drop::drop has killed QEMU.
@@ -99,6 +100,11 @@ impl Vm {
         cfg.publish = resolve_ports(&cfg.publish)?;
         let dir = private_dir().map_err(QemuError::io("creating a private temporary directory"))?;
         let qmp_path = dir.path().join("qmp.sock");
+        let api_socket = cfg
+            .api_socket
+            .get_or_insert_with(|| dir.path().join("api.sock"))
+            .clone();
+        check_socket_path(&api_socket)?;
         let args = qemu_args(&cfg, accel, &qmp_path);
         let log = match &cfg.console_log {
             Some(path) => Some(File::create(path).map_err(QemuError::io(format!(
@@ -130,6 +136,7 @@ impl Vm {
             qmp: Mutex::new(None),
             qmp_path,
             forwards: cfg.publish.clone(),
+            api_socket,
             accel,
             echo: None,
             _dir: dir,
@@ -188,6 +195,14 @@ impl Vm {
             .iter()
             .find(|f| f.guest == guest)
             .map(|f| f.host)
+    }
+
+    /// The unix socket QEMU listens on for the guest's control API (the host end of its
+    /// `keel.api` virtio-serial port): [`VmConfig::api_socket`], or a socket in this VM's
+    /// private directory. Connect with `keel_api::Client::connect_unix` or `keel
+    /// --api-socket PATH`.
+    pub fn api_socket(&self) -> &Path {
+        &self.api_socket
     }
 
     /// The whole console so far, lines separated by `\n`.
@@ -406,6 +421,23 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), QemuError> {
     }
     if path.to_str().is_none() {
         return Err(QemuError::NonUtf8Path(path.to_owned()));
+    }
+    Ok(())
+}
+
+/// A unix socket path must be UTF-8 (QEMU arguments are strings) and fit in sun_path.
+fn check_socket_path(path: &Path) -> Result<(), QemuError> {
+    let Some(text) = path.to_str() else {
+        return Err(QemuError::NonUtf8Path(path.to_owned()));
+    };
+    if text.len() >= 108 {
+        return Err(QemuError::Io {
+            context: format!("API socket {text}"),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a unix socket path must be shorter than 108 bytes",
+            ),
+        });
     }
     Ok(())
 }

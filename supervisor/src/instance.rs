@@ -130,6 +130,23 @@ impl Instance {
         self.notify_socket = Some(host_path);
     }
 
+    /// Recreates the container's cgroup if it was removed (after a stop for good), so the
+    /// next start has one to clone into.
+    pub fn ensure_cgroup(&mut self, runtime: &Runtime) -> Result<(), String> {
+        if self.cgroup.path().is_dir() {
+            return Ok(());
+        }
+        let cgroup = runtime
+            .cgroups
+            .child(&self.name, &self.config.resources)
+            .map_err(|e| format!("cgroup: {e}"))?;
+        self.cgroup_fd = cgroup
+            .open_dir()
+            .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
+        self.cgroup = cgroup;
+        Ok(())
+    }
+
     pub fn config(&self) -> &Container {
         &self.config
     }

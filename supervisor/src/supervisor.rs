@@ -536,7 +536,7 @@ impl Supervisor {
                                 .any(|d| &d.name == name)
                     });
                     if !has_running_dependent {
-                        self.send_stop(name);
+                        self.send_stop(name, None);
                     }
                 }
                 State::Stopping(_) => still_running = true,
@@ -590,9 +590,15 @@ impl Supervisor {
                 ContainerLog::open(name, &self.runtime.paths.logs, managed.config.logs, console)
             })
             .clone();
-        let Some(instance) = managed.instance.as_ref() else {
+        let Some(instance) = managed.instance.as_mut() else {
             return;
         };
+        if let Err(e) = instance.ensure_cgroup(&self.runtime) {
+            log::error!("{name}: cannot be started: {e}");
+            managed.state = State::Failed(e);
+            return;
+        }
+        let instance = &*instance;
         let plan = match instance.plan(&mut self.runtime) {
             Ok(plan) => plan,
             Err(e) => {
@@ -680,7 +686,7 @@ impl Supervisor {
     }
 
     /// Sends a container its stop signal and arms the SIGKILL deadline.
-    fn send_stop(&mut self, name: &str) {
+    fn send_stop(&mut self, name: &str, timeout_override: Option<Duration>) {
         let Some(m) = self.containers.get_mut(name) else {
             return;
         };
@@ -689,7 +695,8 @@ impl Supervisor {
             return;
         };
         let signal = m.config.lifecycle.stop_signal;
-        let timeout = Duration::from_millis(m.config.lifecycle.stop_timeout_ms);
+        let timeout =
+            timeout_override.unwrap_or(Duration::from_millis(m.config.lifecycle.stop_timeout_ms));
         log::info!(
             "{name}: stopping: signal {signal} to pid {}, SIGKILL in {} ms",
             run.pid,
@@ -1012,7 +1019,7 @@ impl Supervisor {
             if now == Health::Unhealthy && m.config.lifecycle.restart_on_unhealthy {
                 log::warn!("{name}: restarting because it is unhealthy (restart_on_unhealthy)");
                 m.restart_requested = true;
-                self.send_stop(name);
+                self.send_stop(name, None);
             }
         }
         self.schedule(
@@ -1143,11 +1150,8 @@ impl Supervisor {
         }
         if let Some(m) = self.containers.get_mut(name) {
             m.held = true;
-            if let Some(ms) = timeout_ms {
-                m.config.lifecycle.stop_timeout_ms = ms;
-            }
         }
-        self.send_stop(name);
+        self.send_stop(name, timeout_ms.map(Duration::from_millis));
         Ok(())
     }
 
@@ -1161,7 +1165,7 @@ impl Supervisor {
             m.held = false;
             m.restart_requested = true;
         }
-        self.send_stop(name);
+        self.send_stop(name, None);
         Ok(())
     }
 
