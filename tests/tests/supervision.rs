@@ -3,7 +3,23 @@
 
 use std::time::Duration;
 
+use std::ops::ControlFlow;
+
+use keel_api::{Client, LogEntry, Stream};
 use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, boot, build_host, workspace_root};
+
+/// Every log entry of a container, through the control API on the VM's virtio-serial port.
+fn logs(vm: &keel_qemu::Vm, name: &str, tail: Option<u64>) -> Vec<LogEntry> {
+    let mut client = Client::connect_unix(vm.api_socket()).expect("API socket");
+    let mut entries = Vec::new();
+    client
+        .logs(name, false, None, tail, |e| {
+            entries.push(e);
+            ControlFlow::Continue(())
+        })
+        .unwrap_or_else(|e| panic!("logs {name}: {e}"));
+    entries
+}
 
 /// Position of the first console line containing `needle`.
 fn position(console: &str, needle: &str) -> usize {
@@ -71,6 +87,24 @@ fn tasks_dependencies_policies_health_stops_and_faults() {
         );
     }
 
+    // The same backoff, from the timestamps PID 1 wrote into looper's log: the gap between
+    // two exits is the delay plus one (short) run; emulation may add, never subtract.
+    let exits: Vec<u64> = logs(&vm, "looper", None)
+        .into_iter()
+        .filter(|e| e.stream == Stream::Keel && e.line.starts_with("exited with code 0"))
+        .map(|e| e.ts_ms)
+        .collect();
+    assert!(exits.len() >= 5, "{exits:?}");
+    for (i, delay) in [100u64, 200, 400, 800].into_iter().enumerate() {
+        let gap = exits[i + 1] - exits[i];
+        assert!(
+            gap + 20 >= delay && gap < delay + 2000,
+            "exit {} -> {}: {gap} ms for a {delay} ms backoff ({exits:?})",
+            i + 1,
+            i + 2
+        );
+    }
+
     // A failing health check makes it unhealthy, and restart_on_unhealthy restarts it.
     let restarted = vm
         .wait_for_line_anywhere("; restarting as requested", STEP_TIMEOUT)
@@ -103,6 +137,33 @@ fn tasks_dependencies_policies_health_stops_and_faults() {
     assert!(
         !c.contains("keel: mute: exited"),
         "a closed stdout does not end the container"
+    );
+    // The flood was rotated away: the log holds its end, not its 20 000 lines.
+    let flood = logs(&vm, "flood", None);
+    assert!(
+        flood.len() < 20_000 && flood.len() > 100,
+        "{} entries",
+        flood.len()
+    );
+    assert!(
+        flood
+            .iter()
+            .any(|e| e.stream == Stream::Stderr && e.line == "flood: done")
+    );
+    assert!(flood.iter().any(|e| e.line == "flood line 19999"));
+    assert!(
+        !flood.iter().any(|e| e.line == "flood line 0"),
+        "the oldest lines were rotated out"
+    );
+    // The host still answers, and web has been up since its first start.
+    let mut client = Client::connect_unix(vm.api_socket()).unwrap();
+    let ps = client.ps().unwrap();
+    let web = ps.iter().find(|s| s.name == "web").expect("web in ps");
+    assert_eq!((web.state.as_str(), web.restarts), ("running", 0), "{ps:?}");
+    assert!(
+        ps.iter()
+            .any(|s| s.name == "zombies" && s.state == "running"),
+        "{ps:?}"
     );
 
     // Orderly shutdown: dependents first, the stop signal honoured, the stubborn one
