@@ -316,6 +316,15 @@ impl Instance {
         {
             check_mount_target(&self.layers_top_first, target)?;
         }
+        if let Some(socket) = &self.notify_socket {
+            mounts.push(ExtraMount::DevFile {
+                source: socket.clone(),
+                target: crate::notify::CONTAINER_SOCKET.into(),
+            });
+            process
+                .env
+                .push(format!("NOTIFY_SOCKET={}", crate::notify::CONTAINER_SOCKET));
+        }
         let mut user = user;
         user.additional_gids = user.setgroups_list();
         let security = Security {

@@ -37,6 +37,27 @@ const KEYCTL_GET_KEYRING_ID: c_long = 0;
 const KEY_SPEC_SESSION_KEYRING: c_long = -3;
 
 fn main() -> ExitCode {
+    // `keel-escape --notify READY=1`: a minimal sd_notify sender, so the lifecycle tests
+    // can exercise NOTIFY_SOCKET from a busybox image.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--notify") {
+        let message = std::env::args().nth(2).unwrap_or_else(|| "READY=1".into());
+        let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+            eprintln!("keel-escape --notify: NOTIFY_SOCKET is not set");
+            return ExitCode::FAILURE;
+        };
+        let sent = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.send_to(message.as_bytes(), &socket));
+        return match sent {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "keel-escape --notify: {}: {e}",
+                    std::path::Path::new(&socket).display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == "--report-euid")
