@@ -182,46 +182,14 @@ impl LineSplitter {
     }
 }
 
-/// Where a log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-    /// Keel itself, about the container (exits, restarts, lost lines).
-    Keel,
-}
-
-impl Stream {
-    /// The name used in the log file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-            Stream::Keel => "keel",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Stream> {
-        match name {
-            "stdout" => Some(Stream::Stdout),
-            "stderr" => Some(Stream::Stderr),
-            "keel" => Some(Stream::Keel),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Stream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Where a log line came from: the record format and the timestamps are the control
+/// API's ([`keel_api`]), so the writer here and the reader there cannot drift apart.
+pub use keel_api::Stream;
 
 /// Length of a timestamp as written: `2026-11-27T16:30:00.123Z`.
 const TIMESTAMP_LEN: usize = 24;
 /// The last instant a four-digit year can write (9999-12-31T23:59:59.999Z).
 const MAX_MS: u64 = 253_402_300_799_999;
-const MS_PER_DAY: u64 = 86_400_000;
 
 /// Milliseconds since the epoch; an instant before it (a clock not yet set cannot go that
 /// far back, but a bad RTC might) counts as the epoch.
@@ -230,111 +198,8 @@ fn unix_ms(ts: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Year, month (1-12) and day (1-31) of a day counted from 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, restricted to days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
-}
-
-/// The inverse of [`civil_from_days`]; None before 1970.
-fn days_from_civil(year: u64, month: u64, day: u64) -> Option<u64> {
-    // Years start in March, so that the leap day ends them.
-    let y = if month <= 2 {
-        year.checked_sub(1)?
-    } else {
-        year
-    };
-    let era = y / 400;
-    let yoe = y % 400;
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    (era * 146_097 + doe).checked_sub(719_468)
-}
-
-fn days_in_month(year: u64, month: u64) -> u64 {
-    match month {
-        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
-            29
-        }
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
 fn push_timestamp(out: &mut Vec<u8>, ms: u64) {
-    let ms = ms.min(MAX_MS);
-    let (year, month, day) = civil_from_days(ms / MS_PER_DAY);
-    let in_day = ms % MS_PER_DAY;
-    let (h, m, s, milli) = (
-        in_day / 3_600_000,
-        in_day / 60_000 % 60,
-        in_day / 1000 % 60,
-        in_day % 1000,
-    );
-    // Writing into a Vec cannot fail.
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z"
-    );
-}
-
-/// `2026-11-27T16:30:00.123Z` for milliseconds since the epoch.
-pub fn format_timestamp(unix_ms: u64) -> String {
-    let mut out = Vec::with_capacity(TIMESTAMP_LEN);
-    push_timestamp(&mut out, unix_ms);
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Milliseconds since the epoch of a timestamp in exactly the form [`format_timestamp`]
-/// writes.
-pub fn parse_timestamp(text: &str) -> Option<u64> {
-    let b = text.as_bytes();
-    if b.len() != TIMESTAMP_LEN {
-        return None;
-    }
-    let number = |from: usize, to: usize| -> Option<u64> {
-        b[from..to].iter().try_fold(0u64, |n, c| {
-            c.is_ascii_digit().then(|| n * 10 + u64::from(c - b'0'))
-        })
-    };
-    let separators = [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (23, b'Z'),
-    ];
-    if separators.iter().any(|(i, c)| b[*i] != *c) {
-        return None;
-    }
-    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
-    let (h, m, s, milli) = (
-        number(11, 13)?,
-        number(14, 16)?,
-        number(17, 19)?,
-        number(20, 23)?,
-    );
-    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-        return None;
-    }
-    if h > 23 || m > 59 || s > 59 {
-        return None;
-    }
-    let days = days_from_civil(year, month, day)?;
-    Some(days * MS_PER_DAY + ((h * 60 + m) * 60 + s) * 1000 + milli)
+    out.extend_from_slice(keel_api::format_rfc3339_ms(ms.min(MAX_MS)).as_bytes());
 }
 
 /// Appends one record; a newline inside `line` becomes a space, so a record is always one
@@ -366,11 +231,8 @@ pub fn format_line(ts: SystemTime, stream: Stream, line: &[u8]) -> Vec<u8> {
 /// milliseconds since the epoch, the stream, and the line. None for anything else, such as
 /// a record cut short by a full disk.
 pub fn parse_line(text: &str) -> Option<(u64, Stream, String)> {
-    let text = text.strip_suffix('\n').unwrap_or(text);
-    let (ts, rest) = text.split_once(' ')?;
-    let ms = parse_timestamp(ts)?;
-    let (stream, line) = rest.split_once(' ').unwrap_or((rest, ""));
-    Some((ms, Stream::from_name(stream)?, line.to_string()))
+    let entry = keel_api::parse_log_line(text.strip_suffix('\n').unwrap_or(text))?;
+    Some((entry.ts_ms, entry.stream, entry.line))
 }
 
 /// How long to leave the disk alone after the log file could not be opened or rotated, so
@@ -718,72 +580,6 @@ mod tests {
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].len(), MAX_LINE);
         assert_eq!(out[2].len(), 5);
-    }
-
-    #[test]
-    fn timestamps_of_known_dates() {
-        let known = [
-            (0, "1970-01-01T00:00:00.000Z"),
-            (68_212_800_000, "1972-02-29T12:00:00.000Z"),
-            (951_782_400_000, "2000-02-29T00:00:00.000Z"),
-            (1_709_251_199_999, "2024-02-29T23:59:59.999Z"),
-            (1_795_797_000_123, "2026-11-27T16:30:00.123Z"),
-            (4_107_542_400_000, "2100-03-01T00:00:00.000Z"),
-            (MAX_MS, "9999-12-31T23:59:59.999Z"),
-        ];
-        for (ms, text) in known {
-            assert_eq!(format_timestamp(ms), text);
-            assert_eq!(parse_timestamp(text), Some(ms), "{text}");
-        }
-        assert_eq!(format_timestamp(u64::MAX), "9999-12-31T23:59:59.999Z");
-        let before_epoch = SystemTime::UNIX_EPOCH - Duration::from_secs(5);
-        assert_eq!(unix_ms(before_epoch), 0);
-    }
-
-    #[test]
-    fn every_day_round_trips() {
-        for day in 0..=MAX_MS / MS_PER_DAY {
-            let (y, m, d) = civil_from_days(day);
-            assert!((1..=12).contains(&m) && (1..=days_in_month(y, m)).contains(&d));
-            assert_eq!(days_from_civil(y, m, d), Some(day));
-            // The day after is the next day of the calendar.
-            let (y2, m2, d2) = civil_from_days(day + 1);
-            if d < days_in_month(y, m) {
-                assert_eq!((y2, m2, d2), (y, m, d + 1));
-            } else if m < 12 {
-                assert_eq!((y2, m2, d2), (y, m + 1, 1));
-            } else {
-                assert_eq!((y2, m2, d2), (y + 1, 1, 1));
-            }
-            if day % 97 == 0 {
-                let ms = day * MS_PER_DAY + (day * 7_919_993) % MS_PER_DAY;
-                assert_eq!(parse_timestamp(&format_timestamp(ms)), Some(ms));
-            }
-        }
-    }
-
-    #[test]
-    fn malformed_timestamps_are_refused() {
-        for bad in [
-            "",
-            "2023-02-29T00:00:00.000Z",
-            "2100-02-29T00:00:00.000Z",
-            "1969-12-31T23:59:59.999Z",
-            "2024-13-01T00:00:00.000Z",
-            "2024-00-01T00:00:00.000Z",
-            "2024-04-31T00:00:00.000Z",
-            "2024-01-01T24:00:00.000Z",
-            "2024-01-01T00:60:00.000Z",
-            "2024-01-01T00:00:60.000Z",
-            "2024-01-01 00:00:00.000Z",
-            "2024-01-01T00:00:00.000",
-            "2024-01-01T00:00:00.0000Z",
-            "2024-01-01T00:00:00+000Z",
-            "2024-01-0aT00:00:00.000Z",
-            "2024-01-01T00:00:00.000\u{e9}",
-        ] {
-            assert_eq!(parse_timestamp(bad), None, "{bad}");
-        }
     }
 
     #[test]
