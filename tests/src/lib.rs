@@ -60,8 +60,9 @@ pub fn build_host(host_file: &Path, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// Boots a `keel build` output with the given guest ports published on free host ports.
-pub fn boot(dir: &Path, guest_ports: &[u16]) -> Vm {
+/// The VM configuration for a `keel build` output, with the given guest ports published on
+/// free host ports and the console kept off the test's output.
+pub fn vm_config(dir: &Path, guest_ports: &[u16]) -> VmConfig {
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json"),
     )
@@ -77,5 +78,10 @@ pub fn boot(dir: &Path, guest_ports: &[u16]) -> Vm {
         .map(|g| PortForward { host: 0, guest: *g })
         .collect();
     config.echo_console = false;
-    Vm::boot(config).expect("QEMU starts")
+    config
+}
+
+/// Boots a `keel build` output with the given guest ports published on free host ports.
+pub fn boot(dir: &Path, guest_ports: &[u16]) -> Vm {
+    Vm::boot(vm_config(dir, guest_ports)).expect("QEMU starts")
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_qemu::{Vm, VmConfig};
+use keel_qemu::Vm;
 use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, bin_dir, build_host};
 use serde_json::Value;
 
@@ -32,16 +32,7 @@ restart = "always"
 
 /// Boots a `keel build` output with its control port on `api_socket`.
 fn boot_with_api(dir: &Path, api_socket: &Path) -> Vm {
-    let manifest: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json"),
-    )
-    .expect("manifest is JSON");
-    let mut config = VmConfig::new(dir.join("vmlinuz"));
-    config.initrd = Some(dir.join("initramfs.img"));
-    config.cmdline = manifest["cmdline"]
-        .as_str()
-        .expect("cmdline in manifest")
-        .to_string();
+    let mut config = keel_tests::vm_config(dir, &[]);
     config.api_socket = Some(api_socket.to_path_buf());
     let vm = Vm::boot(config).expect("QEMU starts");
     assert_eq!(vm.api_socket(), api_socket);
