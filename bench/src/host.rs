@@ -199,25 +199,9 @@ pub fn latency_initramfs(
     write_initramfs(initramfs, out)
 }
 
-/// The directories and console node every guest here starts with (as `keel build`'s).
+/// The skeleton every guest here starts with, the same as `keel build`'s.
 fn base_initramfs() -> Result<InitramfsBuilder, String> {
-    let mut initramfs = InitramfsBuilder::new();
-    for dir in [
-        "dev",
-        "proc",
-        "sys",
-        "run",
-        "tmp",
-        "etc",
-        "var",
-        "usr/share/keel/images",
-    ] {
-        initramfs.add_dir(dir, 0o755).map_err(|e| e.to_string())?;
-    }
-    initramfs
-        .add_char_device("dev/console", 0o600, 5, 1)
-        .map_err(|e| e.to_string())?;
-    Ok(initramfs)
+    keel_image::os::base_initramfs().map_err(|e| e.to_string())
 }
 
 fn write_initramfs(initramfs: InitramfsBuilder, out: &Path) -> Result<(), String> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use keel_config::{HostConfig, ImageSource, LayerSpec};
-use keel_image::cpio::{Compression, InitramfsBuilder};
+use keel_image::cpio::Compression;
 use keel_image::import::{ImageConfigSpec, LayerSource, import};
 use keel_image::kernel::fetch_kernel;
 use keel_image::layout::ImageLayout;
@@ -94,22 +94,9 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
         .closure(&wanted)
         .map_err(|e| format!("kernel modules: {e}"))?;
 
-    let mut initramfs = InitramfsBuilder::new();
-    for dir in [
-        "dev",
-        "proc",
-        "sys",
-        "run",
-        "tmp",
-        "etc",
-        "etc/keel",
-        "var",
-        "usr/share/keel/images",
-    ] {
-        initramfs.add_dir(dir, 0o755).map_err(|e| e.to_string())?;
-    }
+    let mut initramfs = keel_image::os::base_initramfs().map_err(|e| e.to_string())?;
     initramfs
-        .add_char_device("dev/console", 0o600, 5, 1)
+        .add_dir("etc/keel", 0o755)
         .map_err(|e| e.to_string())?;
     initramfs
         .add_file_from_bytes("init", 0o755, init)

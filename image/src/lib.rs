@@ -54,6 +54,26 @@ pub mod os {
     /// prints its own lines, which would otherwise show twice through /dev/kmsg); PID 1's
     /// kmsg lines not rate-limited; and a kernel panic ends the VM instead of hanging it.
     pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on";
+
+    /// The skeleton every Keel initramfs starts from: the mount points PID 1 uses and
+    /// /dev/console, which the kernel opens as PID 1's stdio before any devtmpfs exists.
+    pub fn base_initramfs() -> Result<crate::cpio::InitramfsBuilder, crate::cpio::CpioError> {
+        let mut initramfs = crate::cpio::InitramfsBuilder::new();
+        for dir in [
+            "dev",
+            "proc",
+            "sys",
+            "run",
+            "tmp",
+            "etc",
+            "var",
+            "usr/share/keel/images",
+        ] {
+            initramfs.add_dir(dir, 0o755)?;
+        }
+        initramfs.add_char_device("dev/console", 0o600, 5, 1)?;
+        Ok(initramfs)
+    }
 }
 
 pub use error::ImageError;
