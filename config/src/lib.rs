@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +16,9 @@ use toml::Spanned;
 
 mod container;
 mod lifecycle;
+mod network;
+
+pub use network::{Interface, LinkMatch, Prefix, Route, parse_mac};
 
 pub use lifecycle::{
     Condition, Dependency, HealthCheck, HealthProbe, Kind, Lifecycle, LogConfig, RestartPolicy,
@@ -70,18 +72,6 @@ pub struct HostConfig {
     pub interfaces: BTreeMap<String, Interface>,
     pub images: BTreeMap<String, Image>,
     pub containers: BTreeMap<String, Container>,
-}
-
-/// How one network interface is configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Interface {
-    Dhcp4,
-    Static {
-        address: Ipv4Addr,
-        prefix_len: u8,
-        gateway: Option<Ipv4Addr>,
-        dns: Vec<Ipv4Addr>,
-    },
 }
 
 /// Where an image comes from.
@@ -251,18 +241,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct Network {
         #[serde(default)]
-        pub interfaces: BTreeMap<String, Spanned<Interface>>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Interface {
-        #[serde(default)]
-        pub dhcp4: bool,
-        pub address: Option<Spanned<String>>,
-        pub gateway: Option<Spanned<String>>,
-        #[serde(default)]
-        pub dns: Vec<Spanned<String>>,
+        pub interfaces: BTreeMap<String, Spanned<network::raw::Interface>>,
     }
 
     #[derive(Deserialize)]
@@ -395,8 +374,12 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
     let mut interfaces = BTreeMap::new();
     for (name, iface) in &raw.network.interfaces {
         let key = format!("network.interfaces.{name}");
-        interfaces.insert(name.clone(), validate_interface(loc, &key, iface)?);
+        interfaces.insert(
+            name.clone(),
+            network::validate_interface(loc, &key, name, iface)?,
+        );
     }
+    network::check_duplicates(loc, &raw.network.interfaces, &interfaces)?;
 
     let mut images = BTreeMap::new();
     for (name, image) in &raw.images {
@@ -475,80 +458,6 @@ fn check_name<T>(
         Ok(())
     } else {
         Err(loc.at(at, key, format!("`{name}` is not a valid name: expected up to 64 letters, digits, `-`, `_` or `.`, starting with a letter or digit")))
-    }
-}
-
-fn validate_interface(
-    loc: &Locator<'_>,
-    key: &str,
-    iface: &Spanned<raw::Interface>,
-) -> Result<Interface, ConfigError> {
-    let i = iface.get_ref();
-    match (&i.address, i.dhcp4) {
-        (Some(address), true) => Err(loc.at(
-            address,
-            format!("{key}.address"),
-            "`address` and `dhcp4 = true` exclude each other: pick one",
-        )),
-        (None, true) => {
-            if let Some(gw) = &i.gateway {
-                return Err(loc.at(
-                    gw,
-                    format!("{key}.gateway"),
-                    "`gateway` needs a static `address`; DHCP supplies its own router",
-                ));
-            }
-            Ok(Interface::Dhcp4)
-        }
-        (None, false) => Err(loc.at(
-            iface,
-            key,
-            "expected `dhcp4 = true` or a static `address = \"A.B.C.D/N\"`",
-        )),
-        (Some(address), false) => {
-            let (ip, prefix) = address
-                .get_ref()
-                .split_once('/')
-                .and_then(|(ip, p)| {
-                    Some((
-                        ip.parse::<Ipv4Addr>().ok()?,
-                        p.parse::<u8>().ok().filter(|p| *p <= 32)?,
-                    ))
-                })
-                .ok_or_else(|| {
-                    loc.at(
-                        address,
-                        format!("{key}.address"),
-                        "expected an IPv4 address with a prefix length, such as \"10.0.2.15/24\"",
-                    )
-                })?;
-            let gateway = match &i.gateway {
-                None => None,
-                Some(gw) => Some(gw.get_ref().parse::<Ipv4Addr>().map_err(|_| {
-                    loc.at(
-                        gw,
-                        format!("{key}.gateway"),
-                        "expected an IPv4 address such as \"10.0.2.2\"",
-                    )
-                })?),
-            };
-            let mut dns = Vec::new();
-            for (n, server) in i.dns.iter().enumerate() {
-                dns.push(server.get_ref().parse::<Ipv4Addr>().map_err(|_| {
-                    loc.at(
-                        server,
-                        format!("{key}.dns[{n}]"),
-                        "expected an IPv4 address",
-                    )
-                })?);
-            }
-            Ok(Interface::Static {
-                address: ip,
-                prefix_len: prefix,
-                gateway,
-                dns,
-            })
-        }
     }
 }
 

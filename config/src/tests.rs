@@ -56,13 +56,18 @@ fn a_complete_file_parses() {
     assert_eq!(c.hostname, "edge-1");
     assert_eq!(c.modules, ["virtio_rng"]);
     assert_eq!(c.stop_timeout_ms, 3000);
-    assert_eq!(c.interfaces["eth0"], Interface::Dhcp4);
+    assert_eq!(c.interfaces["eth0"], Interface::dhcp4("eth0"));
     assert_eq!(
         c.interfaces["eth1"],
-        Interface::Static {
-            address: "192.168.7.2".parse().unwrap(),
-            prefix_len: 24,
-            gateway: Some("192.168.7.1".parse().unwrap()),
+        Interface {
+            link: LinkMatch::Name("eth1".into()),
+            dhcp4: false,
+            addresses: vec![Prefix::parse("192.168.7.2/24").unwrap()],
+            routes: vec![Route {
+                to: Prefix::parse("0.0.0.0/0").unwrap(),
+                via: Some("192.168.7.1".parse().unwrap()),
+            }],
+            mtu: None,
             dns: vec!["192.168.7.1".parse().unwrap()],
         }
     );
@@ -426,4 +431,175 @@ fn bad_supervision_keys_are_explained() {
         "{TWO_IMAGES}[containers.a]\nimage = \"i\"\nrestart = \"on-failure:0\"\n"
     ));
     assert_eq!(e.key, "containers.a.restart");
+}
+
+#[test]
+fn static_interfaces_take_v4_and_v6_addresses_routes_mtu_and_dns() {
+    let c = parse(&with_host(
+        r#"
+[network.interfaces.lan]
+match = { mac = "52:54:00:AB:cd:99" }
+addresses = ["192.168.7.2/24", "fd00::2/64"]
+routes = [{ to = "default", via = "10.0.2.2" }, { to = "10.9.0.0/16", via = "192.168.7.1" }, { to = "::/0", via = "fd00::1" }, { to = "10.8.0.0/16" }]
+mtu = 1400
+dns = ["192.168.7.1", "fd00::53"]
+
+[network.interfaces.nic]
+match = { driver = "virtio_net" }
+dhcp4 = true
+mtu = 9000
+"#,
+    ))
+    .unwrap();
+    let lan = &c.interfaces["lan"];
+    assert_eq!(lan.link, LinkMatch::Mac([0x52, 0x54, 0, 0xab, 0xcd, 0x99]));
+    assert_eq!(
+        lan.addresses,
+        [
+            Prefix::parse("192.168.7.2/24").unwrap(),
+            Prefix::parse("fd00::2/64").unwrap()
+        ]
+    );
+    let routes: Vec<String> = lan
+        .routes
+        .iter()
+        .map(|r| format!("{} {:?}", r.to, r.via))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            "0.0.0.0/0 Some(10.0.2.2)",
+            "10.9.0.0/16 Some(192.168.7.1)",
+            "::/0 Some(fd00::1)",
+            "10.8.0.0/16 None"
+        ]
+    );
+    assert_eq!(lan.mtu, Some(1400));
+    assert_eq!(lan.dns.len(), 2);
+    assert!(lan.dns[1].is_ipv6());
+    let nic = &c.interfaces["nic"];
+    assert_eq!(nic.link, LinkMatch::Driver("virtio_net".into()));
+    assert!(nic.dhcp4);
+    assert_eq!(nic.mtu, Some(9000));
+}
+
+#[test]
+fn an_ipv6_gateway_is_a_v6_default_route() {
+    let c = parse(&with_host(
+        "[network.interfaces.eth0]\naddress = \"fd00::2/64\"\ngateway = \"fd00::1\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.interfaces["eth0"].routes[0].to,
+        Prefix::parse("::/0").unwrap()
+    );
+}
+
+#[test]
+fn bad_network_keys_name_their_line_and_key() {
+    let cases = [
+        (
+            "addresses = [\"10.0.0.2/24\", \"fd00::2/129\"]",
+            "addresses[1]",
+            "prefix length",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\naddresses = [\"10.0.0.3/24\"]",
+            "addresses",
+            "exclude",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nroutes = [{ to = \"10.1.0.0/16\", via = \"fd00::1\" }]",
+            "routes[0].via",
+            "IP version",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nroutes = [{ to = \"default\" }]",
+            "routes[0].to",
+            "needs `via`",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nroutes = [{ to = \"10.1.0.0\", via = \"10.0.0.1\" }]",
+            "routes[0].to",
+            "network",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nroutes = [{ to = \"default\", via = \"10.0.0.1\", metric = 5 }]",
+            "routes[0].metric",
+            "unknown field",
+        ),
+        ("address = \"10.0.0.2/24\"\nmtu = 20", "mtu", "68 to 65535"),
+        (
+            "address = \"10.0.0.2/24\"\ndns = [\"dns.example\"]",
+            "dns[0]",
+            "IPv4 or IPv6",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nmatch = { mac = \"52:54:00:12:34\" }",
+            "match.mac",
+            "MAC address",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nmatch = { mac = \"52:54:00:12:34:56\", driver = \"e1000\" }",
+            "match",
+            "exactly one",
+        ),
+        (
+            "address = \"10.0.0.2/24\"\nmatch = { name = \"eth0\" }",
+            "match.name",
+            "unknown field",
+        ),
+        (
+            "dhcp4 = true\nroutes = [{ to = \"default\", via = \"10.0.0.1\" }]",
+            "routes",
+            "exclude",
+        ),
+        ("dhcp4 = true\ndns = [\"10.0.0.1\"]", "dns", "exclude"),
+        ("mtu = 1400", "", "dhcp4 = true"),
+    ];
+    for (body, key, message) in cases {
+        let text = with_host(&format!("[network.interfaces.eth0]\n{body}\n"));
+        let e = error(&text);
+        let want = if key.is_empty() {
+            "network.interfaces.eth0".to_string()
+        } else {
+            format!("network.interfaces.eth0.{key}")
+        };
+        assert_eq!(e.key, want, "{body}: {e}");
+        assert!(e.message.contains(message), "{body}: {e}");
+        assert!(e.line >= 3, "{body}: {e}");
+    }
+}
+
+#[test]
+fn macs_parse_strictly() {
+    assert_eq!(
+        parse_mac("52:54:00:12:34:56"),
+        Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+    );
+    assert_eq!(parse_mac("52:54:00:12:34:56:78"), None);
+    assert_eq!(parse_mac("52:54:00:12:34:5"), None);
+    assert_eq!(parse_mac("52-54-00-12-34-56"), None);
+}
+
+#[test]
+fn interface_labels_and_duplicate_links_are_checked() {
+    let e = error(&with_host(
+        "[network.interfaces.a-very-long-interface]\ndhcp4 = true\n",
+    ));
+    assert_eq!(e.key, "network.interfaces.a-very-long-interface");
+    assert!(e.message.contains("15 characters"), "{e}");
+    // A label may be anything when `match` finds the link.
+    parse(&with_host(
+        "[network.interfaces.a-very-long-interface]\nmatch = { driver = \"virtio_net\" }\ndhcp4 = true\n\
+[network.interfaces.another-long-label]\nmatch = { driver = \"virtio_net\" }\ndhcp4 = true\n",
+    ))
+    .unwrap();
+    let e = error(&with_host(
+        "[network.interfaces.a]\nmatch = { mac = \"52:54:00:12:34:56\" }\ndhcp4 = true\n\
+[network.interfaces.b]\nmatch = { mac = \"52:54:00:12:34:56\" }\naddress = \"10.0.0.2/24\"\n",
+    ));
+    assert_eq!(e.key, "network.interfaces.b");
+    assert_eq!(e.line, 6, "{e}");
+    assert!(e.message.contains("[network.interfaces.a] already"), "{e}");
 }

@@ -1,35 +1,74 @@
-//! Host networking over rtnetlink: loopback, static addresses and DHCPv4 (mozim), routes,
-//! and /etc/resolv.conf. No `ip`, no dhclient.
+//! Host networking over rtnetlink: loopback, links matched by name, MAC or driver, static
+//! IPv4/IPv6 addresses and routes, MTU, DHCPv4 (mozim), the kernel command line's `ip=`,
+//! and /etc/resolv.conf and /etc/hosts. No `ip`, no dhclient.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
-use keel_config::Interface;
+use keel_config::{Interface, LinkMatch, Prefix, Route};
 use mozim::{DhcpV4Client, DhcpV4Config, DhcpV4Lease, DhcpV4State};
 use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use tokio::sync::oneshot;
+
+use crate::cmdline;
 
 /// How long boot waits for an interface to appear after its driver loaded.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long boot waits for a first DHCP lease before starting containers without it.
 const FIRST_LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+const SYS_CLASS_NET: &str = "/sys/class/net";
+const PROC_CMDLINE: &str = "/proc/cmdline";
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+const HOSTS: &str = "/etc/hosts";
 
-/// Addressing applied to one interface, for the log and resolv.conf.
+/// Addressing applied to one interface, for the log, resolv.conf and /etc/hosts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    pub address: Ipv4Addr,
-    pub prefix_len: u8,
-    pub gateway: Option<Ipv4Addr>,
-    pub dns: Vec<Ipv4Addr>,
+    pub addresses: Vec<Prefix>,
+    pub routes: Vec<Route>,
+    pub dns: Vec<IpAddr>,
     pub search: Vec<String>,
-    pub mtu: Option<u16>,
+    pub mtu: Option<u32>,
 }
 
-/// Brings up `lo` and every configured interface. DHCP interfaces keep renewing in the
-/// background; this returns once each has its first lease (or gave up waiting).
+impl Applied {
+    fn from_config(i: &Interface) -> Applied {
+        Applied {
+            addresses: i.addresses.clone(),
+            routes: i.routes.clone(),
+            dns: i.dns.clone(),
+            search: Vec::new(),
+            mtu: i.mtu,
+        }
+    }
+}
+
+/// What every configured link currently has, in configuration order: resolv.conf and
+/// /etc/hosts are rendered from all of it whenever any of it changes.
+struct State {
+    hostname: String,
+    links: Vec<(String, Applied)>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+/// Where an interface's configuration came from, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Cmdline,
+    HostFile,
+}
+
+/// Brings up `lo` and every configured interface: first those the kernel command line's
+/// `ip=` configures, then the host file's (a host-file table whose link the command line
+/// already configured is skipped). DHCP interfaces keep renewing in the background; this
+/// returns once each has its first lease (or gave up waiting).
 pub async fn configure(
     interfaces: &BTreeMap<String, Interface>,
     hostname: &str,
@@ -45,54 +84,115 @@ pub async fn configure(
         .ok_or("no loopback interface")?;
     set_up(&handle, lo).await?;
 
-    let mut applied = Vec::new();
+    let state: Shared = Arc::new(Mutex::new(State {
+        hostname: hostname.to_string(),
+        links: Vec::new(),
+    }));
+    // /etc/hosts names the host from the start, even before (or without) any address.
+    write_files(&state);
+
+    let cmdline_text = std::fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
+    let args = cmdline::parse(&cmdline_text);
+    for e in &args.errors {
+        log::error!("kernel command line: {e}; ignored");
+    }
+    let mut plan: Vec<(String, Interface, Source)> = Vec::new();
+    for arg in &args.ip {
+        if let Some(h) = &arg.hostname {
+            log::info!(
+                "{}: ip= hostname `{h}` ignored: the host file names the machine",
+                arg.interface
+            );
+        }
+        plan.push((arg.interface.clone(), arg.to_interface(), Source::Cmdline));
+    }
+    for (label, config) in interfaces {
+        plan.push((label.clone(), config.clone(), Source::HostFile));
+    }
+
+    // Kernel names already configured, with what configured them.
+    let mut taken: Vec<(String, String)> = Vec::new();
     let mut pending = Vec::new();
-    for (name, config) in interfaces {
-        let (index, mac) = match wait_for_link(&handle, name).await {
+    for (label, config, source) in plan {
+        let what = match source {
+            Source::Cmdline => "the kernel command line".to_string(),
+            Source::HostFile => format!("[network.interfaces.{label}]"),
+        };
+        let taken_names: Vec<String> = taken.iter().map(|(n, _)| n.clone()).collect();
+        let (name, index, mac) = match resolve(&handle, &config.link, &taken_names).await {
             Ok(link) => link,
             Err(e) => {
-                log::error!("{name}: {e}");
+                log::error!("{what}: {e}");
                 continue;
             }
         };
-        set_up(&handle, index).await?;
-        match config {
-            Interface::Static {
-                address,
-                prefix_len,
-                gateway,
-                dns,
-            } => {
-                let a = Applied {
-                    address: *address,
-                    prefix_len: *prefix_len,
-                    gateway: *gateway,
-                    dns: dns.clone(),
+        if let Some((_, by)) = taken.iter().find(|(n, _)| *n == name) {
+            log::info!("{name}: {what} skipped: {by} already configures it");
+            continue;
+        }
+        taken.push((name.clone(), what.clone()));
+        if let Err(e) = set_up(&handle, index).await {
+            log::error!("{name}: {e}");
+            continue;
+        }
+        if name != label {
+            log::info!("{name}: matched by {what}");
+        }
+        if config.dhcp4 {
+            if let Some(mtu) = config.mtu {
+                let only_mtu = Applied {
+                    addresses: Vec::new(),
+                    routes: Vec::new(),
+                    dns: Vec::new(),
                     search: Vec::new(),
-                    mtu: None,
+                    mtu: Some(mtu),
                 };
-                apply(&handle, name, index, &a).await?;
-                log::info!("{name}: static {}", describe(&a));
-                applied.push(a);
+                for e in apply(&handle, &name, index, &only_mtu).await {
+                    log::error!("{e}");
+                }
             }
-            Interface::Dhcp4 => {
-                let (tx, rx) = oneshot::channel();
-                tokio::spawn(run_dhcp(
-                    handle.clone(),
-                    name.clone(),
+            // Hold the link's place in the configuration order until its lease comes.
+            if let Ok(mut s) = state.lock() {
+                s.links
+                    .push((name.clone(), Applied::from_config(&Interface::dhcp4(&name))));
+            }
+            let (tx, rx) = oneshot::channel();
+            tokio::spawn(run_dhcp(
+                Dhcp {
+                    handle: handle.clone(),
+                    name: name.clone(),
                     index,
                     mac,
-                    hostname.to_string(),
-                    tx,
-                ));
-                pending.push((name.clone(), rx));
+                    mtu: config.mtu,
+                    state: state.clone(),
+                },
+                tx,
+            ));
+            pending.push((name, rx));
+        } else {
+            let a = Applied::from_config(&config);
+            let errors = apply(&handle, &name, index, &a).await;
+            for e in &errors {
+                log::error!("{e}");
             }
+            log::info!(
+                "{name}: static {}{}",
+                describe(&a),
+                match source {
+                    Source::Cmdline => " (from ip= on the kernel command line)",
+                    Source::HostFile => "",
+                }
+            );
+            if let Ok(mut s) = state.lock() {
+                s.links.push((name, a));
+            }
+            write_files(&state);
         }
     }
     let deadline = tokio::time::Instant::now() + FIRST_LEASE_TIMEOUT;
     for (name, rx) in pending {
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(a)) => applied.push(a),
+            Ok(Ok(())) => {}
             Ok(Err(_)) => log::error!("{name}: DHCP client stopped before a lease"),
             Err(_) => log::error!(
                 "{name}: no DHCP lease after {} s; going on without it",
@@ -100,23 +200,26 @@ pub async fn configure(
             ),
         }
     }
-    write_resolv_conf(&applied);
     Ok(())
 }
 
 fn describe(a: &Applied) -> String {
-    let mut s = format!("{}/{}", a.address, a.prefix_len);
-    if let Some(gw) = a.gateway {
-        s += &format!(" router {gw}");
+    let mut parts: Vec<String> = a.addresses.iter().map(Prefix::to_string).collect();
+    for r in &a.routes {
+        parts.push(match (r.to.len, r.via) {
+            (0, Some(via)) => format!("router {via}"),
+            (_, Some(via)) => format!("route {} via {via}", r.to),
+            (_, None) => format!("route {} on-link", r.to),
+        });
     }
     if !a.dns.is_empty() {
-        let dns: Vec<String> = a.dns.iter().map(Ipv4Addr::to_string).collect();
-        s += &format!(" dns {}", dns.join(","));
+        let dns: Vec<String> = a.dns.iter().map(IpAddr::to_string).collect();
+        parts.push(format!("dns {}", dns.join(",")));
     }
     if let Some(mtu) = a.mtu {
-        s += &format!(" mtu {mtu}");
+        parts.push(format!("mtu {mtu}"));
     }
-    s
+    parts.join(" ")
 }
 
 async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, String> {
@@ -144,21 +247,83 @@ async fn find_link(handle: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>
     }
 }
 
-/// Drivers register their interfaces asynchronously after the module loads.
-async fn wait_for_link(handle: &Handle, name: &str) -> Result<(u32, Vec<u8>), String> {
+/// Finds the link a table is for, waiting for it as for a named one: drivers register
+/// their interfaces asynchronously after the module loads. Returns its kernel name,
+/// index and MAC.
+async fn resolve(
+    handle: &Handle,
+    link: &LinkMatch,
+    taken: &[String],
+) -> Result<(String, u32, Vec<u8>), String> {
     let start = Instant::now();
     loop {
-        if let Some(link) = find_link(handle, name).await? {
-            return Ok(link);
+        let name = match link {
+            LinkMatch::Name(name) => Some(name.clone()),
+            other => find_in_sysfs(Path::new(SYS_CLASS_NET), other, taken),
+        };
+        if let Some(name) = name
+            && let Some((index, mac)) = find_link(handle, &name).await?
+        {
+            return Ok((name, index, mac));
         }
         if start.elapsed() > LINK_TIMEOUT {
             return Err(format!(
-                "interface did not appear within {} s",
+                "no interface {} appeared within {} s",
+                describe_match(link),
                 LINK_TIMEOUT.as_secs()
             ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+fn describe_match(link: &LinkMatch) -> String {
+    match link {
+        LinkMatch::Name(name) => format!("named {name}"),
+        LinkMatch::Mac(mac) => format!("with MAC {}", format_mac(mac)),
+        LinkMatch::Driver(driver) => format!("with driver {driver}"),
+    }
+}
+
+fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The first link under `root` (/sys/class/net) that a MAC or driver match selects and
+/// that nothing configured yet, by name order. Only links with a `device` (hardware, not
+/// bridges, VLANs or bonds that borrow a MAC) are candidates.
+pub fn find_in_sysfs(root: &Path, link: &LinkMatch, taken: &[String]) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names.into_iter().find(|name| {
+        let dir = root.join(name);
+        if !dir.join("device").exists() {
+            return false;
+        }
+        match link {
+            LinkMatch::Name(n) => n == name,
+            LinkMatch::Mac(mac) => std::fs::read_to_string(dir.join("address"))
+                .ok()
+                .and_then(|text| keel_config::parse_mac(text.trim()))
+                .is_some_and(|found| found == *mac),
+            LinkMatch::Driver(driver) => {
+                !taken.contains(name)
+                    && std::fs::read_link(dir.join("device/driver"))
+                        .ok()
+                        .is_some_and(|target| {
+                            target
+                                .file_name()
+                                .is_some_and(|f| f.to_string_lossy() == *driver)
+                        })
+            }
+        }
+    })
 }
 
 async fn set_up(handle: &Handle, index: u32) -> Result<(), String> {
@@ -170,40 +335,101 @@ async fn set_up(handle: &Handle, index: u32) -> Result<(), String> {
         .map_err(|e| format!("bringing up link {index}: {e}"))
 }
 
-async fn apply(handle: &Handle, name: &str, index: u32, a: &Applied) -> Result<(), String> {
-    if let Some(mtu) = a.mtu {
-        handle
+/// Applies MTU, addresses and routes, in that order, each replacing what is there. One
+/// failure does not keep the rest from being tried: every error is returned.
+async fn apply(handle: &Handle, name: &str, index: u32, a: &Applied) -> Vec<String> {
+    let mut errors = Vec::new();
+    if let Some(mtu) = a.mtu
+        && let Err(e) = handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .mtu(u32::from(mtu))
-                    .build(),
-            )
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
             .execute()
             .await
-            .map_err(|e| format!("{name}: setting mtu {mtu}: {e}"))?;
+    {
+        errors.push(format!("{name}: setting mtu {mtu}: {e}"));
     }
-    handle
-        .address()
-        .add(index, IpAddr::V4(a.address), a.prefix_len)
-        .replace()
-        .execute()
-        .await
-        .map_err(|e| format!("{name}: adding {}/{}: {e}", a.address, a.prefix_len))?;
-    if let Some(gateway) = a.gateway {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(gateway)
-            .output_interface(index)
-            .build();
-        handle
-            .route()
-            .add(route)
+    for address in &a.addresses {
+        if let Err(e) = handle
+            .address()
+            .add(index, address.addr, address.len)
             .replace()
             .execute()
             .await
-            .map_err(|e| format!("{name}: default route via {gateway}: {e}"))?;
+        {
+            errors.push(format!("{name}: adding {address}: {e}"));
+        }
     }
-    Ok(())
+    for route in &a.routes {
+        let result = match route_message(index, route) {
+            Some(msg) => handle
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("the destination and the gateway differ in IP version".into()),
+        };
+        if let Err(e) = result {
+            let via = route.via.map(|v| format!(" via {v}")).unwrap_or_default();
+            errors.push(format!("{name}: route {}{via}: {e}", route.to));
+        }
+    }
+    errors
+}
+
+/// The netlink message for a route through `index`; `None` when its families disagree.
+fn route_message(index: u32, route: &Route) -> Option<netlink_packet_route::route::RouteMessage> {
+    let len = route.to.len;
+    match (route.to.addr, route.via) {
+        (IpAddr::V4(to), via) => {
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(to, len)
+                .output_interface(index);
+            match via {
+                Some(IpAddr::V4(gw)) => Some(b.gateway(gw).build()),
+                Some(IpAddr::V6(_)) => None,
+                None => Some(b.scope(RouteScope::Link).build()),
+            }
+        }
+        (IpAddr::V6(to), via) => {
+            let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(to, len)
+                .output_interface(index);
+            match via {
+                Some(IpAddr::V6(gw)) => Some(b.gateway(gw).build()),
+                Some(IpAddr::V4(_)) => None,
+                None => Some(b.build()),
+            }
+        }
+    }
+}
+
+/// Removes addresses a link had but should no longer have (a lease that moved).
+async fn remove_addresses(handle: &Handle, name: &str, index: u32, gone: &[Prefix]) {
+    for p in gone {
+        let mut found = handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(p.addr)
+            .set_prefix_length_filter(p.len)
+            .execute();
+        loop {
+            match found.try_next().await {
+                Ok(Some(msg)) => {
+                    if let Err(e) = handle.address().del(msg).execute().await {
+                        log::warn!("{name}: removing {p}: {e}");
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("{name}: looking up {p}: {e}");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// The addressing a lease asks for.
@@ -224,31 +450,55 @@ pub fn lease_to_applied(lease: &DhcpV4Lease) -> Applied {
         None => lease.gateways.as_ref().and_then(|g| g.first().copied()),
     };
     Applied {
-        address: lease.yiaddr,
-        prefix_len,
-        gateway,
-        dns: lease.dns_srvs.clone().unwrap_or_default(),
+        addresses: vec![Prefix {
+            addr: IpAddr::V4(lease.yiaddr),
+            len: prefix_len,
+        }],
+        routes: gateway
+            .map(|gw| Route {
+                to: Prefix::default_for(&IpAddr::V4(gw)),
+                via: Some(IpAddr::V4(gw)),
+            })
+            .into_iter()
+            .collect(),
+        dns: lease
+            .dns_srvs
+            .iter()
+            .flatten()
+            .map(|s| IpAddr::V4(*s))
+            .collect(),
         search,
-        mtu: lease.mtu.filter(|m| *m >= 576),
+        mtu: lease.mtu.filter(|m| *m >= 576).map(u32::from),
     }
 }
 
-/// Acquires a lease, reports it through `first`, then renews for as long as the host runs.
-async fn run_dhcp(
+/// One DHCP interface's client and where its leases go.
+struct Dhcp {
     handle: Handle,
     name: String,
     index: u32,
     mac: Vec<u8>,
-    hostname: String,
-    first: oneshot::Sender<Applied>,
-) {
+    /// The host file's `mtu`, which wins over the lease's.
+    mtu: Option<u32>,
+    state: Shared,
+}
+
+/// Acquires a lease, reports the first through `first`, then renews for as long as the
+/// host runs. Every lease updates the shared state, resolv.conf and /etc/hosts.
+async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>) {
+    let name = d.name.as_str();
     let mut first = Some(first);
-    let mut config = DhcpV4Config::new(&name);
-    config.set_iface_index(index);
-    if let Err(e) = config.set_iface_mac_raw(&mac) {
+    let mut config = DhcpV4Config::new(name);
+    config.set_iface_index(d.index);
+    if let Err(e) = config.set_iface_mac_raw(&d.mac) {
         log::error!("{name}: DHCP: bad MAC address: {e}");
         return;
     }
+    let hostname = d
+        .state
+        .lock()
+        .map(|s| s.hostname.clone())
+        .unwrap_or_default();
     config.set_host_name(&hostname);
     config.set_timeout_sec(FIRST_LEASE_TIMEOUT.as_secs() as u32);
     let mut client = match DhcpV4Client::init(config, None).await {
@@ -263,21 +513,52 @@ async fn run_dhcp(
         match client.run().await {
             Ok(DhcpV4State::Done(lease)) => {
                 retry = Duration::from_secs(1);
-                let a = lease_to_applied(&lease);
-                match apply(&handle, &name, index, &a).await {
-                    Ok(()) => {
+                let mut a = lease_to_applied(&lease);
+                if d.mtu.is_some() {
+                    a.mtu = d.mtu;
+                }
+                let previous = d.state.lock().ok().and_then(|s| {
+                    s.links
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, a)| a.clone())
+                });
+                let errors = apply(&d.handle, name, d.index, &a).await;
+                for e in &errors {
+                    log::error!("{e}");
+                }
+                if let Some(old) = &previous {
+                    let gone: Vec<Prefix> = old
+                        .addresses
+                        .iter()
+                        .filter(|p| !a.addresses.contains(p))
+                        .copied()
+                        .collect();
+                    if !gone.is_empty() {
                         log::info!(
-                            "{name}: DHCP lease {} (lease {} s)",
-                            describe(&a),
-                            lease.lease_time_sec
+                            "{name}: the lease moved from {}",
+                            gone.iter()
+                                .map(Prefix::to_string)
+                                .collect::<Vec<_>>()
+                                .join(",")
                         );
-                        if let Some(tx) = first.take() {
-                            let _ = tx.send(a);
-                        } else {
-                            write_resolv_conf(std::slice::from_ref(&a));
-                        }
+                        remove_addresses(&d.handle, name, d.index, &gone).await;
                     }
-                    Err(e) => log::error!("{e}"),
+                }
+                log::info!(
+                    "{name}: DHCP lease {} (lease {} s)",
+                    describe(&a),
+                    lease.lease_time_sec
+                );
+                if let Ok(mut s) = d.state.lock() {
+                    match s.links.iter_mut().find(|(n, _)| n == name) {
+                        Some((_, slot)) => *slot = a,
+                        None => s.links.push((name.to_string(), a)),
+                    }
+                }
+                write_files(&d.state);
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(());
                 }
             }
             Ok(_) => {}
@@ -305,7 +586,7 @@ pub fn render_resolv_conf(applied: &[Applied]) -> String {
     if !seen.is_empty() {
         out += &format!("search {}\n", seen.join(" "));
     }
-    let mut servers: Vec<Ipv4Addr> = Vec::new();
+    let mut servers: Vec<IpAddr> = Vec::new();
     for s in applied.iter().flat_map(|a| &a.dns) {
         if !servers.contains(s) {
             servers.push(*s);
@@ -317,24 +598,62 @@ pub fn render_resolv_conf(applied: &[Applied]) -> String {
     out
 }
 
-fn write_resolv_conf(applied: &[Applied]) {
-    let text = render_resolv_conf(applied);
-    let tmp = "/etc/.resolv.conf.tmp";
-    if let Err(e) = std::fs::write(tmp, text).and_then(|_| std::fs::rename(tmp, "/etc/resolv.conf"))
-    {
-        log::error!("cannot write /etc/resolv.conf: {e}");
+/// Renders /etc/hosts: loopback names, and the hostname on the first address configured
+/// (127.0.1.1, Debian's convention, while there is none, so the name always resolves).
+pub fn render_hosts(hostname: &str, applied: &[Applied]) -> String {
+    let mut out = String::from(
+        "# written by keel\n127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n",
+    );
+    let first = applied
+        .iter()
+        .flat_map(|a| &a.addresses)
+        .map(|p| p.addr)
+        .find(|ip| !ip.is_loopback());
+    match first {
+        Some(ip) => out += &format!("{ip} {hostname}\n"),
+        None => out += &format!("127.0.1.1 {hostname}\n"),
     }
+    out
+}
+
+fn write_files(state: &Shared) {
+    let (resolv, hosts) = match state.lock() {
+        Ok(s) => {
+            let applied: Vec<Applied> = s.links.iter().map(|(_, a)| a.clone()).collect();
+            (
+                render_resolv_conf(&applied),
+                render_hosts(&s.hostname, &applied),
+            )
+        }
+        Err(_) => return,
+    };
+    for (path, text) in [(RESOLV_CONF, resolv), (HOSTS, hosts)] {
+        if let Err(e) = write_atomically(Path::new(path), &text) {
+            log::error!("cannot write {path}: {e}");
+        }
+    }
+}
+
+/// Readers (containers sharing the host's /etc files) see the old file or the new one,
+/// never half of one.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn applied(dns: &[&str], search: &[&str]) -> Applied {
+    fn applied(addresses: &[&str], dns: &[&str], search: &[&str]) -> Applied {
         Applied {
-            address: "10.0.2.15".parse().unwrap(),
-            prefix_len: 24,
-            gateway: None,
+            addresses: addresses
+                .iter()
+                .map(|a| Prefix::parse(a).unwrap())
+                .collect(),
+            routes: Vec::new(),
             dns: dns.iter().map(|d| d.parse().unwrap()).collect(),
             search: search.iter().map(|s| s.to_string()).collect(),
             mtu: None,
@@ -344,13 +663,44 @@ mod tests {
     #[test]
     fn resolv_conf_lists_unique_servers_and_domains() {
         let text = render_resolv_conf(&[
-            applied(&["10.0.2.3"], &["example.org"]),
-            applied(&["10.0.2.3", "1.1.1.1"], &[]),
+            applied(&["10.0.2.15/24"], &["10.0.2.3"], &["example.org"]),
+            applied(&[], &["10.0.2.3", "1.1.1.1", "fd00::53"], &[]),
         ]);
         assert_eq!(
             text,
-            "# written by keel\nsearch example.org\nnameserver 10.0.2.3\nnameserver 1.1.1.1\n"
+            "# written by keel\nsearch example.org\nnameserver 10.0.2.3\nnameserver 1.1.1.1\nnameserver fd00::53\n"
         );
+    }
+
+    #[test]
+    fn hosts_name_the_first_address() {
+        let text = render_hosts(
+            "hello",
+            &[
+                applied(&[], &[], &[]),
+                applied(&["10.0.2.15/24", "fd00::2/64"], &[], &[]),
+                applied(&["10.1.0.7/24"], &[], &[]),
+            ],
+        );
+        assert_eq!(
+            text,
+            "# written by keel\n127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n10.0.2.15 hello\n"
+        );
+        let v6 = render_hosts("h", &[applied(&["fd00::2/64"], &[], &[])]);
+        assert!(v6.ends_with("\nfd00::2 h\n"), "{v6}");
+        let none = render_hosts("h", &[]);
+        assert!(none.ends_with("\n127.0.1.1 h\n"), "{none}");
+    }
+
+    #[test]
+    fn files_are_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "old").unwrap();
+        write_atomically(&path, "new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
     }
 
     #[test]
@@ -363,10 +713,142 @@ mod tests {
         lease.domain_name = Some("example.org".into());
         lease.mtu = Some(100);
         let a = lease_to_applied(&lease);
-        assert_eq!(a.prefix_len, 24);
-        assert_eq!(a.gateway, Some("10.0.2.2".parse().unwrap()));
+        assert_eq!(a.addresses, [Prefix::parse("10.0.2.15/24").unwrap()]);
         assert_eq!(a.search, ["example.org"]);
         assert_eq!(a.mtu, None, "an MTU below the IPv4 minimum is ignored");
         assert_eq!(describe(&a), "10.0.2.15/24 router 10.0.2.2 dns 10.0.2.3");
+    }
+
+    #[test]
+    fn static_configuration_is_described_whole() {
+        let a = Applied {
+            addresses: vec![
+                Prefix::parse("10.1.0.7/24").unwrap(),
+                Prefix::parse("fd01::7/64").unwrap(),
+            ],
+            routes: vec![
+                Route {
+                    to: Prefix::parse("10.9.0.0/16").unwrap(),
+                    via: Some("10.1.0.2".parse().unwrap()),
+                },
+                Route {
+                    to: Prefix::parse("::/0").unwrap(),
+                    via: Some("fd01::1".parse().unwrap()),
+                },
+                Route {
+                    to: Prefix::parse("10.8.0.0/16").unwrap(),
+                    via: None,
+                },
+            ],
+            dns: vec!["fd01::53".parse().unwrap()],
+            search: Vec::new(),
+            mtu: Some(1400),
+        };
+        assert_eq!(
+            describe(&a),
+            "10.1.0.7/24 fd01::7/64 route 10.9.0.0/16 via 10.1.0.2 router fd01::1 route 10.8.0.0/16 on-link dns fd01::53 mtu 1400"
+        );
+    }
+
+    #[test]
+    fn routes_become_messages_of_their_family() {
+        use netlink_packet_route::AddressFamily;
+        use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+        let v4 = route_message(
+            3,
+            &Route {
+                to: Prefix::parse("10.9.0.0/16").unwrap(),
+                via: Some("10.1.0.2".parse().unwrap()),
+            },
+        )
+        .unwrap();
+        assert_eq!(v4.header.address_family, AddressFamily::Inet);
+        assert_eq!(v4.header.destination_prefix_length, 16);
+        assert!(v4.attributes.contains(&RouteAttribute::Oif(3)));
+        assert!(
+            v4.attributes
+                .contains(&RouteAttribute::Gateway(RouteAddress::Inet(
+                    "10.1.0.2".parse().unwrap()
+                )))
+        );
+        let v6 = route_message(
+            3,
+            &Route {
+                to: Prefix::parse("::/0").unwrap(),
+                via: Some("fd01::1".parse().unwrap()),
+            },
+        )
+        .unwrap();
+        assert_eq!(v6.header.address_family, AddressFamily::Inet6);
+        assert_eq!(v6.header.destination_prefix_length, 0);
+        let onlink = route_message(
+            3,
+            &Route {
+                to: Prefix::parse("10.8.0.0/16").unwrap(),
+                via: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(onlink.header.scope, RouteScope::Link);
+        let mixed = Route {
+            to: Prefix::parse("10.8.0.0/16").unwrap(),
+            via: Some("fd01::1".parse().unwrap()),
+        };
+        assert!(route_message(3, &mixed).is_none());
+    }
+
+    /// A fake /sys/class/net: `eth0` and `eth1` on virtio_net, `br0` without a device.
+    fn sysfs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let drivers = dir.path().join("drivers");
+        std::fs::create_dir_all(drivers.join("virtio_net")).unwrap();
+        std::fs::create_dir_all(drivers.join("e1000")).unwrap();
+        for (name, mac, driver) in [
+            ("eth0", "52:54:00:12:34:56", Some("virtio_net")),
+            ("eth1", "52:54:00:12:34:99", Some("virtio_net")),
+            ("eth2", "52:54:00:12:34:aa", Some("e1000")),
+            ("br0", "52:54:00:12:34:99", None),
+        ] {
+            let link = dir.path().join("net").join(name);
+            std::fs::create_dir_all(&link).unwrap();
+            std::fs::write(link.join("address"), format!("{mac}\n")).unwrap();
+            if let Some(driver) = driver {
+                std::fs::create_dir_all(link.join("device")).unwrap();
+                std::os::unix::fs::symlink(drivers.join(driver), link.join("device/driver"))
+                    .unwrap();
+            }
+        }
+        dir
+    }
+
+    #[test]
+    fn links_are_found_by_mac_or_driver_in_sysfs() {
+        let dir = sysfs();
+        let root = dir.path().join("net");
+        let mac = LinkMatch::Mac([0x52, 0x54, 0, 0x12, 0x34, 0x99]);
+        assert_eq!(find_in_sysfs(&root, &mac, &[]).as_deref(), Some("eth1"));
+        let upper = LinkMatch::Mac(keel_config::parse_mac("52:54:00:12:34:AA").unwrap());
+        assert_eq!(find_in_sysfs(&root, &upper, &[]).as_deref(), Some("eth2"));
+        let virtio = LinkMatch::Driver("virtio_net".into());
+        assert_eq!(find_in_sysfs(&root, &virtio, &[]).as_deref(), Some("eth0"));
+        assert_eq!(
+            find_in_sysfs(&root, &virtio, &["eth0".into()]).as_deref(),
+            Some("eth1"),
+            "a driver match takes the next link not configured yet"
+        );
+        assert_eq!(
+            find_in_sysfs(&root, &virtio, &["eth0".into(), "eth1".into()]),
+            None
+        );
+        let absent = LinkMatch::Mac([2, 0, 0, 0, 0, 1]);
+        assert_eq!(find_in_sysfs(&root, &absent, &[]), None);
+        assert_eq!(
+            find_in_sysfs(&root, &LinkMatch::Driver("i40e".into()), &[]),
+            None
+        );
+        assert_eq!(
+            find_in_sysfs(&dir.path().join("missing"), &virtio, &[]),
+            None
+        );
     }
 }
