@@ -124,7 +124,22 @@ pub fn fetch_kernel(cache_dir: &Path) -> Result<Kernel, KernelError> {
     let override_deb = std::env::var_os(KERNEL_DEB_ENV)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    fetch_with(cache_dir, override_deb.as_deref(), &Apt)
+    // Several `keel build`s may start on a cold cache at once (the tests do): one downloads
+    // and unpacks, the others wait and then find it cached.
+    fs::create_dir_all(cache_dir)
+        .map_err(|e| io_err(format!("creating {}", cache_dir.display()), e))?;
+    let lock_path = cache_dir.join(".lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| io_err(format!("opening {}", lock_path.display()), e))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io_err(format!("locking {}", lock_path.display()), e.into()))?;
+    let kernel = fetch_with(cache_dir, override_deb.as_deref(), &Apt);
+    drop(lock);
+    kernel
 }
 
 /// What [`fetch_with`] needs from the package manager; a trait so tests can run the whole
