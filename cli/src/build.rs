@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use keel_config::{HostConfig, ImageSource, LayerSpec};
 use keel_image::cpio::Compression;
-use keel_image::import::{ImageConfigSpec, LayerSource, import};
+use keel_image::import::{LayerSource, import};
 use keel_image::kernel::fetch_kernel;
 use keel_image::layout::ImageLayout;
 use keel_image::modules::ModuleIndex;
@@ -138,16 +138,8 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
                         }
                     })
                     .collect();
-                let d = &image.defaults;
-                let spec = ImageConfigSpec {
-                    entrypoint: d.entrypoint.clone(),
-                    cmd: d.cmd.clone(),
-                    env: d.env.clone(),
-                    workdir: d.workdir.clone(),
-                    user: d.user.clone(),
-                };
                 let dir = staging.path().join(name);
-                import(&sources, &spec, Some(name), &dir)
+                import(&sources, &image.defaults, Some(name), &dir)
                     .map_err(|e| format!("image {name}: {e}"))?;
                 dir
             }

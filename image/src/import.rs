@@ -36,20 +36,9 @@ pub enum LayerSource {
     Busybox(PathBuf),
 }
 
-/// The runtime defaults recorded in the image config.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageConfigSpec {
-    /// `Entrypoint`.
-    pub entrypoint: Option<Vec<String>>,
-    /// `Cmd`.
-    pub cmd: Option<Vec<String>>,
-    /// `Env`, as `KEY=value`.
-    pub env: Vec<String>,
-    /// `WorkingDir`.
-    pub workdir: Option<String>,
-    /// `User`.
-    pub user: Option<String>,
-}
+/// The runtime defaults recorded in the image config (Entrypoint, Cmd, Env, WorkingDir,
+/// User): the host file's `[images.NAME]` keys, one type for both.
+pub type ImageConfigSpec = keel_config::ImageDefaults;
 
 /// What [`import`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
