@@ -255,6 +255,8 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         }
     }
     supervisor.remove_cgroups();
+    // After the containers, which may still have used the network while stopping.
+    net::release_dhcp(Duration::from_secs(1)).await;
     kill_everything_else();
     reap(&mut supervisor);
     action

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,8 @@ use mozim::{DhcpV4Client, DhcpV4Config, DhcpV4Lease, DhcpV4State};
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::cmdline;
 
@@ -22,6 +23,9 @@ use crate::cmdline;
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long boot waits for a first DHCP lease before starting containers without it.
 const FIRST_LEASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one DISCOVER/REQUEST round may take before the client starts over. Only the
+/// acquiring states are bounded: renewing and rebinding run until T2 and expiry.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 const SYS_CLASS_NET: &str = "/sys/class/net";
 const PROC_CMDLINE: &str = "/proc/cmdline";
 const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -54,6 +58,62 @@ impl Applied {
 struct State {
     hostname: String,
     links: Vec<(String, Applied)>,
+    resolv_conf: PathBuf,
+    hosts: PathBuf,
+}
+
+/// What a DHCP client did to its interface, for tests and anyone watching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DhcpEvent {
+    /// A lease was applied; `renewed` when it extends the address already there.
+    Bound {
+        address: Prefix,
+        lease_sec: u32,
+        renewed: bool,
+    },
+    /// T1 passed: asking the server that gave the lease to extend it.
+    Renewing,
+    /// T2 passed without an answer: asking any server.
+    Rebinding,
+    /// The lease ran out unrenewed: its address and routes were removed.
+    Expired { address: Prefix },
+    /// DHCPRELEASE was sent (or tried) and the address and routes removed.
+    Released { address: Prefix },
+}
+
+/// A running DHCP client: `stop` asks it to release its lease and end.
+struct ClientHandle {
+    name: String,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+/// The DHCP clients `configure` started, so that shutdown can release their leases.
+static CLIENTS: Mutex<Vec<ClientHandle>> = Mutex::new(Vec::new());
+
+/// Releases every DHCP lease (DHCPRELEASE, then the address and routes removed), waiting
+/// at most `limit` so that an unreachable server never holds up shutdown.
+pub async fn release_dhcp(limit: Duration) {
+    let clients = match CLIENTS.lock() {
+        Ok(mut c) => std::mem::take(&mut *c),
+        Err(_) => return,
+    };
+    let mut tasks = Vec::new();
+    for c in clients {
+        // A client that already ended has nothing to release.
+        if c.stop.send(()).is_ok() {
+            tasks.push((c.name, c.task));
+        }
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    for (name, task) in tasks {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            log::warn!(
+                "{name}: DHCP release did not finish within {} ms",
+                limit.as_millis()
+            );
+        }
+    }
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -87,6 +147,8 @@ pub async fn configure(
     let state: Shared = Arc::new(Mutex::new(State {
         hostname: hostname.to_string(),
         links: Vec::new(),
+        resolv_conf: RESOLV_CONF.into(),
+        hosts: HOSTS.into(),
     }));
     // /etc/hosts names the host from the start, even before (or without) any address.
     write_files(&state);
@@ -157,7 +219,8 @@ pub async fn configure(
                     .push((name.clone(), Applied::from_config(&Interface::dhcp4(&name))));
             }
             let (tx, rx) = oneshot::channel();
-            tokio::spawn(run_dhcp(
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let task = tokio::spawn(run_dhcp(
                 Dhcp {
                     handle: handle.clone(),
                     name: name.clone(),
@@ -165,9 +228,18 @@ pub async fn configure(
                     mac,
                     mtu: config.mtu,
                     state: state.clone(),
+                    events: None,
                 },
                 tx,
+                stop_rx,
             ));
+            if let Ok(mut c) = CLIENTS.lock() {
+                c.push(ClientHandle {
+                    name: name.clone(),
+                    stop: stop_tx,
+                    task,
+                });
+            }
             pending.push((name, rx));
         } else {
             let a = Applied::from_config(&config);
@@ -481,11 +553,111 @@ struct Dhcp {
     /// The host file's `mtu`, which wins over the lease's.
     mtu: Option<u32>,
     state: Shared,
+    events: Option<mpsc::UnboundedSender<DhcpEvent>>,
 }
 
-/// Acquires a lease, reports the first through `first`, then renews for as long as the
-/// host runs. Every lease updates the shared state, resolv.conf and /etc/hosts.
-async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>) {
+impl Dhcp {
+    fn emit(&self, event: DhcpEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Sets this link's entry in the shared state and rewrites resolv.conf and /etc/hosts.
+    fn publish(&self, a: Applied) {
+        if let Ok(mut s) = self.state.lock() {
+            match s.links.iter_mut().find(|(n, _)| *n == self.name) {
+                Some((_, slot)) => *slot = a,
+                None => s.links.push((self.name.clone(), a)),
+            }
+        }
+        write_files(&self.state);
+    }
+
+    /// Takes a lease's addressing off the link: routes first (they go through the address).
+    async fn unapply(&self, a: &Applied) {
+        remove_routes(&self.handle, &self.name, self.index, &a.routes).await;
+        remove_addresses(&self.handle, &self.name, self.index, &a.addresses).await;
+        self.publish(Applied::from_config(&Interface::dhcp4(&self.name)));
+    }
+}
+
+/// The lease currently applied to the link.
+struct Bound {
+    lease: DhcpV4Lease,
+    applied: Applied,
+    expires: tokio::time::Instant,
+}
+
+impl Bound {
+    fn address(&self) -> Prefix {
+        self.applied.addresses.first().copied().unwrap_or(Prefix {
+            addr: IpAddr::V4(self.lease.yiaddr),
+            len: 32,
+        })
+    }
+}
+
+/// What woke the lease loop.
+enum Step {
+    Ran(Result<DhcpV4State, mozim::DhcpError>),
+    AcquireTimeout,
+    Retry,
+    Expired,
+    Stop,
+}
+
+/// Runs DHCPv4 on one interface the way PID 1 does, in the calling thread's network
+/// namespace (its netlink socket is created here), writing resolv.conf and hosts into `etc`.
+/// `events` hears every lease applied or removed; `stop` releases the lease and returns.
+pub async fn run_dhcp_client(
+    name: &str,
+    hostname: &str,
+    etc: &Path,
+    events: mpsc::UnboundedSender<DhcpEvent>,
+    stop: oneshot::Receiver<()>,
+) -> Result<(), String> {
+    let (connection, handle, messages) =
+        rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+    drop(messages);
+    let connection = tokio::spawn(connection);
+    let (index, mac) = find_link(&handle, name)
+        .await?
+        .ok_or_else(|| format!("no interface {name}"))?;
+    set_up(&handle, index).await?;
+    let state: Shared = Arc::new(Mutex::new(State {
+        hostname: hostname.to_string(),
+        links: vec![(
+            name.to_string(),
+            Applied::from_config(&Interface::dhcp4(name)),
+        )],
+        resolv_conf: etc.join("resolv.conf"),
+        hosts: etc.join("hosts"),
+    }));
+    let (first, _) = oneshot::channel();
+    run_dhcp(
+        Dhcp {
+            handle,
+            name: name.to_string(),
+            index,
+            mac,
+            mtu: None,
+            state,
+            events: Some(events),
+        },
+        first,
+        stop,
+    )
+    .await;
+    connection.abort();
+    Ok(())
+}
+
+/// Acquires a lease, reports the first through `first`, then renews at T1 and rebinds at
+/// T2 for as long as the host runs. Every lease updates the shared state, resolv.conf and
+/// /etc/hosts; a lease that expires unrenewed is taken off the link and discovery starts
+/// over. `stop` sends DHCPRELEASE, removes the address and ends the client.
+async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: oneshot::Receiver<()>) {
     let name = d.name.as_str();
     let mut first = Some(first);
     let mut config = DhcpV4Config::new(name);
@@ -500,7 +672,9 @@ async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>) {
         .map(|s| s.hostname.clone())
         .unwrap_or_default();
     config.set_host_name(&hostname);
-    config.set_timeout_sec(FIRST_LEASE_TIMEOUT.as_secs() as u32);
+    // No mozim timeout: it would also cut renewing short (after 30 s, long before T2) and
+    // drop the lease. Acquisition is bounded below instead.
+    config.set_timeout_sec(0);
     let mut client = match DhcpV4Client::init(config, None).await {
         Ok(c) => c,
         Err(e) => {
@@ -509,26 +683,102 @@ async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>) {
         }
     };
     let mut retry = Duration::from_secs(1);
+    let mut backoff: Option<tokio::time::Instant> = None;
+    let mut acquiring = true;
+    let mut bound: Option<Bound> = None;
     loop {
-        match client.run().await {
-            Ok(DhcpV4State::Done(lease)) => {
+        let expires = bound.as_ref().map(|b| b.expires);
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let step = {
+            let run = async {
+                if acquiring {
+                    match tokio::time::timeout(ACQUIRE_TIMEOUT, client.run()).await {
+                        Ok(r) => Step::Ran(r),
+                        Err(_) => Step::AcquireTimeout,
+                    }
+                } else {
+                    Step::Ran(client.run().await)
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = &mut stop => Step::Stop,
+                _ = tokio::time::sleep_until(expires.unwrap_or(far)), if expires.is_some() => {
+                    Step::Expired
+                }
+                _ = tokio::time::sleep_until(backoff.unwrap_or(far)), if backoff.is_some() => {
+                    Step::Retry
+                }
+                step = run, if backoff.is_none() => step,
+            }
+        };
+        match step {
+            Step::Stop => {
+                if let Some(b) = bound.take() {
+                    if let Err(e) = client.release(&b.lease).await {
+                        log::warn!("{name}: DHCPRELEASE: {e}");
+                    }
+                    d.unapply(&b.applied).await;
+                    log::info!("{name}: DHCP lease released");
+                    d.emit(DhcpEvent::Released {
+                        address: b.address(),
+                    });
+                }
+                return;
+            }
+            Step::Retry => backoff = None,
+            Step::Expired => {
+                if let Some(b) = bound.take() {
+                    expire(&d, &b).await;
+                }
+                client.clean_up();
+                acquiring = true;
+            }
+            Step::AcquireTimeout => {
+                log::warn!(
+                    "{name}: no DHCP lease within {} s; retrying in {} s",
+                    ACQUIRE_TIMEOUT.as_secs(),
+                    retry.as_secs()
+                );
+                client.clean_up();
+                backoff = Some(tokio::time::Instant::now() + retry);
+                retry = (retry * 2).min(Duration::from_secs(60));
+            }
+            Step::Ran(Err(e)) => {
+                log::warn!("{name}: DHCP: {e}; retrying in {} s", retry.as_secs());
+                // The address stays until the lease's own expiry, renewed or not.
+                client.clean_up();
+                acquiring = true;
+                backoff = Some(tokio::time::Instant::now() + retry);
+                retry = (retry * 2).min(Duration::from_secs(60));
+            }
+            Step::Ran(Ok(DhcpV4State::Done(lease))) => {
                 retry = Duration::from_secs(1);
+                acquiring = false;
                 let mut a = lease_to_applied(&lease);
                 if d.mtu.is_some() {
                     a.mtu = d.mtu;
                 }
-                let previous = d.state.lock().ok().and_then(|s| {
-                    s.links
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, a)| a.clone())
-                });
                 let errors = apply(&d.handle, name, d.index, &a).await;
                 for e in &errors {
                     log::error!("{e}");
                 }
-                if let Some(old) = &previous {
+                let renewed = bound
+                    .as_ref()
+                    .is_some_and(|b| b.applied.addresses == a.addresses);
+                if let Some(old) = &bound {
+                    // A NAK or an expiry in between can bring a different address or router:
+                    // what the new lease no longer has goes.
+                    let gone_routes: Vec<Route> = old
+                        .applied
+                        .routes
+                        .iter()
+                        .filter(|r| !a.routes.contains(r))
+                        .cloned()
+                        .collect();
+                    remove_routes(&d.handle, name, d.index, &gone_routes).await;
                     let gone: Vec<Prefix> = old
+                        .applied
                         .addresses
                         .iter()
                         .filter(|p| !a.addresses.contains(p))
@@ -546,28 +796,73 @@ async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>) {
                     }
                 }
                 log::info!(
-                    "{name}: DHCP lease {} (lease {} s)",
+                    "{name}: DHCP lease {}{} (lease {} s)",
+                    if renewed { "renewed: " } else { "" },
                     describe(&a),
                     lease.lease_time_sec
                 );
-                if let Ok(mut s) = d.state.lock() {
-                    match s.links.iter_mut().find(|(n, _)| n == name) {
-                        Some((_, slot)) => *slot = a,
-                        None => s.links.push((name.to_string(), a)),
-                    }
-                }
-                write_files(&d.state);
+                let b = Bound {
+                    expires: tokio::time::Instant::now()
+                        + Duration::from_secs(lease.lease_time_sec.into()),
+                    lease: *lease,
+                    applied: a.clone(),
+                };
+                d.emit(DhcpEvent::Bound {
+                    address: b.address(),
+                    lease_sec: b.lease.lease_time_sec,
+                    renewed,
+                });
+                bound = Some(b);
+                d.publish(a);
                 if let Some(tx) = first.take() {
                     let _ = tx.send(());
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                log::warn!("{name}: DHCP: {e}; retrying in {} s", retry.as_secs());
-                client.clean_up();
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(60));
+            Step::Ran(Ok(DhcpV4State::Renewing)) => {
+                acquiring = false;
+                log::info!("{name}: DHCP renewing (T1)");
+                d.emit(DhcpEvent::Renewing);
             }
+            Step::Ran(Ok(DhcpV4State::Rebinding)) => {
+                acquiring = false;
+                log::info!("{name}: DHCP rebinding (T2): the server did not answer");
+                d.emit(DhcpEvent::Rebinding);
+            }
+            Step::Ran(Ok(DhcpV4State::InitReboot)) => {
+                // Out of rebinding, this is mozim saying the lease ran out.
+                if let Some(b) = bound.take() {
+                    expire(&d, &b).await;
+                }
+                acquiring = true;
+            }
+            Step::Ran(Ok(DhcpV4State::Selecting)) => {}
+        }
+    }
+}
+
+/// A lease that ran out: off the link, out of resolv.conf and hosts.
+async fn expire(d: &Dhcp, b: &Bound) {
+    d.unapply(&b.applied).await;
+    log::warn!(
+        "{}: DHCP lease on {} expired unrenewed; address and routes removed, discovering again",
+        d.name,
+        b.address()
+    );
+    d.emit(DhcpEvent::Expired {
+        address: b.address(),
+    });
+}
+
+/// Removes routes a lease installed; one already gone (with its address) is no error.
+async fn remove_routes(handle: &Handle, name: &str, index: u32, routes: &[Route]) {
+    for r in routes {
+        let Some(msg) = route_message(index, r) else {
+            continue;
+        };
+        match handle.route().del(msg).execute().await {
+            Ok(()) => {}
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {}
+            Err(e) => log::warn!("{name}: removing route {}: {e}", r.to),
         }
     }
 }
@@ -617,19 +912,19 @@ pub fn render_hosts(hostname: &str, applied: &[Applied]) -> String {
 }
 
 fn write_files(state: &Shared) {
-    let (resolv, hosts) = match state.lock() {
+    let files = match state.lock() {
         Ok(s) => {
             let applied: Vec<Applied> = s.links.iter().map(|(_, a)| a.clone()).collect();
-            (
-                render_resolv_conf(&applied),
-                render_hosts(&s.hostname, &applied),
-            )
+            [
+                (s.resolv_conf.clone(), render_resolv_conf(&applied)),
+                (s.hosts.clone(), render_hosts(&s.hostname, &applied)),
+            ]
         }
         Err(_) => return,
     };
-    for (path, text) in [(RESOLV_CONF, resolv), (HOSTS, hosts)] {
-        if let Err(e) = write_atomically(Path::new(path), &text) {
-            log::error!("cannot write {path}: {e}");
+    for (path, text) in files {
+        if let Err(e) = write_atomically(&path, &text) {
+            log::error!("cannot write {}: {e}", path.display());
         }
     }
 }
