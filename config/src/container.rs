@@ -92,13 +92,23 @@ pub const RLIMITS: &[&str] = &[
     "stack",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum NetworkMode {
-    /// Share the host's network namespace (the default until bridged networks exist).
+    /// Share the host's network namespace (the default: a machine's services usually serve
+    /// on the machine's own addresses).
     #[default]
     Host,
     /// A network namespace with only a loopback interface.
     None,
+    /// A network namespace of its own, on a bridge through a veth pair.
+    Bridged(crate::Attachment),
+}
+
+impl NetworkMode {
+    /// Whether the container gets a network namespace of its own.
+    pub fn is_own(&self) -> bool {
+        !matches!(self, NetworkMode::Host)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,25 +346,6 @@ pub(crate) fn capabilities(
     Ok(out)
 }
 
-pub(crate) fn network(
-    loc: &Locator<'_>,
-    value: &Option<Spanned<String>>,
-    key: String,
-) -> Result<NetworkMode, ConfigError> {
-    match value {
-        None => Ok(NetworkMode::Host),
-        Some(v) => match v.get_ref().as_str() {
-            "host" => Ok(NetworkMode::Host),
-            "none" => Ok(NetworkMode::None),
-            other => Err(loc.at(
-                v,
-                key,
-                format!("unknown network `{other}`: expected \"host\" or \"none\""),
-            )),
-        },
-    }
-}
-
 pub(crate) fn userns(
     loc: &Locator<'_>,
     value: &Option<Spanned<raw::Userns>>,
@@ -389,7 +380,7 @@ pub(crate) fn sysctls(
     loc: &Locator<'_>,
     value: &Option<Spanned<BTreeMap<String, String>>>,
     key: String,
-    network: NetworkMode,
+    own_network: bool,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let Some(v) = value else {
         return Ok(BTreeMap::new());
@@ -407,10 +398,10 @@ pub(crate) fn sysctls(
     for name in v.get_ref().keys() {
         let namespaced = IPC.contains(&name.as_str())
             || name.starts_with("fs.mqueue.")
-            || (name.starts_with("net.") && network != NetworkMode::Host);
+            || (name.starts_with("net.") && own_network);
         if !namespaced {
             let why = if name.starts_with("net.") {
-                "net.* sysctls need the container's own network (network = \"none\")"
+                "net.* sysctls need the container's own network (network = \"none\", \"bridge\" or a named network)"
             } else {
                 "only namespaced sysctls (kernel.msg*, kernel.sem, kernel.shm*, fs.mqueue.*, net.*) may be set"
             };

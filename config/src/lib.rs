@@ -17,8 +17,10 @@ use toml::Spanned;
 mod container;
 mod lifecycle;
 mod network;
+mod networks;
 
 pub use network::{Interface, LinkMatch, Prefix, Route, parse_mac};
+pub use networks::{Attachment, BridgeNetwork, DEFAULT_NETWORK, Protocol, PublishedPort};
 
 pub use lifecycle::{
     Condition, Dependency, HealthCheck, HealthProbe, Kind, Lifecycle, LogConfig, RestartPolicy,
@@ -70,6 +72,8 @@ pub struct HostConfig {
     /// The whole shutdown (services, onshutdown tasks, unmount) must fit in this.
     pub shutdown_timeout_ms: u64,
     pub interfaces: BTreeMap<String, Interface>,
+    /// Bridged container networks: the declared ones, plus `bridge` when a container uses it.
+    pub networks: BTreeMap<String, BridgeNetwork>,
     pub images: BTreeMap<String, Image>,
     pub containers: BTreeMap<String, Container>,
 }
@@ -222,6 +226,8 @@ mod raw {
         #[serde(default)]
         pub network: Network,
         #[serde(default)]
+        pub networks: BTreeMap<String, Spanned<networks::raw::Network>>,
+        #[serde(default)]
         pub images: BTreeMap<String, Spanned<Image>>,
         #[serde(default)]
         pub containers: BTreeMap<String, Spanned<Container>>,
@@ -273,6 +279,8 @@ mod raw {
         pub console: bool,
         pub pid: Option<Spanned<String>>,
         pub network: Option<Spanned<String>>,
+        pub ports: Option<Spanned<Vec<Spanned<String>>>>,
+        pub ipv4_address: Option<Spanned<String>>,
         pub userns: Option<Spanned<container::raw::Userns>>,
         #[serde(default)]
         pub readonly_rootfs: bool,
@@ -381,6 +389,8 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
     }
     network::check_duplicates(loc, &raw.network.interfaces, &interfaces)?;
 
+    let mut networks = networks::validate_networks(loc, &raw.networks)?;
+
     let mut images = BTreeMap::new();
     for (name, image) in &raw.images {
         let key = format!("images.{name}");
@@ -409,7 +419,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
                 ),
             ));
         }
-        let mut validated = validate_container(loc, &key, c, stop_timeout_ms)?;
+        let mut validated = validate_container(loc, &key, c, stop_timeout_ms, &networks)?;
         validated.order = container.span().start;
         containers.insert(name.clone(), validated);
     }
@@ -425,6 +435,12 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         })
         .collect();
     lifecycle::check_graph(loc, &graph)?;
+    let spans = raw
+        .containers
+        .iter()
+        .map(|(name, c)| (name.clone(), c.span()))
+        .collect();
+    networks::assign_addresses(loc, &spans, &mut networks, &mut containers)?;
 
     Ok(HostConfig {
         path: loc.file.to_path_buf(),
@@ -433,6 +449,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         stop_timeout_ms,
         shutdown_timeout_ms,
         interfaces,
+        networks,
         images,
         containers,
     })
@@ -566,6 +583,7 @@ fn validate_container(
     key: &str,
     c: &raw::Container,
     default_stop_timeout_ms: u64,
+    networks: &BTreeMap<String, BridgeNetwork>,
 ) -> Result<Container, ConfigError> {
     for name in c.env.keys() {
         if name.is_empty() || name.contains('=') {
@@ -678,7 +696,15 @@ fn validate_container(
             "expected `user`, `uid`, `user:group` or `uid:gid`",
         ));
     }
-    let network = container::network(loc, &c.network, format!("{key}.network"))?;
+    let network = networks::container_network(
+        loc,
+        key,
+        &c.network,
+        &c.ports,
+        &c.ipv4_address,
+        networks,
+    )?;
+    let own_network = network.is_own();
     let isolation = Isolation {
         network,
         host_pid,
@@ -690,7 +716,7 @@ fn validate_container(
         cap_drop: container::capabilities(loc, &c.cap_drop, format!("{key}.cap_drop"), true)?,
         no_new_privileges: c.no_new_privileges,
         user: c.user.as_ref().map(|u| u.get_ref().clone()),
-        sysctls: container::sysctls(loc, &c.sysctls, format!("{key}.sysctls"), network)?,
+        sysctls: container::sysctls(loc, &c.sysctls, format!("{key}.sysctls"), own_network)?,
         rlimits: container::rlimits(loc, &c.rlimits, format!("{key}.rlimits"))?,
         shm_size: container::optional_size(loc, &c.shm_size, format!("{key}.shm_size"), 4096)?
             .unwrap_or(64 << 20),

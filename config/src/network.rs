@@ -12,7 +12,13 @@ use crate::{ConfigError, Locator};
 pub struct Interface {
     /// Which link the table is for.
     pub link: LinkMatch,
+    /// DHCPv4 runs on the link (`dhcp4 = true` or `"optional"`).
     pub dhcp4: bool,
+    /// `dhcp4 = "optional"`: the host counts as online without this link's lease, and boot
+    /// does not wait for it. Static links and `dhcp4 = true` ones are required.
+    pub optional: bool,
+    /// IPv6 stateless autoconfiguration from router advertisements (`slaac`, default on).
+    pub slaac: bool,
     /// Static addresses, IPv4 and IPv6, in file order.
     pub addresses: Vec<Prefix>,
     /// Static routes, `gateway` included as a default route.
@@ -28,6 +34,8 @@ impl Interface {
         Interface {
             link: LinkMatch::Name(name.to_string()),
             dhcp4: true,
+            optional: false,
+            slaac: true,
             addresses: Vec::new(),
             routes: Vec::new(),
             mtu: None,
@@ -111,8 +119,9 @@ pub(crate) mod raw {
     pub struct Interface {
         #[serde(rename = "match")]
         pub link: Option<Spanned<Match>>,
-        #[serde(default)]
-        pub dhcp4: bool,
+        /// `true`, `false` or `"optional"`; checked in `validate_interface`.
+        pub dhcp4: Option<Spanned<toml::Value>>,
+        pub slaac: Option<bool>,
         pub address: Option<Spanned<String>>,
         pub addresses: Option<Spanned<Vec<Spanned<String>>>>,
         pub gateway: Option<Spanned<String>>,
@@ -145,6 +154,26 @@ pub(crate) fn validate_interface(
     iface: &Spanned<raw::Interface>,
 ) -> Result<Interface, ConfigError> {
     let i = iface.get_ref();
+    let (dhcp4, optional) = match &i.dhcp4 {
+        None => (false, false),
+        Some(v) => match v.get_ref() {
+            toml::Value::Boolean(b) => (*b, false),
+            toml::Value::String(s) if s == "optional" => (true, true),
+            _ => {
+                return Err(loc.at(
+                    v,
+                    format!("{key}.dhcp4"),
+                    "expected `true`, `false` or \"optional\"",
+                ));
+            }
+        },
+    };
+    // How the file spelled it, for the messages below.
+    let dhcp4_text = if optional {
+        "dhcp4 = \"optional\""
+    } else {
+        "dhcp4 = true"
+    };
     let link = match &i.link {
         // The kernel's limit is IFNAMSIZ - 1; `/` and `:` would break sysfs paths and aliases.
         None if name.is_empty()
@@ -255,7 +284,7 @@ pub(crate) fn validate_interface(
         })?);
     }
 
-    if i.dhcp4 {
+    if dhcp4 {
         // A lease brings its own address, router and servers; static ones beside it would
         // fight the lease on every renewal.
         let conflict = [
@@ -269,19 +298,21 @@ pub(crate) fn validate_interface(
             return Err(loc.error(
                 Some(span),
                 format!("{key}.{what}"),
-                format!("`{what}` and `dhcp4 = true` exclude each other: DHCP supplies its own"),
+                format!("`{what}` and `{dhcp4_text}` exclude each other: DHCP supplies its own"),
             ));
         }
     } else if addresses.is_empty() {
         return Err(loc.at(
             iface,
             key,
-            "expected `dhcp4 = true` or static `addresses = [\"A.B.C.D/N\", ...]` (or `address`)",
+            "expected `dhcp4 = true` (or `\"optional\"`) or static `addresses = [\"A.B.C.D/N\", ...]` (or `address`)",
         ));
     }
     Ok(Interface {
         link,
-        dhcp4: i.dhcp4,
+        dhcp4,
+        optional,
+        slaac: i.slaac.unwrap_or(true),
         addresses,
         routes,
         mtu,

@@ -62,6 +62,8 @@ fn a_complete_file_parses() {
         Interface {
             link: LinkMatch::Name("eth1".into()),
             dhcp4: false,
+            optional: false,
+            slaac: true,
             addresses: vec![Prefix::parse("192.168.7.2/24").unwrap()],
             routes: vec![Route {
                 to: Prefix::parse("0.0.0.0/0").unwrap(),
@@ -602,4 +604,36 @@ fn interface_labels_and_duplicate_links_are_checked() {
     assert_eq!(e.key, "network.interfaces.b");
     assert_eq!(e.line, 6, "{e}");
     assert!(e.message.contains("[network.interfaces.a] already"), "{e}");
+}
+
+#[test]
+fn dhcp4_may_be_optional_and_slaac_can_be_turned_off() {
+    let c = parse(&with_host(
+        "[network.interfaces.eth0]\ndhcp4 = \"optional\"\nslaac = false\n\
+[network.interfaces.eth1]\ndhcp4 = true\n\
+[network.interfaces.eth2]\ndhcp4 = false\naddress = \"10.0.0.2/24\"\n",
+    ))
+    .unwrap();
+    let eth0 = &c.interfaces["eth0"];
+    assert!(eth0.dhcp4 && eth0.optional && !eth0.slaac);
+    assert_eq!(c.interfaces["eth1"], Interface::dhcp4("eth1"));
+    let eth2 = &c.interfaces["eth2"];
+    assert!(!eth2.dhcp4 && !eth2.optional && eth2.slaac);
+
+    for (body, key, message) in [
+        ("dhcp4 = \"yes\"", "dhcp4", "expected `true`, `false` or \"optional\""),
+        ("dhcp4 = 1", "dhcp4", "expected `true`, `false` or \"optional\""),
+        (
+            "dhcp4 = \"optional\"\naddress = \"10.0.0.2/24\"",
+            "address",
+            "`address` and `dhcp4 = \"optional\"` exclude each other",
+        ),
+        ("slaac = \"no\"", "slaac", ""),
+    ] {
+        let text = with_host(&format!("[network.interfaces.eth0]\n{body}\n"));
+        let e = error(&text);
+        assert_eq!(e.key, format!("network.interfaces.eth0.{key}"), "{body}: {e}");
+        assert!(e.message.contains(message), "{body}: {e}");
+        assert_eq!(e.line, 4, "{body}: {e}");
+    }
 }

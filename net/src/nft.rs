@@ -1,0 +1,1 @@
+//! nftables over netlink (being written).
