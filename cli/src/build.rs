@@ -85,9 +85,16 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
         fetch_kernel(&options.cache_dir.join("kernel")).map_err(|e| format!("kernel: {e}"))?;
     let index =
         ModuleIndex::scan(&kernel.modules_dir).map_err(|e| format!("kernel modules: {e}"))?;
+    // Bridges, veth pairs and NAT only for a host that has container networks.
+    let network_modules = if config.networks.is_empty() {
+        Vec::new()
+    } else {
+        keel_net::kernel_modules()
+    };
     let wanted: Vec<&str> = BASE_MODULES
         .iter()
         .copied()
+        .chain(network_modules)
         .chain(config.modules.iter().map(String::as_str))
         .collect();
     let modules = index

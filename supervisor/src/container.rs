@@ -177,6 +177,12 @@ pub enum ExtraMount {
         source: PathBuf,
         target: String,
     },
+    /// A file Keel keeps current (/etc/hosts, /etc/resolv.conf) bound read-only over the
+    /// image's, which is created empty first when the image has none.
+    EtcFile {
+        source: PathBuf,
+        target: String,
+    },
 }
 
 impl ExtraMount {
@@ -184,7 +190,8 @@ impl ExtraMount {
         match self {
             ExtraMount::Bind { target, .. }
             | ExtraMount::Tmpfs { target, .. }
-            | ExtraMount::DevFile { target, .. } => target,
+            | ExtraMount::DevFile { target, .. }
+            | ExtraMount::EtcFile { target, .. } => target,
         }
     }
 }
@@ -373,6 +380,7 @@ pub fn build_exec_plan(
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
     Ok(Plan {
         userns: None,
+        hold: false,
         namespaces: Namespaces {
             pid: false,
             net: false,
@@ -607,6 +615,22 @@ pub fn build_plan(
             steps.push(bind(&source.to_string_lossy(), target, 0)?);
             continue;
         }
+        if let ExtraMount::EtcFile { source, target } = extra {
+            let parent = Path::new(target).parent().unwrap_or(Path::new("/"));
+            for dir in ancestors_and_self(&parent.to_string_lossy()) {
+                steps.push(mkdir(&dir, 0o755)?);
+            }
+            steps.push(Step::Touch {
+                path: at(target)?,
+                mode: 0o644,
+            });
+            steps.push(bind(&source.to_string_lossy(), target, 0)?);
+            steps.push(Step::RemountReadOnly {
+                path: at(target)?,
+                keep_flags: MS_NOSUID | nodev,
+            });
+            continue;
+        }
         for dir in ancestors_and_self(extra.target()) {
             steps.push(mkdir(&dir, 0o755)?);
         }
@@ -625,7 +649,7 @@ pub fn build_plan(
                     });
                 }
             }
-            ExtraMount::DevFile { .. } => {}
+            ExtraMount::DevFile { .. } | ExtraMount::EtcFile { .. } => {}
             ExtraMount::Tmpfs { target, size } => {
                 steps.push(mount(
                     "tmpfs",
@@ -647,7 +671,8 @@ pub fn build_plan(
             keep_flags: nodev,
         });
     }
-    if iso.network == NetworkMode::None {
+    if iso.network.is_own() {
+        // eth0, on a bridged network, is PID 1's to configure from outside.
         steps.push(Step::LoopbackUp);
     }
     steps.push(Step::Hostname { name: c(name)? });
@@ -692,10 +717,11 @@ pub fn build_plan(
         .collect::<io::Result<_>>()?;
     Ok(Plan {
         userns: security.userns,
+        hold: matches!(iso.network, NetworkMode::Bridged(_)),
         namespaces: Namespaces {
             mount: true,
             pid: !iso.host_pid,
-            net: iso.network == NetworkMode::None,
+            net: iso.network.is_own(),
             time: security.time_namespace,
         },
         steps,

@@ -1,6 +1,7 @@
 //! Health checks: the accounting (pure) and the TCP and HTTP probes (async, in PID 1).
 //! Exec probes run inside the container and are started by the supervisor like any exec.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use keel_config::HealthCheck;
@@ -67,9 +68,10 @@ impl HealthState {
     }
 }
 
-/// Connects to 127.0.0.1:`port` within `timeout`.
-pub async fn probe_tcp(port: u16, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(("127.0.0.1", port))).await {
+/// Connects to `addr`:`port` within `timeout`: the container's own address on a bridged
+/// network, 127.0.0.1 on the host's.
+pub async fn probe_tcp(addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((addr, port))).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("tcp :{port}: {e}")),
         Err(_) => Err(format!(
@@ -79,10 +81,15 @@ pub async fn probe_tcp(port: u16, timeout: Duration) -> Result<(), String> {
     }
 }
 
-/// GETs http://127.0.0.1:`port``path`; healthy on a 2xx or 3xx status.
-pub async fn probe_http(port: u16, path: &str, timeout: Duration) -> Result<(), String> {
+/// GETs http://`addr`:`port``path`; healthy on a 2xx or 3xx status.
+pub async fn probe_http(
+    addr: Ipv4Addr,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let request = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let mut stream = tokio::net::TcpStream::connect((addr, port))
             .await
             .map_err(|e| e.to_string())?;
         let req = format!(
@@ -215,13 +222,13 @@ mod tests {
                 let _ = s.write_all(reply).await;
             }
         });
-        assert_eq!(probe_tcp(port, Duration::from_secs(2)).await, Ok(()));
+        assert_eq!(probe_tcp(Ipv4Addr::LOCALHOST, port, Duration::from_secs(2)).await, Ok(()));
         assert_eq!(
-            probe_http(port, "/ok", Duration::from_secs(2)).await,
+            probe_http(Ipv4Addr::LOCALHOST, port, "/ok", Duration::from_secs(2)).await,
             Ok(())
         );
         assert!(
-            probe_http(port, "/bad", Duration::from_secs(2))
+            probe_http(Ipv4Addr::LOCALHOST, port, "/bad", Duration::from_secs(2))
                 .await
                 .unwrap_err()
                 .contains("status 500")
@@ -231,6 +238,6 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        assert!(probe_tcp(closed, Duration::from_secs(2)).await.is_err());
+        assert!(probe_tcp(Ipv4Addr::LOCALHOST, closed, Duration::from_secs(2)).await.is_err());
     }
 }

@@ -6,7 +6,7 @@ use std::os::fd::{OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use keel_config::{Container, VolumeSource};
+use keel_config::{Container, NetworkMode, VolumeSource};
 
 use crate::caps::{self, CapSet};
 use crate::cgroup::Cgroup;
@@ -315,6 +315,28 @@ impl Instance {
             .chain(mounts.iter().map(ExtraMount::target))
         {
             check_mount_target(&self.layers_top_first, target)?;
+        }
+        let (hosts, resolv) = match &iso.network {
+            NetworkMode::Bridged(a) => (
+                Some(keel_net::hosts::network_hosts_path(&a.network)),
+                Some(keel_net::hosts::resolv_conf_path()),
+            ),
+            NetworkMode::Host => (None, Some(keel_net::hosts::resolv_conf_path())),
+            NetworkMode::None => (None, None),
+        };
+        for (source, target) in [(hosts, "/etc/hosts"), (resolv, "/etc/resolv.conf")] {
+            let Some(source) = source.filter(|s| s.exists()) else {
+                continue;
+            };
+            // An image whose /etc/hosts is a symlink keeps its own: following the link
+            // could lead the bind anywhere.
+            match check_mount_target(&self.layers_top_first, target) {
+                Ok(()) => mounts.push(ExtraMount::EtcFile {
+                    source,
+                    target: target.into(),
+                }),
+                Err(e) => log::warn!("{}: keeping the image's {target}: {e}", self.name),
+            }
         }
         if let Some(socket) = &self.notify_socket {
             mounts.push(ExtraMount::DevFile {

@@ -220,6 +220,9 @@ pub struct Plan {
     pub namespaces: Namespaces,
     /// A user namespace of its own: the parent writes the maps, then lets the child go on.
     pub userns: Option<IdMap>,
+    /// The child waits before its first step until the caller opens [`Spawned::gate`]
+    /// (PID 1 first connects its network namespace to a bridge).
+    pub hold: bool,
     pub steps: Vec<Step>,
     /// execve candidates tried in order: the program resolved against each PATH entry.
     pub exec_paths: Vec<CString>,
@@ -238,11 +241,31 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
     /// Readable end of the error pipe: EOF once execve succeeded, or 8 bytes (step, errno).
     pub error_pipe: OwnedFd,
+    /// Set for a plan with `hold`: the child goes on once this is opened, and fails at its
+    /// first step if it is dropped instead.
+    pub gate: Option<Gate>,
 }
+
+/// Lets a held child go on.
+pub struct Gate(OwnedFd);
+
+impl Gate {
+    pub fn open(self) -> io::Result<()> {
+        rustix::io::write(&self.0, b"g")?;
+        Ok(())
+    }
+}
+
+/// Step index reported when the child was held and its gate was dropped, not opened.
+const HELD_STEP: u32 = u32::MAX;
 
 /// Decodes the error pipe's 8 bytes into a message naming the failed step.
 pub fn describe_failure(plan_steps: &[String], bytes: &[u8]) -> Option<String> {
-    let step = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?) as usize;
+    let raw_step = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
+    if raw_step == HELD_STEP {
+        return Some("PID 1 could not finish preparing the container (see its log)".into());
+    }
+    let step = raw_step as usize;
     let errno = i32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?);
     let what = plan_steps
         .get(step)
@@ -347,13 +370,21 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
                 format!("writing the user namespace maps: {e}"),
             ));
         }
-        rustix::io::write(&sync_write, b"g")?;
     }
-    drop(sync_write);
+    let gate = Gate(sync_write);
+    let gate = if plan.hold {
+        Some(gate)
+    } else {
+        if plan.userns.is_some() {
+            gate.open()?;
+        }
+        None
+    };
     Ok(Spawned {
         pid,
         pidfd,
         error_pipe: err_read,
+        gate,
     })
 }
 
@@ -631,12 +662,15 @@ unsafe fn run_child(
                 fail(exec_step_index(plan));
             }
         }
-        if plan.userns.is_some() {
-            // Until the parent has written the maps our ids mean nothing in the namespace.
+        if plan.userns.is_some() || plan.hold {
+            // Until the parent has written the maps our ids mean nothing in the namespace;
+            // until it has set up the network there is none.
             let mut byte = 0u8;
             if libc::read(sync_fd, (&mut byte as *mut u8).cast(), 1) != 1 {
-                fail(0);
+                fail(HELD_STEP);
             }
+        }
+        if plan.userns.is_some() {
             // Become the namespace's root (host uid `map.uid`): files the setup creates
             // belong to the container, and its capabilities are kept.
             if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use keel_config::{
     Condition, Container, Dependency, HealthProbe, HostConfig, Kind, RestartPolicy, TaskFailure,
 };
+use keel_net::ContainerNetworks;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::cgroup::Cgroup;
@@ -279,6 +280,7 @@ pub struct Supervisor {
     phase: Phase,
     /// Exec'd processes (API execs and exec health probes) by pid, with who waits.
     execs: BTreeMap<libc::pid_t, ExecWaiter>,
+    networks: ContainerNetworks,
 }
 
 enum ExecWaiter {
@@ -333,6 +335,7 @@ impl Supervisor {
             containers,
             phase: Phase::Boot,
             execs: BTreeMap::new(),
+            networks: ContainerNetworks::new(config),
         }
     }
 
@@ -342,6 +345,10 @@ impl Supervisor {
 
     /// Starts the boot: onboot tasks in file order, then the services.
     pub fn start_all(&mut self) {
+        let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        for e in self.networks.prepare(&resolv_conf) {
+            log::error!("container networks: {e}");
+        }
         for dir in [
             &self.runtime.paths.layers,
             &self.runtime.paths.containers,
@@ -645,6 +652,12 @@ impl Supervisor {
                 managed.generation += 1;
                 let generation = managed.generation;
                 log::info!("{name}: started pid={}", spawned.pid);
+                if let Some(gate) = spawned.gate {
+                    release_when_attached(&mut self.networks, name, spawned.pid, gate);
+                }
+                if let Err(e) = self.networks.set_published(name, true) {
+                    log::error!("{name}: publishing its ports: {e}");
+                }
                 tokio::spawn(pump(log_sink.clone(), Stream::Stdout, out_read));
                 tokio::spawn(pump(log_sink, Stream::Stderr, err_read));
                 let steps = plan.steps.iter().map(Step::describe).collect();
@@ -759,6 +772,9 @@ impl Supervisor {
                 return false;
             }
         };
+        if let Err(e) = self.networks.set_published(&name, false) {
+            log::error!("{name}: withdrawing its ports: {e}");
+        }
         let ran_for = run.since.elapsed();
         // The kernel's OOM killer sends SIGKILL: memory.events tells it from a kill -9.
         let oom_kills = m
@@ -937,6 +953,11 @@ impl Supervisor {
             return;
         }
         let timeout = Duration::from_millis(check.timeout_ms);
+        // A bridged container listens on its own network, out of the host's loopback.
+        let addr = self
+            .networks
+            .attachment(name)
+            .map_or(std::net::Ipv4Addr::LOCALHOST, |a| a.address);
         let events = self.events.clone();
         let owned_name = name.to_string();
         let reply = move |passed: bool, detail: String| {
@@ -952,7 +973,7 @@ impl Supervisor {
                 let port = *port;
                 let reply = reply.clone();
                 tokio::spawn(async move {
-                    match crate::health::probe_tcp(port, timeout).await {
+                    match crate::health::probe_tcp(addr, port, timeout).await {
                         Ok(()) => reply(true, String::new()),
                         Err(e) => reply(false, e),
                     }
@@ -961,7 +982,7 @@ impl Supervisor {
             HealthProbe::Http { port, path } => {
                 let (port, path) = (*port, path.clone());
                 tokio::spawn(async move {
-                    match crate::health::probe_http(port, &path, timeout).await {
+                    match crate::health::probe_http(addr, port, &path, timeout).await {
                         Ok(()) => reply(true, String::new()),
                         Err(e) => reply(false, e),
                     }
@@ -1302,6 +1323,13 @@ impl Supervisor {
     }
 
     /// Removes the cgroups of stopped containers (best effort, at the end of shutdown).
+    /// Removes Keel's NAT table once no container runs.
+    pub fn teardown_networks(&mut self) {
+        if let Err(e) = self.networks.teardown() {
+            log::warn!("container networks: {e}");
+        }
+    }
+
     pub fn remove_cgroups(&self) {
         for (name, m) in &self.containers {
             if let Some(i) = &m.instance
@@ -1483,6 +1511,35 @@ impl std::fmt::Display for Stats {
 }
 
 /// Logs why a child failed before its execve, if it did.
+/// Lets a held container go on once its network namespace is on its bridge. If that fails,
+/// the gate is dropped and the container fails before its first step (and is restarted by
+/// its policy like any other failure).
+fn release_when_attached(
+    networks: &mut ContainerNetworks,
+    name: &str,
+    pid: libc::pid_t,
+    gate: crate::spawn::Gate,
+) {
+    let name = name.to_string();
+    match networks.attach(&name, pid as u32) {
+        Some(attach) => {
+            tokio::spawn(async move {
+                match attach.await {
+                    Ok(()) => {
+                        if let Err(e) = gate.open() {
+                            log::error!("{name}: releasing it after network setup: {e}");
+                        }
+                    }
+                    Err(e) => log::error!("{name}: network setup failed: {e}"),
+                }
+            });
+        }
+        None => {
+            log::error!("{name}: held for a network it has none of");
+        }
+    }
+}
+
 async fn report_start_failure(name: String, pipe: OwnedFd, steps: Vec<String>) {
     if rustix::io::ioctl_fionbio(&pipe, true).is_err() {
         return;
