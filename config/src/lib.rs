@@ -23,8 +23,8 @@ pub use network::{Interface, LinkMatch, Prefix, Route, parse_mac};
 pub use networks::{Attachment, BridgeNetwork, DEFAULT_NETWORK, Protocol, PublishedPort};
 
 pub use lifecycle::{
-    Condition, Dependency, HealthCheck, HealthProbe, Kind, Lifecycle, LogConfig, RestartPolicy,
-    TaskFailure, find_cycle, parse_signal,
+    Condition, Dependency, HealthCheck, HealthProbe, Kind, Lifecycle, LogConfig, NETWORK_ONLINE,
+    RestartPolicy, TaskFailure, find_cycle, parse_signal,
 };
 
 pub use container::{

@@ -29,7 +29,13 @@ pub enum Condition {
     Healthy,
     /// It ran to completion with exit code 0.
     CompletedSuccessfully,
+    /// Not a container: every required host interface has its address (static ones
+    /// applied, required DHCP leases bound). Written `depends_on = ["network-online"]`.
+    NetworkOnline,
 }
+
+/// The name `depends_on` uses for the network-online condition; no container may take it.
+pub const NETWORK_ONLINE: &str = "network-online";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dependency {
@@ -280,11 +286,29 @@ pub(crate) fn depends_on(
     let pairs: Vec<(String, Condition)> = match v.get_ref() {
         raw::DependsOn::Names(names) => names
             .iter()
-            .map(|n| (n.clone(), Condition::Started))
+            .map(|n| {
+                let condition = if n == NETWORK_ONLINE {
+                    Condition::NetworkOnline
+                } else {
+                    Condition::Started
+                };
+                (n.clone(), condition)
+            })
             .collect(),
         raw::DependsOn::Conditions(map) => {
             let mut out = Vec::new();
             for (name, condition) in map {
+                if name == NETWORK_ONLINE {
+                    if condition != "online" {
+                        return Err(loc.at(
+                            v,
+                            key,
+                            format!("`{NETWORK_ONLINE}` takes the condition \"online\" (or list it by name: depends_on = [\"{NETWORK_ONLINE}\"]), not `{condition}`"),
+                        ));
+                    }
+                    out.push((name.clone(), Condition::NetworkOnline));
+                    continue;
+                }
                 let condition = match condition.as_str() {
                     "started" => Condition::Started,
                     "healthy" => Condition::Healthy,
@@ -447,7 +471,17 @@ pub(crate) fn check_graph(
 ) -> Result<(), ConfigError> {
     for (name, (lifecycle, _, span)) in containers {
         let key = format!("containers.{name}.depends_on");
+        if name == NETWORK_ONLINE {
+            return Err(loc.error(
+                Some(span.clone()),
+                format!("containers.{name}"),
+                format!("`{NETWORK_ONLINE}` names the network-online condition in depends_on: choose another container name"),
+            ));
+        }
         for dep in &lifecycle.depends_on {
+            if dep.condition == Condition::NetworkOnline {
+                continue;
+            }
             let Some((target, target_restart, _)) = containers.get(&dep.name) else {
                 return Err(loc.error(
                     Some(span.clone()),

@@ -691,4 +691,27 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.key, "containers.a.ports[0]");
     }
+
+    #[test]
+    fn network_online_is_a_condition_not_a_container() {
+        let config = parse(
+            "[containers.a]\nimage = \"bb\"\ndepends_on = [\"network-online\"]\n\
+             [containers.b]\nimage = \"bb\"\ndepends_on = { network-online = \"online\", a = \"started\" }\n",
+        )
+        .unwrap();
+        let deps = &config.containers["b"].lifecycle.depends_on;
+        assert!(deps.iter().any(|d| d.name == "network-online"
+            && d.condition == crate::Condition::NetworkOnline));
+        assert_eq!(
+            config.containers["a"].lifecycle.depends_on[0].condition,
+            crate::Condition::NetworkOnline
+        );
+        let e = parse(
+            "[containers.a]\nimage = \"bb\"\ndepends_on = { network-online = \"healthy\" }\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("\"online\""), "{e}");
+        let e = parse("[containers.network-online]\nimage = \"bb\"\n").unwrap_err();
+        assert!(e.message.contains("choose another container name"), "{e}");
+    }
 }

@@ -281,6 +281,8 @@ pub struct Supervisor {
     /// Exec'd processes (API execs and exec health probes) by pid, with who waits.
     execs: BTreeMap<libc::pid_t, ExecWaiter>,
     networks: ContainerNetworks,
+    /// Every required host interface has its address (see `Condition::NetworkOnline`).
+    network_online: bool,
 }
 
 enum ExecWaiter {
@@ -336,6 +338,19 @@ impl Supervisor {
             phase: Phase::Boot,
             execs: BTreeMap::new(),
             networks: ContainerNetworks::new(config),
+            network_online: false,
+        }
+    }
+
+    /// The host network came online or went offline: services waiting on
+    /// `network-online` may start. Going offline stops nothing that already runs.
+    pub fn set_network_online(&mut self, online: bool) {
+        if self.network_online == online {
+            return;
+        }
+        self.network_online = online;
+        if online && self.phase == Phase::Running {
+            self.advance();
         }
     }
 
@@ -453,6 +468,13 @@ impl Supervisor {
     }
 
     fn readiness(&self, dep: &Dependency) -> Readiness {
+        if dep.condition == Condition::NetworkOnline {
+            return if self.network_online {
+                Readiness::Met
+            } else {
+                Readiness::Pending
+            };
+        }
         let Some(m) = self.containers.get(&dep.name) else {
             return Readiness::Never(format!("{} does not exist", dep.name));
         };
