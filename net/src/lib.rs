@@ -16,7 +16,6 @@ use keel_config::{Attachment, BridgeNetwork, HostConfig, NetworkMode};
 
 pub mod hosts;
 pub mod links;
-#[path = "nft_stub.rs"]
 pub mod nft;
 
 pub use links::Links;

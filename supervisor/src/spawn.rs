@@ -362,14 +362,14 @@ pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result
     // SAFETY: clone3 stored a fresh pidfd that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let pid = ret as libc::pid_t;
-    if let Some(map) = plan.userns {
-        if let Err(e) = write_id_maps(pid, map) {
-            let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
-            return Err(io::Error::new(
-                e.kind(),
-                format!("writing the user namespace maps: {e}"),
-            ));
-        }
+    if let Some(map) = plan.userns
+        && let Err(e) = write_id_maps(pid, map)
+    {
+        let _ = rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("writing the user namespace maps: {e}"),
+        ));
     }
     let gate = Gate(sync_write);
     let gate = if plan.hold {
