@@ -696,14 +696,8 @@ fn validate_container(
             "expected `user`, `uid`, `user:group` or `uid:gid`",
         ));
     }
-    let network = networks::container_network(
-        loc,
-        key,
-        &c.network,
-        &c.ports,
-        &c.ipv4_address,
-        networks,
-    )?;
+    let network =
+        networks::container_network(loc, key, &c.network, &c.ports, &c.ipv4_address, networks)?;
     let own_network = network.is_own();
     let isolation = Isolation {
         network,

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{Container, ConfigError, Locator, NetworkMode};
+use crate::{ConfigError, Container, Locator, NetworkMode};
 
 /// The network `network = "bridge"` names unless the host file declares its own
 /// `[networks.bridge]`.
@@ -424,9 +424,9 @@ pub(crate) fn assign_addresses(
     networks: &mut BTreeMap<String, BridgeNetwork>,
     containers: &mut BTreeMap<String, Container>,
 ) -> Result<(), ConfigError> {
-    let uses_default = containers.values().any(|c| {
-        matches!(&c.isolation.network, NetworkMode::Bridged(a) if a.network == DEFAULT_NETWORK)
-    });
+    let uses_default = containers.values().any(
+        |c| matches!(&c.isolation.network, NetworkMode::Bridged(a) if a.network == DEFAULT_NETWORK),
+    );
     if uses_default && !networks.contains_key(DEFAULT_NETWORK) {
         let default = BridgeNetwork::default_for(DEFAULT_NETWORK);
         for (other_name, other) in networks.iter() {
@@ -515,7 +515,10 @@ pub(crate) fn assign_addresses(
                     ),
                 ));
             }
-            claimed.insert((port.protocol, port.host_port), (port.host_ip, name.clone()));
+            claimed.insert(
+                (port.protocol, port.host_port),
+                (port.host_ip, name.clone()),
+            );
         }
     }
     Ok(())
@@ -540,7 +543,15 @@ mod tests {
         assert_eq!(udp.protocol, Protocol::Udp);
         assert_eq!(udp.host_ip, Some(Ipv4Addr::new(10, 0, 2, 15)));
         assert_eq!(udp.to_string(), "10.0.2.15:5353:53/udp");
-        for bad in ["80", "0:80", "8080:80/sctp", "a:b", "1:2:3:4", "70000:80", "x:1:2"] {
+        for bad in [
+            "80",
+            "0:80",
+            "8080:80/sctp",
+            "a:b",
+            "1:2:3:4",
+            "70000:80",
+            "x:1:2",
+        ] {
             assert_eq!(PublishedPort::parse(bad), None, "{bad}");
         }
     }
@@ -583,7 +594,10 @@ mod tests {
         assert!(bridge.contains(web.address) && bridge.contains(db.address));
         assert_ne!(web.address, db.address);
         assert_eq!(web.ports[0].host_port, 8080);
-        assert_eq!(config.containers["tool"].isolation.network, NetworkMode::Host);
+        assert_eq!(
+            config.containers["tool"].isolation.network,
+            NetworkMode::Host
+        );
 
         // Adding a container elsewhere in the file moves nobody.
         let again = parse(
@@ -612,8 +626,9 @@ mod tests {
             ));
         }
         let config = parse(&body).unwrap();
-        let mut addresses: Vec<Ipv4Addr> =
-            (0..5).map(|i| attachment(&config, &format!("c{i}")).address).collect();
+        let mut addresses: Vec<Ipv4Addr> = (0..5)
+            .map(|i| attachment(&config, &format!("c{i}")).address)
+            .collect();
         addresses.sort();
         addresses.dedup();
         assert_eq!(addresses.len(), 5);
@@ -630,7 +645,10 @@ mod tests {
              [containers.a]\nimage = \"bb\"\nnetwork = \"back\"\nipv4_address = \"10.7.0.50\"\n",
         )
         .unwrap();
-        assert_eq!(attachment(&config, "a").address, Ipv4Addr::new(10, 7, 0, 50));
+        assert_eq!(
+            attachment(&config, "a").address,
+            Ipv4Addr::new(10, 7, 0, 50)
+        );
         assert!(!config.networks["back"].masquerade);
         assert_eq!(config.networks["back"].bridge, "br-back");
 
@@ -681,7 +699,10 @@ mod tests {
              [containers.b]\nimage = \"bb\"\nnetwork = \"bridge\"\nports = [\"80:8080\"]\n",
         )
         .unwrap_err();
-        assert!(e.message.contains("already published by container `a`"), "{e}");
+        assert!(
+            e.message.contains("already published by container `a`"),
+            "{e}"
+        );
         // Same port number, different protocols: fine.
         parse(
             "[containers.a]\nimage = \"bb\"\nnetwork = \"bridge\"\nports = [\"53:53/udp\", \"53:53\"]\n",
@@ -700,8 +721,11 @@ mod tests {
         )
         .unwrap();
         let deps = &config.containers["b"].lifecycle.depends_on;
-        assert!(deps.iter().any(|d| d.name == "network-online"
-            && d.condition == crate::Condition::NetworkOnline));
+        assert!(
+            deps.iter()
+                .any(|d| d.name == "network-online"
+                    && d.condition == crate::Condition::NetworkOnline)
+        );
         assert_eq!(
             config.containers["a"].lifecycle.depends_on[0].condition,
             crate::Condition::NetworkOnline

@@ -41,6 +41,9 @@ impl IpArg {
         Interface {
             link: LinkMatch::Name(self.interface.clone()),
             dhcp4: self.address.is_none(),
+            // The command line's interfaces are the ones boot needs: never optional.
+            optional: false,
+            slaac: true,
             addresses: self.address.into_iter().collect(),
             routes: self
                 .gateway

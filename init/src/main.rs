@@ -174,7 +174,9 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
     control::start_servers(calls_tx);
     let interfaces = config.interfaces.clone();
     let hostname = config.hostname.clone();
-    let mut network = tokio::spawn(async move { net::configure(&interfaces, &hostname).await });
+    let (online_tx, mut online_rx) = tokio::sync::watch::channel(false);
+    let mut network =
+        tokio::spawn(async move { net::configure(&interfaces, &hostname, online_tx).await });
     let mut network_done = false;
     let mut ready_reported = false;
     let power_button = power::pressed();
@@ -185,6 +187,11 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
             _ = signals.child.recv() => { guarded("reaping", || reap(&mut supervisor)); None }
             Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
             Some(call) = calls.recv() => control::handle(&mut supervisor, call),
+            Ok(()) = online_rx.changed() => {
+                let online = *online_rx.borrow_and_update();
+                guarded("network-online", || supervisor.set_network_online(online));
+                None
+            }
             result = &mut network, if !network_done => {
                 network_done = true;
                 match result {
@@ -256,6 +263,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         }
     }
     supervisor.remove_cgroups();
+    supervisor.teardown_networks();
     // After the containers, which may still have used the network while stopping.
     net::release_dhcp(Duration::from_secs(1)).await;
     kill_everything_else();

@@ -1,8 +1,10 @@
 //! The DHCPv4 client PID 1 runs, against a real dnsmasq: two network namespaces joined by a
 //! veth pair, dnsmasq serving in one, `keel_init::net::run_dhcp_client` in the other (on a
 //! thread that entered it). Lease, renewal, expiry with the server gone, a new lease once it
-//! is back, and release. Needs root, `ip` and dnsmasq (scripts/install-deps installs them);
-//! without them it says why and passes.
+//! is back, and release; and a renewal the server refuses (DHCPNAK), which must drop the
+//! lease at once and discover a new one. Needs root, `ip` and dnsmasq (scripts/install-deps
+//! installs them); without them it says why and passes. Each test has its own namespaces and
+//! interface names, so they run in parallel.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -15,8 +17,9 @@ use keel_init::net::{DhcpEvent, run_dhcp_client};
 use nix::sched::{CloneFlags, setns};
 use tokio::sync::{mpsc, oneshot};
 
-const SERVER_IF: &str = "kdhcps0";
-const CLIENT_IF: &str = "kdhcpc0";
+/// The first server's pool; the NAK test's second server hands out `RANGE_B`.
+const RANGE_A: (u8, u8) = (50, 60);
+const RANGE_B: (u8, u8) = (100, 110);
 
 fn ip(args: &[&str]) -> Result<String, String> {
     let out = Command::new("ip")
@@ -44,16 +47,21 @@ fn have(cmd: &str) -> bool {
 struct Fixture {
     server_ns: String,
     client_ns: String,
+    server_if: String,
+    client_if: String,
     dir: tempfile::TempDir,
     dnsmasq: Option<Child>,
 }
 
 impl Fixture {
-    fn new() -> Result<Fixture, String> {
+    /// `tag` (one letter) keeps each test's namespaces and interfaces apart.
+    fn new(tag: &str) -> Result<Fixture, String> {
         let id = std::process::id();
         let f = Fixture {
-            server_ns: format!("keel-dhcp-s-{id}"),
-            client_ns: format!("keel-dhcp-c-{id}"),
+            server_ns: format!("keel-dhcp-s{tag}-{id}"),
+            client_ns: format!("keel-dhcp-c{tag}-{id}"),
+            server_if: format!("kdhcp{tag}s0"),
+            client_if: format!("kdhcp{tag}c0"),
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             dnsmasq: None,
         };
@@ -62,14 +70,14 @@ impl Fixture {
         ip(&[
             "link",
             "add",
-            SERVER_IF,
+            &f.server_if,
             "netns",
             &f.server_ns,
             "type",
             "veth",
             "peer",
             "name",
-            CLIENT_IF,
+            &f.client_if,
             "netns",
             &f.client_ns,
         ])?;
@@ -80,9 +88,9 @@ impl Fixture {
             "add",
             "10.77.0.1/24",
             "dev",
-            SERVER_IF,
+            &f.server_if,
         ])?;
-        ip(&["-n", &f.server_ns, "link", "set", SERVER_IF, "up"])?;
+        ip(&["-n", &f.server_ns, "link", "set", &f.server_if, "up"])?;
         ip(&["-n", &f.server_ns, "link", "set", "lo", "up"])?;
         Ok(f)
     }
@@ -92,14 +100,27 @@ impl Fixture {
     }
 
     fn start_dnsmasq(&mut self) -> Result<(), String> {
-        let log = File::create(self.dir.path().join("dnsmasq.log")).map_err(|e| e.to_string())?;
+        self.start_dnsmasq_with(RANGE_A, &[])
+    }
+
+    /// dnsmasq serving `range` (last octets in 10.77.0.0/24), with `extra` arguments. The
+    /// log is appended to, so that it tells the whole story when a test fails.
+    fn start_dnsmasq_with(&mut self, range: (u8, u8), extra: &[&str]) -> Result<(), String> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("dnsmasq.log"))
+            .map_err(|e| e.to_string())?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.server_ns, "dnsmasq", "--no-daemon"])
             .arg("--conf-file=/dev/null")
-            .arg(format!("--interface={SERVER_IF}"))
+            .arg(format!("--interface={}", self.server_if))
             .arg("--bind-interfaces")
             .arg("--except-interface=lo")
-            .arg("--dhcp-range=10.77.0.50,10.77.0.60,255.255.255.0,30s")
+            .arg(format!(
+                "--dhcp-range=10.77.0.{},10.77.0.{},255.255.255.0,30s",
+                range.0, range.1
+            ))
             .arg("--dhcp-option=option:router,10.77.0.1")
             .arg("--dhcp-option=option:dns-server,10.77.0.1")
             .arg(format!("--dhcp-leasefile={}", self.leases().display()))
@@ -111,6 +132,7 @@ impl Fixture {
             .arg("--user=root")
             .arg("--log-dhcp")
             .arg("--log-facility=-")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -139,7 +161,7 @@ impl Fixture {
             "addr",
             "show",
             "dev",
-            CLIENT_IF,
+            &self.client_if,
         ])
         .unwrap_or_default()
     }
@@ -162,6 +184,7 @@ impl Drop for Fixture {
 /// builds its runtime, so every socket the client makes (netlink, raw, UDP) lives there.
 fn spawn_client(
     ns: &str,
+    interface: &str,
     etc: PathBuf,
 ) -> (
     mpsc::UnboundedReceiver<DhcpEvent>,
@@ -171,6 +194,7 @@ fn spawn_client(
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = oneshot::channel();
     let path = Path::new("/run/netns").join(ns);
+    let interface = interface.to_string();
     let thread = std::thread::spawn(move || {
         let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
@@ -180,7 +204,7 @@ fn spawn_client(
             .build()
             .map_err(|e| e.to_string())?;
         runtime.block_on(run_dhcp_client(
-            CLIENT_IF, "keeltest", &etc, events_tx, stop_rx,
+            &interface, "keeltest", &etc, events_tx, stop_rx,
         ))
     });
     (events_rx, stop_tx, thread)
@@ -207,33 +231,41 @@ fn next_event(events: &mut mpsc::UnboundedReceiver<DhcpEvent>, limit: Duration) 
     }
 }
 
-fn in_range(address: &Prefix) -> bool {
+fn in_range(address: &Prefix, range: (u8, u8)) -> bool {
     match address.addr {
         std::net::IpAddr::V4(v4) => {
             let o = v4.octets();
-            o[..3] == [10, 77, 0] && (50..=60).contains(&o[3]) && address.len == 24
+            o[..3] == [10, 77, 0] && (range.0..=range.1).contains(&o[3]) && address.len == 24
         }
         _ => false,
     }
 }
 
-#[test]
-fn lease_renew_expiry_and_release_against_dnsmasq() {
+/// Whether this host can run the test; says why not.
+fn runnable() -> bool {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root (network namespaces)");
-        return;
+        return false;
     }
     for cmd in ["ip", "dnsmasq"] {
         if !have(cmd) {
             eprintln!("skipped: `{cmd}` is not installed (scripts/install-deps installs it)");
-            return;
+            return false;
         }
     }
-    let mut f = Fixture::new().expect("network namespaces");
+    true
+}
+
+#[test]
+fn lease_renew_expiry_and_release_against_dnsmasq() {
+    if !runnable() {
+        return;
+    }
+    let mut f = Fixture::new("r").expect("network namespaces");
     f.start_dnsmasq().expect("dnsmasq");
     let etc = f.dir.path().join("etc");
     std::fs::create_dir(&etc).unwrap();
-    let (mut events, stop, thread) = spawn_client(&f.client_ns, etc.clone());
+    let (mut events, stop, thread) = spawn_client(&f.client_ns, &f.client_if, etc.clone());
 
     // A lease, on the link and in resolv.conf and hosts.
     let DhcpEvent::Bound {
@@ -244,7 +276,7 @@ fn lease_renew_expiry_and_release_against_dnsmasq() {
     else {
         panic!("expected a first lease; dnsmasq said:\n{}", f.log());
     };
-    assert!(in_range(&address), "{address}");
+    assert!(in_range(&address, RANGE_A), "{address}");
     let shown = f.client_addresses();
     assert!(shown.contains(&address.to_string()), "{shown}");
     assert!(f.client_routes().contains("default via 10.77.0.1"));
@@ -315,7 +347,7 @@ fn lease_renew_expiry_and_release_against_dnsmasq() {
         } => a,
         other => panic!("expected a new lease, got {other:?}"),
     };
-    assert!(in_range(&again), "{again}");
+    assert!(in_range(&again, RANGE_A), "{again}");
     assert!(f.client_addresses().contains(&again.to_string()));
 
     // Release: DHCPRELEASE reaches dnsmasq, the address leaves the link.
@@ -340,4 +372,88 @@ fn lease_renew_expiry_and_release_against_dnsmasq() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_nak_while_renewing_drops_the_lease_at_once_and_discovers_again() {
+    if !runnable() {
+        return;
+    }
+    // T1 after 4 s, not half of dnsmasq's two-minute minimum lease: the renewal comes soon.
+    const EARLY_T1: &str = "--dhcp-option=option:T1,4";
+    let mut f = Fixture::new("n").expect("network namespaces");
+    f.start_dnsmasq_with(RANGE_A, &[EARLY_T1]).expect("dnsmasq");
+    let etc = f.dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let (mut events, stop, thread) = spawn_client(&f.client_ns, &f.client_if, etc.clone());
+    let DhcpEvent::Bound {
+        address,
+        lease_sec,
+        renewed: false,
+    } = next_event(&mut events, Duration::from_secs(30))
+    else {
+        panic!("expected a first lease; dnsmasq said:\n{}", f.log());
+    };
+    assert!(in_range(&address, RANGE_A), "{address}");
+    assert!(f.client_routes().contains("default via 10.77.0.1"));
+
+    // The server comes back with another pool and authority over the subnet: the client's
+    // renewal of an address it no longer hands out gets a DHCPNAK.
+    f.stop_dnsmasq();
+    f.start_dnsmasq_with(RANGE_B, &[EARLY_T1, "--dhcp-authoritative"])
+        .expect("dnsmasq with another range");
+    assert_eq!(
+        next_event(&mut events, Duration::from_secs(20)),
+        DhcpEvent::Renewing
+    );
+    match next_event(&mut events, Duration::from_secs(20)) {
+        DhcpEvent::Nak { address: a } => assert_eq!(a, address),
+        other => panic!(
+            "expected a DHCPNAK, got {other:?}; dnsmasq said:\n{}",
+            f.log()
+        ),
+    }
+    // At once, long before the lease's own end: no address, no route, no server.
+    let shown = f.client_addresses();
+    assert!(
+        !shown.contains(&address.addr.to_string()),
+        "address left after the NAK: {shown}"
+    );
+    assert!(
+        !f.client_routes().contains("default"),
+        "{}",
+        f.client_routes()
+    );
+    let resolv = std::fs::read_to_string(etc.join("resolv.conf")).unwrap();
+    assert!(!resolv.contains("nameserver"), "{resolv}");
+    assert!(
+        f.log().contains("DHCPNAK"),
+        "dnsmasq did not log a NAK:\n{}",
+        f.log()
+    );
+
+    // Discovery starts over and the new pool's address arrives.
+    let again = match next_event(&mut events, Duration::from_secs(30)) {
+        DhcpEvent::Bound {
+            address: a,
+            renewed: false,
+            ..
+        } => a,
+        other => panic!("expected a new lease, got {other:?}"),
+    };
+    assert!(in_range(&again, RANGE_B), "{again}");
+    let shown = f.client_addresses();
+    assert!(shown.contains(&again.to_string()), "{shown}");
+    assert!(!shown.contains(&address.addr.to_string()), "{shown}");
+    assert!(f.client_routes().contains("default via 10.77.0.1"));
+    let resolv = std::fs::read_to_string(etc.join("resolv.conf")).unwrap();
+    assert!(resolv.contains("nameserver 10.77.0.1"), "{resolv}");
+    eprintln!("NAK'd {address} (lease {lease_sec} s), then {again}");
+
+    stop.send(()).unwrap();
+    match next_event(&mut events, Duration::from_secs(10)) {
+        DhcpEvent::Released { address: a } => assert_eq!(a, again),
+        other => panic!("expected a release, got {other:?}"),
+    }
+    thread.join().unwrap().unwrap();
 }

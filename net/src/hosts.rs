@@ -24,9 +24,7 @@ pub fn resolv_conf_path() -> PathBuf {
 /// The hosts file of a network: loopback names, then every container on it by name, so
 /// `web` resolves wherever its neighbours look it up.
 pub fn render_network_hosts(members: &[(String, Ipv4Addr)]) -> String {
-    let mut out = String::from(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-    );
+    let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     let mut sorted: Vec<&(String, Ipv4Addr)> = members.iter().collect();
     sorted.sort_by_key(|(name, addr)| (*addr, name.clone()));
     for (name, addr) in sorted {
@@ -86,7 +84,8 @@ mod tests {
 
     #[test]
     fn loopback_name_servers_stay_on_the_host() {
-        let host = "search example.com\nnameserver 127.0.0.53\nnameserver 10.0.2.3\nnameserver ::1\n";
+        let host =
+            "search example.com\nnameserver 127.0.0.53\nnameserver 10.0.2.3\nnameserver ::1\n";
         assert_eq!(
             container_resolv_conf(host),
             "search example.com\nnameserver 10.0.2.3\n"

@@ -11,7 +11,9 @@ use std::os::fd::AsFd;
 use futures_util::TryStreamExt;
 use keel_config::BridgeNetwork;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::NetError;
 

@@ -222,7 +222,10 @@ mod tests {
                 let _ = s.write_all(reply).await;
             }
         });
-        assert_eq!(probe_tcp(Ipv4Addr::LOCALHOST, port, Duration::from_secs(2)).await, Ok(()));
+        assert_eq!(
+            probe_tcp(Ipv4Addr::LOCALHOST, port, Duration::from_secs(2)).await,
+            Ok(())
+        );
         assert_eq!(
             probe_http(Ipv4Addr::LOCALHOST, port, "/ok", Duration::from_secs(2)).await,
             Ok(())
@@ -238,6 +241,10 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        assert!(probe_tcp(Ipv4Addr::LOCALHOST, closed, Duration::from_secs(2)).await.is_err());
+        assert!(
+            probe_tcp(Ipv4Addr::LOCALHOST, closed, Duration::from_secs(2))
+                .await
+                .is_err()
+        );
     }
 }

@@ -213,7 +213,7 @@ impl Instance {
         if !iso.host_pid {
             flags |= libc::CLONE_NEWPID;
         }
-        if iso.network == keel_config::NetworkMode::None {
+        if iso.network.is_own() {
             flags |= libc::CLONE_NEWNET;
         }
         if runtime.time_namespace {

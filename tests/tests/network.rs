@@ -1,7 +1,9 @@
 //! End-to-end host networking: a second NIC found by its MAC and configured statically
 //! (IPv4 and IPv6 addresses, MTU, specific routes), an `ip=` kernel argument that wins over
-//! the host file's DHCP for eth0, and the generated /etc/hosts and /etc/resolv.conf, all
-//! read back from inside a container on the host network.
+//! the host file's DHCP for eth0, SLAAC from QEMU's router advertisements (fec0::/64), an
+//! optional DHCP NIC nobody answers that does not hold up `network: online`, and the
+//! generated /etc/hosts and /etc/resolv.conf, all read back from inside a container on the
+//! host network.
 
 use std::path::Path;
 
@@ -9,9 +11,11 @@ use keel_qemu::Vm;
 use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, build_host, vm_config};
 
 const SECOND_MAC: &str = "52:54:00:12:34:99";
+/// A third NIC on a hub with no other port: its DHCP requests reach nobody.
+const SILENT_MAC: &str = "52:54:00:12:34:aa";
 
-/// `second` finds the second NIC with `matcher`.
-fn write_host(dir: &Path, eth0: &str, matcher: &str) -> std::path::PathBuf {
+/// `second` finds the second NIC with `matcher`; `extra` is more of the host file.
+fn write_host(dir: &Path, eth0: &str, matcher: &str, extra: &str) -> std::path::PathBuf {
     let host = dir.join("host.toml");
     std::fs::write(
         &host,
@@ -29,17 +33,19 @@ addresses = ["10.1.0.7/24", "fd01::7/64"]
 mtu = 1400
 routes = [{{ to = "10.9.0.0/16", via = "10.1.0.2" }}, {{ to = "fd09::/48", via = "fd01::1" }}]
 dns = ["10.1.0.3"]
-
+{extra}
 [images.bb]
 layers = ["busybox:/bin/busybox"]
 env = ["PATH=/bin"]
 
-# The host network and the host's /etc, read-only: what the guest itself has.
+# The host network and the host's /etc, read-only: what the guest itself has. Everything
+# but SLAAC is configured before containers start; the router advertisement may come later,
+# so the container waits (at most a minute) for eth0's autoconfigured address.
 [containers.show]
 image = "bb"
 kind = "onboot"
 volumes = ["/etc:/hostetc:ro"]
-command = ["sh", "-c", "sleep 3; ip -o addr; ip -o link; ip route; ip -6 route; sed 's/^/hosts: /' /hostetc/hosts; sed 's/^/resolv: /' /hostetc/resolv.conf; echo show: done"]
+command = ["sh", "-c", "i=0; until ip -o addr show dev eth0 | grep -q 'inet6 fec0:'; do i=$((i+1)); [ $i -gt 300 ] && echo show: no slaac && break; sleep 0.2; done; ip -o addr; ip -o link; ip route; ip -6 route; sed 's/^/hosts: /' /hostetc/hosts; sed 's/^/resolv: /' /hostetc/resolv.conf; echo show: done"]
 "#
         ),
     )
@@ -47,8 +53,9 @@ command = ["sh", "-c", "sleep 3; ip -o addr; ip -o link; ip route; ip -6 route; 
     host
 }
 
-/// Boots with a second NIC on its own restricted user network, plus extra kernel arguments.
-fn boot_with_second_nic(dir: &Path, cmdline: &str) -> Vm {
+/// Boots with a second NIC on its own restricted user network, plus extra kernel arguments;
+/// `silent` adds a third NIC on an empty hub.
+fn boot_with_second_nic(dir: &Path, cmdline: &str, silent: bool) -> Vm {
     let mut config = vm_config(dir, &[]);
     config.cmdline.push_str(cmdline);
     config.extra_args.extend(
@@ -60,7 +67,25 @@ fn boot_with_second_nic(dir: &Path, cmdline: &str) -> Vm {
         ]
         .map(String::from),
     );
+    if silent {
+        config.extra_args.extend(
+            [
+                "-netdev",
+                "hubport,id=n2,hubid=7",
+                "-device",
+                &format!("virtio-net-pci,netdev=n2,mac={SILENT_MAC}"),
+            ]
+            .map(String::from),
+        );
+    }
     Vm::boot(config).expect("QEMU starts")
+}
+
+/// eth0 got an address from QEMU's router advertisement, logged and seen in the container.
+fn assert_slaac_on_eth0(console: &str, lines: &[String]) {
+    let all = lines.join("\n");
+    assert!(console.contains("eth0: slaac fec0::"), "{console}");
+    assert!(has(lines, &["eth0", "inet6 fec0::", "/64"]), "{all}");
 }
 
 /// The container's output lines, without the console prefix.
@@ -87,13 +112,21 @@ fn a_nic_matched_by_mac_is_static_and_ip_on_the_cmdline_wins_over_dhcp() {
         work.path(),
         "dhcp4 = true",
         &format!("mac = \"{SECOND_MAC}\""),
+        &format!(
+            "\n[network.interfaces.silent]\nmatch = {{ mac = \"{SILENT_MAC}\" }}\ndhcp4 = \"optional\"\n"
+        ),
     );
     let dir = build_host(&host, &work.path().join("out"));
     let mut vm = boot_with_second_nic(
         &dir,
         " ip=10.0.2.99::10.0.2.2:255.255.255.0:cmdhost:eth0:none",
+        true,
     );
-    vm.wait_for_line_anywhere("[show] show: done", BOOT_TIMEOUT)
+    vm.wait_for_line_anywhere("network: online", BOOT_TIMEOUT)
+        .unwrap();
+    vm.wait_for_line_anywhere("eth0: slaac fec0::", STEP_TIMEOUT)
+        .unwrap();
+    vm.wait_for_line_anywhere("[show] show: done", STEP_TIMEOUT)
         .unwrap();
     vm.wait_for_line_anywhere("keel: ready uptime_ms=", STEP_TIMEOUT)
         .unwrap();
@@ -150,6 +183,19 @@ fn a_nic_matched_by_mac_is_static_and_ip_on_the_cmdline_wins_over_dhcp() {
     );
     assert!(has(&lines, &["hosts: 10.0.2.99 nettest"]), "{all}");
     assert!(has(&lines, &["resolv: nameserver 10.1.0.3"]), "{all}");
+    assert_slaac_on_eth0(&console, &lines);
+
+    // The optional NIC gets no lease, yet the host was online and containers started
+    // without waiting for it: neither the first-lease wait nor an acquisition timeout
+    // came before `network: online`.
+    assert!(
+        console.contains(": DHCP optional: boot goes on without waiting for a lease"),
+        "{console}"
+    );
+    let online = console.find("network: online").unwrap();
+    assert!(!console[..online].contains("no DHCP lease"), "{console}");
+    assert!(!console.contains("no DHCP lease after"), "{console}");
+    assert!(!console.contains("network: offline"), "{console}");
 
     vm.powerdown().unwrap();
     vm.wait_for_line_anywhere("keel: poweroff clean", STEP_TIMEOUT)
@@ -161,12 +207,23 @@ fn a_nic_matched_by_mac_is_static_and_ip_on_the_cmdline_wins_over_dhcp() {
 fn a_dhcp_lease_names_the_host_and_a_driver_match_takes_the_next_nic() {
     let work = tempfile::tempdir().unwrap();
     // eth0 (by name) comes first, so the virtio_net match takes the other NIC.
-    let host = write_host(work.path(), "dhcp4 = true", "driver = \"virtio_net\"");
+    let host = write_host(work.path(), "dhcp4 = true", "driver = \"virtio_net\"", "");
     let dir = build_host(&host, &work.path().join("out"));
-    let mut vm = boot_with_second_nic(&dir, "");
+    let mut vm = boot_with_second_nic(&dir, "", false);
     vm.wait_for_line_anywhere("[show] show: done", BOOT_TIMEOUT)
         .unwrap();
+    // Logged once DAD is done, which the container does not wait for.
+    vm.wait_for_line_anywhere("eth0: slaac fec0::", STEP_TIMEOUT)
+        .unwrap();
     let console = vm.console();
+    // Online only once the required lease is there.
+    let lease = console
+        .find("eth0: DHCP lease 10.0.2.15/24")
+        .unwrap_or_else(|| panic!("no lease logged:\n{console}"));
+    let online = console
+        .find("network: online")
+        .unwrap_or_else(|| panic!("never online:\n{console}"));
+    assert!(lease < online, "{console}");
     let lines = shown(&console);
     let all = lines.join("\n");
     assert!(has(&lines, &["eth0", "inet 10.0.2.15/24"]), "{all}");
@@ -180,6 +237,7 @@ fn a_dhcp_lease_names_the_host_and_a_driver_match_takes_the_next_nic() {
     );
     assert!(!has(&lines, &["eth0", "10.1.0.7"]), "{all}");
     assert!(has(&lines, &["inet 10.1.0.7/24"]), "{all}");
+    assert_slaac_on_eth0(&console, &lines);
     vm.powerdown().unwrap();
     vm.wait_for_line_anywhere("keel: poweroff clean", STEP_TIMEOUT)
         .unwrap();
