@@ -59,12 +59,18 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The name of a host whose file names none and whose network offers none.
+pub const DEFAULT_HOSTNAME: &str = "keel";
+
 /// A validated host file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
     /// Where the file was read from; relative layer paths are resolved against its directory.
     pub path: PathBuf,
+    /// The host file's `hostname`, or [`DEFAULT_HOSTNAME`] until the network names the host.
     pub hostname: String,
+    /// The host file names no host: a DHCP lease's hostname (or `ip=`'s) is taken.
+    pub hostname_from_network: bool,
     /// Extra kernel modules to load at boot, beside the ones Keel always needs.
     pub modules: Vec<String>,
     /// Default time a container gets between its stop signal and SIGKILL.
@@ -236,7 +242,7 @@ mod raw {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct Host {
-        pub hostname: Spanned<String>,
+        pub hostname: Option<Spanned<String>>,
         #[serde(default)]
         pub modules: Vec<Spanned<String>>,
         pub stop_timeout: Option<Spanned<String>>,
@@ -331,14 +337,20 @@ mod raw {
 
 fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigError> {
     let host = raw.host.get_ref();
-    let hostname = host.hostname.get_ref().clone();
-    if !valid_hostname(&hostname) {
-        return Err(loc.at(
-            &host.hostname,
-            "host.hostname",
-            format!("`{hostname}` is not a valid hostname: expected 1-64 letters, digits, `-` or `.`, not starting or ending with `-`"),
-        ));
-    }
+    let hostname = match &host.hostname {
+        Some(name) => {
+            if !valid_hostname(name.get_ref()) {
+                return Err(loc.at(
+                    name,
+                    "host.hostname",
+                    format!("`{}` is not a valid hostname: expected 1-64 letters, digits, `-` or `.`, not starting or ending with `-`", name.get_ref()),
+                ));
+            }
+            name.get_ref().clone()
+        }
+        None => DEFAULT_HOSTNAME.to_string(),
+    };
+    let hostname_from_network = host.hostname.is_none();
     let mut modules = Vec::new();
     for (i, module) in host.modules.iter().enumerate() {
         let name = module.get_ref();
@@ -445,6 +457,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
     Ok(HostConfig {
         path: loc.file.to_path_buf(),
         hostname,
+        hostname_from_network,
         modules,
         stop_timeout_ms,
         shutdown_timeout_ms,
@@ -764,7 +777,8 @@ fn validate_container(
     })
 }
 
-fn valid_hostname(name: &str) -> bool {
+/// 1-64 letters, digits, `-` or `.`, not starting or ending with `-`.
+pub fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('-')

@@ -203,6 +203,15 @@ fn an_unknown_restart_policy_lists_the_known_ones() {
 }
 
 #[test]
+fn without_a_hostname_the_network_names_the_host() {
+    let c = HostConfig::parse(Path::new("/h.toml"), "[host]\n").unwrap();
+    assert_eq!(c.hostname, crate::DEFAULT_HOSTNAME);
+    assert!(c.hostname_from_network);
+    let named = HostConfig::parse(Path::new("/h.toml"), "[host]\nhostname = \"a\"\n").unwrap();
+    assert!(!named.hostname_from_network);
+}
+
+#[test]
 fn a_bad_hostname_is_rejected() {
     let e = error("[host]\nhostname = \"-bad host\"\n");
     assert_eq!(e.key, "host.hostname");

@@ -154,7 +154,8 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         .ok();
     let empty = HostConfig {
         path: HOST_FILE.into(),
-        hostname: "keel".into(),
+        hostname: keel_config::DEFAULT_HOSTNAME.into(),
+        hostname_from_network: true,
         modules: Vec::new(),
         stop_timeout_ms: stop_timeout.as_millis() as u64,
         shutdown_timeout_ms: 30_000,
@@ -174,9 +175,11 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
     control::start_servers(calls_tx);
     let interfaces = config.interfaces.clone();
     let hostname = config.hostname.clone();
+    let adopt_hostname = config.hostname_from_network;
     let (online_tx, mut online_rx) = tokio::sync::watch::channel(false);
-    let mut network =
-        tokio::spawn(async move { net::configure(&interfaces, &hostname, online_tx).await });
+    let mut network = tokio::spawn(async move {
+        net::configure(&interfaces, &hostname, adopt_hostname, online_tx).await
+    });
     let mut network_done = false;
     let mut ready_reported = false;
     let power_button = power::pressed();

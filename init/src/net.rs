@@ -72,6 +72,8 @@ struct State {
     /// The containers' copy of resolv.conf (bound into them, so rewritten in place); only
     /// for the real /etc.
     containers_follow: bool,
+    /// The host file names no host: a DHCP lease's (or `ip=`'s) hostname is taken.
+    adopt_hostname: bool,
     online: Online,
 }
 
@@ -85,6 +87,7 @@ impl State {
             resolv_conf: etc.map_or(RESOLV_CONF.into(), |e| e.join("resolv.conf")),
             hosts: etc.map_or(HOSTS.into(), |e| e.join("hosts")),
             containers_follow: etc.is_none(),
+            adopt_hostname: false,
             online: Online {
                 tx: online,
                 required: Vec::new(),
@@ -213,9 +216,13 @@ enum Source {
 /// applied, or a lease held), false again while a required lease is lost (NAK, expiry),
 /// each change logged as `network: online` / `network: offline`. With no required
 /// interface it becomes true right after `lo` is up.
+///
+/// `hostname` is the host file's; with `adopt_hostname` (the file names no host) the name
+/// of `ip=` or of a DHCP lease replaces it.
 pub async fn configure(
     interfaces: &BTreeMap<String, Interface>,
     hostname: &str,
+    adopt_hostname: bool,
     online: watch::Sender<bool>,
 ) -> Result<(), String> {
     let (mut connection, handle, messages) =
@@ -236,7 +243,9 @@ pub async fn configure(
         .ok_or("no loopback interface")?;
     set_up(&handle, lo).await?;
 
-    let state: Shared = Arc::new(Mutex::new(State::new(hostname, None, Some(online))));
+    let mut initial = State::new(hostname, None, Some(online));
+    initial.adopt_hostname = adopt_hostname;
+    let state: Shared = Arc::new(Mutex::new(initial));
     // /etc/hosts names the host from the start, even before (or without) any address.
     write_files(&state);
     if let Some(messages) = monitor {
@@ -251,10 +260,14 @@ pub async fn configure(
     let mut plan: Vec<(String, Interface, Source)> = Vec::new();
     for arg in &args.ip {
         if let Some(h) = &arg.hostname {
-            log::info!(
-                "{}: ip= hostname `{h}` ignored: the host file names the machine",
-                arg.interface
-            );
+            if adopt_hostname {
+                adopt_hostname_from(&state, h, "ip= on the kernel command line");
+            } else {
+                log::info!(
+                    "{}: ip= hostname `{h}` ignored: the host file names the machine",
+                    arg.interface
+                );
+            }
         }
         plan.push((arg.interface.clone(), arg.to_interface(), Source::Cmdline));
     }
@@ -920,12 +933,16 @@ async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: oneshot::Receiv
         log::error!("{name}: DHCP: bad MAC address: {e}");
         return;
     }
-    let hostname = d
+    // A host that waits to be named by the server does not offer a name of its own.
+    let offered_name = d
         .state
         .lock()
-        .map(|s| s.hostname.clone())
-        .unwrap_or_default();
-    config.set_host_name(&hostname);
+        .ok()
+        .filter(|s| !s.adopt_hostname)
+        .map(|s| s.hostname.clone());
+    if let Some(hostname) = offered_name {
+        config.set_host_name(&hostname);
+    }
     // No mozim timeout: it would also cut renewing short (after 30 s, long before T2) and
     // drop the lease. Acquisition is bounded below instead.
     config.set_timeout_sec(0);
@@ -1086,6 +1103,9 @@ async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: oneshot::Receiv
                     describe(&a),
                     lease.lease_time_sec
                 );
+                if let Some(offered) = &lease.host_name {
+                    adopt_hostname_from(&d.state, offered, &format!("{name}'s DHCP lease"));
+                }
                 let b = Bound {
                     expires: tokio::time::Instant::now()
                         + Duration::from_secs(lease.lease_time_sec.into()),
@@ -1375,6 +1395,26 @@ pub fn render_resolv_conf(applied: &[Applied]) -> String {
         out += &format!("nameserver {s}\n");
     }
     out
+}
+
+/// Takes `offered` as the machine's name when the host file left it to the network; the
+/// next rewrite of /etc/hosts names it.
+fn adopt_hostname_from(state: &Shared, offered: &str, from: &str) {
+    let Ok(mut s) = state.lock() else { return };
+    if !s.adopt_hostname || s.hostname == offered {
+        return;
+    }
+    if !keel_config::valid_hostname(offered) {
+        log::warn!("hostname `{offered}` from {from} is not a valid hostname; ignored");
+        return;
+    }
+    match nix::unistd::sethostname(offered) {
+        Ok(()) => {
+            log::info!("hostname: {offered} (from {from})");
+            s.hostname = offered.to_string();
+        }
+        Err(e) => log::error!("sethostname {offered} (from {from}): {e}"),
+    }
 }
 
 /// Renders /etc/hosts: loopback names, and the hostname on the first address configured

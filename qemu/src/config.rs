@@ -40,6 +40,9 @@ pub struct VmConfig {
     /// guest as root, hence [`crate::Vm::boot`] puts it in a private directory when this is
     /// `None`. `keel run DIR` uses `DIR/api.sock`.
     pub api_socket: Option<PathBuf>,
+    /// Extra options of the user-mode NIC, e.g. `hostname=NAME` (the name its DHCP server
+    /// hands out) or `ipv6=off`.
+    pub user_net: Vec<String>,
     /// Appended verbatim to the QEMU command line.
     pub extra_args: Vec<String>,
 }
@@ -71,6 +74,7 @@ impl Default for VmConfig {
             console_log: None,
             echo_console: false,
             api_socket: None,
+            user_net: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -159,6 +163,10 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String>
     push(&["-qmp", &qmp]);
 
     let mut nic = String::from("user,model=virtio-net-pci");
+    for option in &cfg.user_net {
+        nic.push(',');
+        nic.push_str(&option.replace(',', ",,"));
+    }
     for fwd in &cfg.publish {
         nic.push_str(&format!(
             ",hostfwd=tcp:127.0.0.1:{}-:{}",

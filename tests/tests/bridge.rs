@@ -38,12 +38,19 @@ image = "bb"
 command = ["sleep", "1000000"]
 "#;
 
-fn write_host(dir: &Path, who: &str, extra: &str) -> PathBuf {
+/// A host serving "web on WHO"; `named` puts `hostname = WHO` in the file, otherwise the
+/// host takes the name its DHCP lease offers.
+fn write_host(dir: &Path, who: &str, named: bool, extra: &str) -> PathBuf {
     let path = dir.join(format!("{who}.toml"));
+    let hostname = if named {
+        format!("hostname = \"{who}\"\n")
+    } else {
+        String::new()
+    };
     std::fs::write(
         &path,
         format!(
-            "[host]\nhostname = \"{who}\"\nstop_timeout = \"2s\"\n\n[network.interfaces.eth0]\ndhcp4 = true\n{extra}\n{}",
+            "[host]\n{hostname}stop_timeout = \"2s\"\n\n[network.interfaces.eth0]\ndhcp4 = true\n{extra}\n{}",
             WEB.replace("@WHO@", who)
         ),
     )
@@ -150,6 +157,7 @@ fn bridged_containers_reach_each_other_the_gateway_and_published_ports() {
     let host = write_host(
         work.path(),
         "alpha",
+        true,
         "[containers.isolated]\nimage = \"bb\"\nnetwork = \"none\"\ncommand = [\"sleep\", \"1000000\"]\n",
     );
     let dir = build_host(&host, &work.path().join("out"));
@@ -266,11 +274,16 @@ fn two_guests_on_a_socket_network_reach_each_others_published_ports() {
     ] {
         let mac = format!("52:54:00:77:00:0{n}");
         let lan = format!(
-            "[network.interfaces.lan]\nmatch = {{ mac = \"{mac}\" }}\naddresses = [\"192.168.77.{n}/24\"]\n"
+            "[network.interfaces.lan]\nmatch = {{ mac = \"{mac}\" }}\naddresses = [\"192.168.77.{n}/24\"]\n\
+             [containers.etc]\nimage = \"bb\"\nvolumes = [\"/etc:/hostetc:ro\"]\ncommand = [\"sleep\", \"1000000\"]\n"
         );
-        let host = write_host(work.path(), who, &lan);
+        // The second host leaves its name to QEMU's DHCP server.
+        let host = write_host(work.path(), who, n == 1, &lan);
         let dir = build_host(&host, &work.path().join(who));
         let mut config = vm_config(&dir, &[]);
+        if n == 2 {
+            config.user_net.push(format!("hostname={who}"));
+        }
         config.api_socket = Some(sockets.path().join(format!("{who}.sock")));
         config.extra_args.extend([
             "-netdev".to_string(),
@@ -301,4 +314,15 @@ fn two_guests_on_a_socket_network_reach_each_others_published_ports() {
         STEP_TIMEOUT,
     );
     assert_eq!(out.trim(), "web on one");
+
+    // The unnamed host took the lease's name, for the kernel and in /etc/hosts.
+    assert!(
+        vms[1]
+            .console()
+            .contains("keel: hostname: two (from eth0's DHCP lease)"),
+        "{}",
+        vms[1].console()
+    );
+    let (_, hosts) = two.exec("etc", "cat /hostetc/hosts");
+    assert!(hosts.contains("10.0.2.15 two"), "{hosts}");
 }
