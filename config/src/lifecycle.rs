@@ -94,7 +94,8 @@ pub struct Lifecycle {
     pub restart_on_unhealthy: bool,
     /// Readiness through an sd_notify socket (`NOTIFY_SOCKET`, `READY=1`).
     pub notify: bool,
-    pub stop_signal: i32,
+    /// The host file's `stop_signal`; without one the image's StopSignal, else SIGTERM.
+    pub stop_signal: Option<i32>,
     pub stop_timeout_ms: u64,
 }
 
@@ -107,7 +108,7 @@ impl Default for Lifecycle {
             healthcheck: None,
             restart_on_unhealthy: false,
             notify: false,
-            stop_signal: 15,
+            stop_signal: None,
             stop_timeout_ms: 10_000,
         }
     }
@@ -363,10 +364,10 @@ pub(crate) fn stop_signal(
     loc: &Locator<'_>,
     value: &Option<Spanned<String>>,
     key: String,
-) -> Result<i32, ConfigError> {
+) -> Result<Option<i32>, ConfigError> {
     match value {
-        None => Ok(15),
-        Some(v) => parse_signal(v.get_ref()).ok_or_else(|| {
+        None => Ok(None),
+        Some(v) => parse_signal(v.get_ref()).map(Some).ok_or_else(|| {
             loc.at(
                 v,
                 key,

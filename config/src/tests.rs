@@ -354,7 +354,7 @@ fn supervision_keys_parse() {
     );
     assert_eq!(
         (web.lifecycle.stop_signal, web.lifecycle.stop_timeout_ms),
-        (3, 3000)
+        (Some(3), 3000)
     );
     assert!(web.lifecycle.notify);
     assert_eq!(

@@ -23,6 +23,12 @@ pub struct ImageProcess {
     pub workdir: Option<String>,
     /// The image's `User`, used unless the host file names one.
     pub user: Option<String>,
+    /// The image's StopSignal, used unless the host file names one.
+    pub stop_signal: Option<i32>,
+    /// The image's Volumes: paths that get a volume of their own.
+    pub volumes: Vec<String>,
+    /// The image's ExposedPorts, as `80/tcp`.
+    pub exposed_ports: Vec<String>,
 }
 
 impl ImageProcess {
@@ -36,6 +42,12 @@ impl ImageProcess {
             env: c.env().clone().unwrap_or_default(),
             workdir: c.working_dir().clone().filter(|w| !w.is_empty()),
             user: c.user().clone().filter(|u| !u.is_empty()),
+            stop_signal: c
+                .stop_signal()
+                .as_deref()
+                .and_then(keel_config::parse_signal),
+            volumes: c.volumes().clone().unwrap_or_default(),
+            exposed_ports: c.exposed_ports().clone().unwrap_or_default(),
         }
     }
 }
@@ -123,6 +135,9 @@ pub struct ContainerDirs {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub rootfs: PathBuf,
+    /// The directory the overlay is mounted from: relative `lowerdir`s resolve against it
+    /// (see [`short_lowers`]).
+    pub lower_root: PathBuf,
 }
 
 impl ContainerDirs {
@@ -132,6 +147,7 @@ impl ContainerDirs {
             upper: base.join("upper"),
             work: base.join("work"),
             rootfs: base.join("rootfs"),
+            lower_root: PathBuf::from("/"),
         }
     }
 
@@ -141,6 +157,74 @@ impl ContainerDirs {
         }
         Ok(())
     }
+}
+
+/// Directory of the short links in a layer store.
+const SHORT_LINKS: &str = "l";
+
+/// overlayfs takes its options in one page (4096 bytes), so absolute store paths (about 90
+/// bytes each) would cap an image at some 45 layers. As Docker's overlay2 does, each layer
+/// gets a short link `l/<12 characters>` in the store, and the overlay is mounted from the
+/// store directory with those relative names (15 bytes a layer): 250 layers fit, and
+/// overlayfs itself stacks at most 500. Returns the relative names, in `lowers`' order.
+pub fn short_lowers(store: &Path, lowers: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
+    use sha2::Digest;
+    let links = store.join(SHORT_LINKS);
+    std::fs::create_dir_all(&links)?;
+    let mut out = Vec::with_capacity(lowers.len());
+    for lower in lowers {
+        let name = lower.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("layer directory {} has no name", lower.display()),
+            )
+        })?;
+        let target = Path::new("..").join(name);
+        let hash = sha2::Sha256::digest(name.as_encoded_bytes());
+        let short = base32(&hash[..8])[..12].to_string();
+        let link = links.join(&short);
+        match std::fs::read_link(&link) {
+            Ok(existing) if existing == target => {}
+            Ok(existing) => {
+                return Err(io::Error::other(format!(
+                    "short layer link {} points to {}, not {}",
+                    link.display(),
+                    existing.display(),
+                    target.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match std::os::unix::fs::symlink(&target, &link) {
+                    Ok(()) => {}
+                    // Created by a concurrent prepare of another container of the image.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        out.push(Path::new(SHORT_LINKS).join(short));
+    }
+    Ok(out)
+}
+
+/// RFC 4648 base32, lowercase, without padding.
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut out = String::new();
+    let (mut buffer, mut bits) = (0u32, 0u32);
+    for byte in bytes {
+        buffer = (buffer << 8) | u32::from(*byte);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
+    }
+    out
 }
 
 /// Overlay options; `lower_bottom_first` comes from the image (bottom layer first) and
@@ -471,6 +555,10 @@ pub fn build_plan(
             data: None,
         });
     } else {
+        // The lowerdirs are relative to the layer store (see `short_lowers`).
+        steps.push(Step::Chdir {
+            path: path_cstring(&dirs.lower_root)?,
+        });
         steps.push(Step::Mount {
             source: Some(c("overlay")?),
             target: path_cstring(root)?,
@@ -750,7 +838,23 @@ mod tests {
             env: vec!["PATH=/bin".into(), "A=image".into()],
             workdir: Some("/www".into()),
             user: None,
+            ..ImageProcess::default()
         }
+    }
+
+    #[test]
+    fn the_image_config_gives_stop_signal_volumes_and_ports() {
+        let config: oci_spec::image::ImageConfiguration = serde_json::from_str(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},
+                "config":{"StopSignal":"SIGQUIT","Volumes":{"/var/lib/db":{}},
+                          "ExposedPorts":{"5432/tcp":{}},"User":"postgres"}}"#,
+        )
+        .unwrap();
+        let image = ImageProcess::from_oci(&config);
+        assert_eq!(image.stop_signal, Some(libc::SIGQUIT));
+        assert_eq!(image.volumes, ["/var/lib/db"]);
+        assert_eq!(image.exposed_ports, ["5432/tcp"]);
+        assert_eq!(image.user.as_deref(), Some("postgres"));
     }
 
     #[test]
@@ -834,6 +938,39 @@ mod tests {
     #[test]
     fn nothing_to_run_is_an_error() {
         assert!(resolve_process("x", &ImageProcess::default(), &container()).is_err());
+    }
+
+    #[test]
+    fn short_lowers_fit_hundreds_of_layers_in_a_page() {
+        let store = tempfile::tempdir().unwrap();
+        let lowers: Vec<PathBuf> = (0..250)
+            .map(|i| store.path().join(format!("{i:064x}")))
+            .collect();
+        for dir in &lowers {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let short = short_lowers(store.path(), &lowers).unwrap();
+        let dirs = ContainerDirs::under(Path::new("/run/keel/containers"), "a-long-container-name");
+        let opts = overlay_options(&short, &dirs);
+        assert!(opts.len() < 4096, "{} bytes", opts.len());
+        for (name, dir) in short.iter().zip(&lowers) {
+            assert_eq!(
+                std::fs::canonicalize(store.path().join(name)).unwrap(),
+                std::fs::canonicalize(dir).unwrap()
+            );
+        }
+        // Idempotent, and a link that points elsewhere is an error.
+        assert_eq!(short_lowers(store.path(), &lowers).unwrap(), short);
+        let link = store.path().join(&short[0]);
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("../elsewhere", &link).unwrap();
+        assert!(short_lowers(store.path(), &lowers[..1]).is_err());
+    }
+
+    #[test]
+    fn base32_is_rfc4648() {
+        assert_eq!(base32(b"foobar"), "mzxw6ytboi");
+        assert_eq!(base32(b"f"), "my");
     }
 
     #[test]
@@ -994,7 +1131,7 @@ mod tests {
             "{names:#?}"
         );
         assert!(
-            matches!(&plan.steps[2], Step::Mount { flags: 0, .. }),
+            matches!(&plan.steps[3], Step::Mount { flags: 0, .. }),
             "the rootfs is not nodev"
         );
     }

@@ -12,7 +12,7 @@ use crate::caps::{self, CapSet};
 use crate::cgroup::Cgroup;
 use crate::container::{
     ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
-    overlay_options, resolve_process,
+    overlay_options, resolve_process, short_lowers,
 };
 use crate::seccomp::ProgramCache;
 use crate::spawn::{IdMap, Plan, Spawned, spawn};
@@ -51,6 +51,9 @@ pub struct Instance {
     name: String,
     config: Container,
     process: ProcessSpec,
+    /// The image's StopSignal and Volumes.
+    image_stop_signal: Option<i32>,
+    image_volumes: Vec<String>,
     overlay: String,
     dirs: ContainerDirs,
     /// The overlay upper, then the image layers from the top down.
@@ -75,9 +78,7 @@ impl Instance {
         userns: Option<IdMap>,
     ) -> Result<Instance, String> {
         let paths = &runtime.paths;
-        let image_dir = paths.images.join(&config.image);
-        let layout = keel_image::layout::ImageLayout::open(&image_dir)
-            .map_err(|e| format!("image {}: {e}", image_dir.display()))?;
+        let layout = paths.open_image(&config.image)?;
         let shift = userns.map(|m| keel_image::unpack::IdShift {
             uid: m.uid,
             gid: m.gid,
@@ -86,15 +87,25 @@ impl Instance {
         let lowers = keel_image::unpack::unpack_image_shifted(&layout, &paths.layers, shift)
             .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
         let image = ImageProcess::from_oci(layout.config());
+        if !image.exposed_ports.is_empty() {
+            log::info!(
+                "{name}: image {} exposes {} (publish them with `ports`)",
+                config.image,
+                image.exposed_ports.join(", ")
+            );
+        }
         let process = resolve_process(name, &image, config)?;
-        let dirs = ContainerDirs::under(&paths.containers, name);
+        let mut dirs = ContainerDirs::under(&paths.containers, name);
+        dirs.lower_root = paths.layers.clone();
         dirs.create()
             .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
         if let Some(map) = userns {
             std::os::unix::fs::chown(&dirs.upper, Some(map.uid), Some(map.gid))
                 .map_err(|e| format!("chown {}: {e}", dirs.upper.display()))?;
         }
-        let overlay = overlay_options(&lowers, &dirs);
+        let short = short_lowers(&paths.layers, &lowers)
+            .map_err(|e| format!("linking the layers of image {}: {e}", config.image))?;
+        let overlay = overlay_options(&short, &dirs);
         let cgroup = runtime
             .cgroups
             .child(name, &config.resources)
@@ -115,6 +126,8 @@ impl Instance {
             name: name.to_string(),
             config: config.clone(),
             process,
+            image_stop_signal: image.stop_signal,
+            image_volumes: image.volumes,
             overlay,
             dirs,
             layers_top_first,
@@ -147,6 +160,15 @@ impl Instance {
         Ok(())
     }
 
+    /// The host file's stop signal, else the image's StopSignal, else SIGTERM.
+    pub fn stop_signal(&self) -> i32 {
+        self.config
+            .lifecycle
+            .stop_signal
+            .or(self.image_stop_signal)
+            .unwrap_or(libc::SIGTERM)
+    }
+
     pub fn config(&self) -> &Container {
         &self.config
     }
@@ -171,14 +193,20 @@ impl Instance {
         // The child's mount namespace is a copy of ours taken at clone3: mount the overlay
         // here, clone, and take it away again from PID 1's namespace.
         let root = &self.dirs.rootfs;
-        nix::mount::mount(
+        // The lowerdirs are relative to the layer store. PID 1 is single-threaded, so its
+        // working directory is nobody else's; it goes back to / right after.
+        std::env::set_current_dir(&self.dirs.lower_root)?;
+        let mounted = nix::mount::mount(
             Some("overlay"),
             root,
             Some("overlay"),
             nix::mount::MsFlags::MS_NODEV,
             Some(self.overlay.as_str()),
-        )
-        .map_err(|e| {
+        );
+        if let Err(e) = std::env::set_current_dir("/") {
+            log::error!("returning to / after mounting {}: {e}", root.display());
+        }
+        mounted.map_err(|e| {
             std::io::Error::new(
                 std::io::Error::from(e).kind(),
                 format!("mounting the overlay on {}: {e}", root.display()),
@@ -308,6 +336,35 @@ impl Instance {
             mounts.push(ExtraMount::Tmpfs {
                 target: tmpfs.target.clone(),
                 size: tmpfs.size,
+            });
+        }
+        // The image's Volumes: data the image says must outlive the container's writable
+        // layer gets a directory of its own under the volume store, per container and
+        // path, unless the host file mounts something there already.
+        for path in &self.image_volumes {
+            let target = format!("/{}", path.trim_matches('/'));
+            if target == "/"
+                || mounts
+                    .iter()
+                    .any(|m| m.target().trim_end_matches('/') == target)
+            {
+                continue;
+            }
+            let dir = runtime
+                .paths
+                .volumes
+                .join(".image")
+                .join(&self.name)
+                .join(target.trim_start_matches('/').replace('/', "%"));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("image volume {target}: {e}"))?;
+            if let Some(map) = self.userns {
+                std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid))
+                    .map_err(|e| format!("image volume {target}: chown: {e}"))?;
+            }
+            mounts.push(ExtraMount::Bind {
+                source: dir,
+                target,
+                readonly: false,
             });
         }
         for target in ["/proc", "/sys", "/dev"]

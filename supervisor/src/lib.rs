@@ -17,6 +17,7 @@ pub mod logs;
 pub mod notify;
 pub mod seccomp;
 pub mod spawn;
+pub mod store;
 mod supervisor;
 pub mod user;
 

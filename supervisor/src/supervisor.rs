@@ -38,6 +38,15 @@ pub struct Paths {
     pub volumes: PathBuf,
 }
 
+impl Paths {
+    /// Opens image `name` of the host file, verifying its manifest and config.
+    pub fn open_image(&self, name: &str) -> Result<keel_image::layout::ImageLayout, String> {
+        let dir = self.images.join(name);
+        keel_image::layout::ImageLayout::open(&dir)
+            .map_err(|e| format!("image {name} ({}): {e}", dir.display()))
+    }
+}
+
 impl Default for Paths {
     fn default() -> Paths {
         Paths {
@@ -360,6 +369,7 @@ impl Supervisor {
 
     /// Starts the boot: onboot tasks in file order, then the services.
     pub fn start_all(&mut self) {
+        self.collect_layer_garbage();
         let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         for e in self.networks.prepare(&resolv_conf) {
             log::error!("container networks: {e}");
@@ -729,7 +739,10 @@ impl Supervisor {
         let State::Running(run) = std::mem::replace(&mut m.state, State::Waiting) else {
             return;
         };
-        let signal = m.config.lifecycle.stop_signal;
+        let signal = m.instance.as_ref().map_or(
+            m.config.lifecycle.stop_signal.unwrap_or(libc::SIGTERM),
+            |i| i.stop_signal(),
+        );
         let timeout =
             timeout_override.unwrap_or(Duration::from_millis(m.config.lifecycle.stop_timeout_ms));
         log::info!(
@@ -1345,6 +1358,39 @@ impl Supervisor {
     }
 
     /// Removes the cgroups of stopped containers (best effort, at the end of shutdown).
+    /// Drops unpacked layers that no image of this host file uses (a host file changed
+    /// since they were unpacked). Keeps everything if any image cannot be read: deleting
+    /// a layer still needed costs an unpack, keeping an unneeded one only disk.
+    fn collect_layer_garbage(&self) {
+        let mut keep = std::collections::BTreeSet::new();
+        let images: std::collections::BTreeSet<&String> =
+            self.containers.values().map(|m| &m.config.image).collect();
+        for image in images {
+            match self.runtime.paths.open_image(image) {
+                Ok(layout) => keep.extend(
+                    layout
+                        .layers()
+                        .into_iter()
+                        .filter_map(|l| l.digest.strip_prefix("sha256:").map(str::to_string)),
+                ),
+                Err(e) => {
+                    log::warn!("layer store: not collected: {e}");
+                    return;
+                }
+            }
+        }
+        match crate::store::collect_garbage(&self.runtime.paths.layers, &keep) {
+            Ok(c) if c == crate::store::Collected::default() => {}
+            Ok(c) => log::info!(
+                "layer store: removed {} unused layers, {} partial unpacks, {} stale links",
+                c.layers,
+                c.partial,
+                c.links
+            ),
+            Err(e) => log::warn!("layer store: collecting garbage: {e}"),
+        }
+    }
+
     /// Removes Keel's NAT table once no container runs.
     pub fn teardown_networks(&mut self) {
         if let Err(e) = self.networks.teardown() {
