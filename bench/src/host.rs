@@ -194,7 +194,7 @@ pub fn latency_initramfs(
     parts.add_to(&mut initramfs)?;
     crun.add_to(&mut initramfs)?;
     initramfs
-        .add_tree("usr/share/keel/images/bench", image)
+        .add_tree("usr/share/keel/images", image)
         .map_err(|e| format!("bench image: {e}"))?;
     write_initramfs(initramfs, out)
 }

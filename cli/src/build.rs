@@ -6,7 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use keel_config::{HostConfig, ImageSource, LayerSpec};
+use keel_config::{HostConfig, ImageSource, LayerSpec, PullAt};
+use keel_image::archive::{copy_image, import_archive};
 use keel_image::cpio::Compression;
 use keel_image::import::{LayerSource, import};
 use keel_image::kernel::fetch_kernel;
@@ -127,9 +128,22 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
         .map_err(|e| e.to_string())?;
 
     let staging = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    // Every image goes into one layout, so a layer shared by several is stored once.
+    let shared = staging.path().join("images");
+    let mut embedded = 0;
     for (name, image) in &config.images {
-        let layout_dir = match &image.source {
-            ImageSource::Layout(dir) => config.base_dir().join(dir),
+        let digest = match &image.source {
+            ImageSource::Layout(dir) => {
+                let dir = config.base_dir().join(dir);
+                // Opening verifies the layout's JSON; copying verifies every blob.
+                let layout = match &image.reference {
+                    Some(r) => ImageLayout::open_ref(&dir, r),
+                    None => ImageLayout::open(&dir),
+                }
+                .map_err(|e| format!("image {name} ({}): {e}", dir.display()))?;
+                copy_image(&layout, &shared, name)
+                    .map_err(|e| format!("image {name} ({}): {e}", dir.display()))?
+            }
             ImageSource::Layers(layers) => {
                 let sources: Vec<LayerSource> = layers
                     .iter()
@@ -145,22 +159,47 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
                         }
                     })
                     .collect();
-                let dir = staging.path().join(name);
+                let dir = staging.path().join("imports").join(name);
                 import(&sources, &image.defaults, Some(name), &dir)
                     .map_err(|e| format!("image {name}: {e}"))?;
-                dir
+                let layout = ImageLayout::open(&dir).map_err(|e| format!("image {name}: {e}"))?;
+                copy_image(&layout, &shared, name).map_err(|e| format!("image {name}: {e}"))?
+            }
+            ImageSource::Archive(path) => {
+                let path = config.base_dir().join(path);
+                import_archive(&path, image.reference.as_deref(), &shared, name)
+                    .map_err(|e| format!("image {name} ({}): {e}", path.display()))?
+            }
+            ImageSource::Pull {
+                reference,
+                at: PullAt::Build,
+            } => {
+                // Pulled into a cache layout first, so a rebuild downloads nothing it has.
+                let cache = options.cache_dir.join("images");
+                crate::pull::pull_into(config, name, reference, &cache)?;
+                let layout = ImageLayout::open_ref(&cache, name)
+                    .map_err(|e| format!("image {name} ({reference}): {e}"))?;
+                copy_image(&layout, &shared, name)
+                    .map_err(|e| format!("image {name} ({reference}): {e}"))?
+            }
+            ImageSource::Pull {
+                reference,
+                at: PullAt::Boot,
+            } => {
+                inputs.insert(
+                    format!("image:{name}"),
+                    format!("pull at boot: {reference}"),
+                );
+                continue;
             }
         };
-        // Opening verifies the layout and its digests before it goes into the image.
-        let layout = ImageLayout::open(&layout_dir)
-            .map_err(|e| format!("image {name} ({}): {e}", layout_dir.display()))?;
-        inputs.insert(
-            format!("image:{name}"),
-            layout.manifest_digest().to_string(),
-        );
+        inputs.insert(format!("image:{name}"), digest);
+        embedded += 1;
+    }
+    if embedded > 0 {
         initramfs
-            .add_tree(format!("usr/share/keel/images/{name}"), &layout_dir)
-            .map_err(|e| format!("image {name}: {e}"))?;
+            .add_tree("usr/share/keel/images", &shared)
+            .map_err(|e| format!("images: {e}"))?;
     }
 
     fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;

@@ -2,6 +2,7 @@
 
 mod build;
 mod control;
+mod pull;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

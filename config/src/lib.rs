@@ -78,6 +78,8 @@ pub struct HostConfig {
     /// The whole shutdown (services, onshutdown tasks, unmount) must fit in this.
     pub shutdown_timeout_ms: u64,
     pub interfaces: BTreeMap<String, Interface>,
+    /// Registries by `HOST[:PORT]`.
+    pub registries: BTreeMap<String, Registry>,
     /// Bridged container networks: the declared ones, plus `bridge` when a container uses it.
     pub networks: BTreeMap<String, BridgeNetwork>,
     pub images: BTreeMap<String, Image>,
@@ -91,6 +93,32 @@ pub enum ImageSource {
     Layout(PathBuf),
     /// Layers to import at build time, bottom first.
     Layers(Vec<LayerSpec>),
+    /// An oci-archive or docker-archive tarball (`docker save`, `skopeo copy ...
+    /// docker-archive:`), imported at build time.
+    Archive(PathBuf),
+    /// An image in an OCI distribution registry.
+    Pull { reference: String, at: PullAt },
+}
+
+/// When a registry image is fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullAt {
+    /// By `keel build`, which embeds it in the OS image.
+    Build,
+    /// By the booted host, before the containers using it start (the OS image stays
+    /// small; the registry must be reachable from the host).
+    Boot,
+}
+
+/// How to reach one registry (`[registries."HOST[:PORT]"]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM file of a CA to trust beside the usual roots, resolved against the host file.
+    pub ca: Option<PathBuf>,
+    /// Plain HTTP, no TLS.
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +143,8 @@ pub struct ImageDefaults {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
     pub source: ImageSource,
+    /// Which image of a layout or archive holding several: a tag or a `sha256:` digest.
+    pub reference: Option<String>,
     pub defaults: ImageDefaults,
 }
 
@@ -234,6 +264,8 @@ mod raw {
         #[serde(default)]
         pub networks: BTreeMap<String, Spanned<networks::raw::Network>>,
         #[serde(default)]
+        pub registries: BTreeMap<String, Spanned<Registry>>,
+        #[serde(default)]
         pub images: BTreeMap<String, Spanned<Image>>,
         #[serde(default)]
         pub containers: BTreeMap<String, Spanned<Container>>,
@@ -258,9 +290,25 @@ mod raw {
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
+    pub struct Registry {
+        pub username: Option<String>,
+        pub password: Option<String>,
+        pub password_file: Option<Spanned<String>>,
+        pub ca: Option<Spanned<String>>,
+        #[serde(default)]
+        pub insecure: bool,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
     pub struct Image {
         pub layout: Option<Spanned<String>>,
         pub layers: Option<Spanned<Vec<Spanned<String>>>>,
+        pub archive: Option<Spanned<String>>,
+        pub pull: Option<Spanned<String>>,
+        #[serde(rename = "ref")]
+        pub reference: Option<Spanned<String>>,
+        pub pull_at: Option<Spanned<String>>,
         pub entrypoint: Option<Vec<String>>,
         pub cmd: Option<Vec<String>>,
         #[serde(default)]
@@ -402,6 +450,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
     network::check_duplicates(loc, &raw.network.interfaces, &interfaces)?;
 
     let mut networks = networks::validate_networks(loc, &raw.networks)?;
+    let registries = validate_registries(loc, &raw.registries)?;
 
     let mut images = BTreeMap::new();
     for (name, image) in &raw.images {
@@ -462,6 +511,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         stop_timeout_ms,
         shutdown_timeout_ms,
         interfaces,
+        registries,
         networks,
         images,
         containers,
@@ -497,18 +547,31 @@ fn validate_image(
     image: &Spanned<raw::Image>,
 ) -> Result<Image, ConfigError> {
     let i = image.get_ref();
-    let source = match (&i.layout, &i.layers) {
-        (Some(_), Some(layers)) => {
-            return Err(loc.at(layers, format!("{key}.layers"), "`layout` and `layers` exclude each other: an image is either an existing OCI layout or imported from layers"));
-        }
-        (None, None) => {
-            return Err(loc.at(
-                image,
-                key,
-                "expected `layout = \"DIR\"` or `layers = [...]`",
-            ));
-        }
-        (Some(layout), None) => {
+    let given: Vec<&str> = [
+        ("layout", i.layout.is_some()),
+        ("layers", i.layers.is_some()),
+        ("archive", i.archive.is_some()),
+        ("pull", i.pull.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect();
+    if given.len() != 1 {
+        let what = if given.is_empty() {
+            "expected one of `layout = \"DIR\"`, `layers = [...]`, `archive = \"FILE.tar\"` or `pull = \"REGISTRY/REPO:TAG\"`".to_string()
+        } else {
+            format!(
+                "`{}` exclude each other: an image comes from exactly one source",
+                given.join("` and `")
+            )
+        };
+        let at = given
+            .get(1)
+            .map_or(key.to_string(), |k| format!("{key}.{k}"));
+        return Err(loc.at(image, at, what));
+    }
+    let source = match (&i.layout, &i.layers, &i.archive, &i.pull) {
+        (Some(layout), _, _, _) => {
             if layout.get_ref().is_empty() {
                 return Err(loc.at(
                     layout,
@@ -518,7 +581,42 @@ fn validate_image(
             }
             ImageSource::Layout(PathBuf::from(layout.get_ref()))
         }
-        (None, Some(layers)) => {
+        (_, _, Some(archive), _) => {
+            if archive.get_ref().is_empty() {
+                return Err(loc.at(
+                    archive,
+                    format!("{key}.archive"),
+                    "expected the path of an oci-archive or docker-archive tarball",
+                ));
+            }
+            ImageSource::Archive(PathBuf::from(archive.get_ref()))
+        }
+        (_, _, _, Some(pull)) => {
+            if !valid_image_reference(pull.get_ref()) {
+                return Err(loc.at(
+                    pull,
+                    format!("{key}.pull"),
+                    "expected an image reference such as \"registry.example:5000/team/app:1.2\" or \"nginx@sha256:<64 hex>\"",
+                ));
+            }
+            let at = match i.pull_at.as_ref().map(|a| a.get_ref().as_str()) {
+                None | Some("build") => PullAt::Build,
+                Some("boot") => PullAt::Boot,
+                Some(other) => {
+                    let at = i.pull_at.as_ref().unwrap_or(pull);
+                    return Err(loc.at(
+                        at,
+                        format!("{key}.pull_at"),
+                        format!("unknown `{other}`: expected \"build\" or \"boot\""),
+                    ));
+                }
+            };
+            ImageSource::Pull {
+                reference: pull.get_ref().clone(),
+                at,
+            }
+        }
+        (None, Some(layers), None, None) => {
             if layers.get_ref().is_empty() {
                 return Err(loc.at(
                     layers,
@@ -551,7 +649,38 @@ fn validate_image(
             }
             ImageSource::Layers(specs)
         }
+        (None, None, None, None) => unreachable_source(),
     };
+    if let Some(at) = &i.pull_at
+        && i.pull.is_none()
+    {
+        return Err(loc.at(at, format!("{key}.pull_at"), "`pull_at` goes with `pull`"));
+    }
+    if let Some(r) = &i.reference
+        && !matches!(source, ImageSource::Layout(_) | ImageSource::Archive(_))
+    {
+        return Err(loc.at(
+            r,
+            format!("{key}.ref"),
+            "`ref` picks an image in a `layout` or an `archive` (a `pull` reference names its tag or digest itself)",
+        ));
+    }
+    let imported = matches!(source, ImageSource::Layers(_));
+    for (what, set) in [
+        ("entrypoint", i.entrypoint.is_some()),
+        ("cmd", i.cmd.is_some()),
+        ("env", !i.env.is_empty()),
+        ("workdir", i.workdir.is_some()),
+        ("user", i.user.is_some()),
+    ] {
+        if set && !imported {
+            return Err(loc.at(
+                image,
+                format!("{key}.{what}"),
+                format!("`{what}` describes an image imported from `layers`; an existing image brings its own configuration (override it in the container instead)"),
+            ));
+        }
+    }
     for (n, var) in i.env.iter().enumerate() {
         if var
             .get_ref()
@@ -566,6 +695,7 @@ fn validate_image(
     }
     Ok(Image {
         source,
+        reference: i.reference.as_ref().map(|r| r.get_ref().clone()),
         defaults: ImageDefaults {
             entrypoint: i.entrypoint.clone(),
             cmd: i.cmd.clone(),
@@ -574,6 +704,100 @@ fn validate_image(
             user: i.user.clone(),
         },
     })
+}
+
+/// The source selection above has covered every combination with exactly one source.
+fn unreachable_source() -> ImageSource {
+    ImageSource::Layers(Vec::new())
+}
+
+/// `[REGISTRY/]REPO[:TAG][@sha256:HEX]`, in the distribution spec's grammar (loosely: the
+/// registry client parses it exactly).
+fn valid_image_reference(text: &str) -> bool {
+    let (name, digest) = match text.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (text, None),
+    };
+    if let Some(d) = digest {
+        let hex = d.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return false;
+        }
+    }
+    !name.is_empty()
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && !name.contains("//")
+        && name.chars().all(|c| {
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || "._-/:".contains(c)
+                || c.is_ascii_uppercase()
+        })
+}
+
+fn validate_registries(
+    loc: &Locator<'_>,
+    raw: &BTreeMap<String, Spanned<raw::Registry>>,
+) -> Result<BTreeMap<String, Registry>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (host, spanned) in raw {
+        let key = format!("registries.\"{host}\"");
+        if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+            return Err(loc.at(
+                spanned,
+                key,
+                format!("`{host}` is not a registry: expected HOST or HOST:PORT, such as \"registry.example:5000\""),
+            ));
+        }
+        let r = spanned.get_ref();
+        if r.password.is_some() && r.password_file.is_some() {
+            return Err(loc.at(
+                spanned,
+                format!("{key}.password_file"),
+                "`password` and `password_file` exclude each other",
+            ));
+        }
+        let password = match &r.password_file {
+            None => r.password.clone(),
+            Some(file) => {
+                let path = loc
+                    .file
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join(file.get_ref());
+                Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| {
+                            loc.at(
+                                file,
+                                format!("{key}.password_file"),
+                                format!("cannot read {}: {e}", path.display()),
+                            )
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                )
+            }
+        };
+        if password.is_some() != r.username.is_some() {
+            return Err(loc.at(spanned, key, "`username` and a password go together"));
+        }
+        out.insert(
+            host.clone(),
+            Registry {
+                username: r.username.clone(),
+                password,
+                ca: r.ca.as_ref().map(|c| PathBuf::from(c.get_ref())),
+                insecure: r.insecure,
+            },
+        );
+    }
+    Ok(out)
 }
 
 fn check_absolute(loc: &Locator<'_>, path: &Spanned<String>, key: &str) -> Result<(), ConfigError> {

@@ -219,6 +219,45 @@ fn a_bad_hostname_is_rejected() {
 }
 
 #[test]
+fn archives_pulls_and_registries() {
+    let c = HostConfig::parse(
+        Path::new("/h.toml"),
+        "[host]\n[images.a]\narchive = \"a.tar\"\nref = \"v1\"\n\
+         [images.p]\npull = \"127.0.0.1:5000/team/app:1.2\"\npull_at = \"boot\"\n\
+         [registries.\"127.0.0.1:5000\"]\nusername = \"u\"\npassword = \"p\"\ninsecure = true\n",
+    )
+    .unwrap();
+    assert_eq!(c.images["a"].source, ImageSource::Archive("a.tar".into()));
+    assert_eq!(c.images["a"].reference.as_deref(), Some("v1"));
+    assert_eq!(
+        c.images["p"].source,
+        ImageSource::Pull {
+            reference: "127.0.0.1:5000/team/app:1.2".into(),
+            at: crate::PullAt::Boot
+        }
+    );
+    let r = &c.registries["127.0.0.1:5000"];
+    assert!(r.insecure && r.username.as_deref() == Some("u") && r.password.as_deref() == Some("p"));
+
+    let e = error(&with_host(
+        "[images.p]\npull = \"app:1\"\npull_at = \"later\"\n",
+    ));
+    assert_eq!(e.key, "images.p.pull_at");
+    let e = error(&with_host("[images.p]\npull = \"app@sha256:12\"\n"));
+    assert_eq!(e.key, "images.p.pull");
+    let e = error(&with_host("[images.p]\npull = \"app\"\nref = \"x\"\n"));
+    assert_eq!(e.key, "images.p.ref");
+    let e = error(&with_host(
+        "[images.p]\narchive = \"a.tar\"\nenv = [\"A=1\"]\n",
+    ));
+    assert_eq!(e.key, "images.p.env");
+    let e = error(&with_host("[registries.\"r:1\"]\nusername = \"u\"\n"));
+    assert!(e.message.contains("go together"), "{e}");
+    let e = error(&with_host("[registries.\"r:1\"]\ntoken = \"u\"\n"));
+    assert!(e.message.contains("unknown field `token`"), "{e}");
+}
+
+#[test]
 fn an_image_needs_exactly_one_source() {
     let e = error(&with_host("[images.i]\nlayout = \"x\"\nlayers = [\"y\"]\n"));
     assert_eq!(e.key, "images.i.layers");
@@ -238,7 +277,7 @@ fn relative_workdirs_and_bad_env_are_rejected() {
     ));
     assert_eq!(e.key, "containers.c.workdir");
     let e = error(&with_host(
-        "[images.i]\nlayout = \"x\"\nenv = [\"NOEQUALS\"]\n",
+        "[images.i]\nlayers = [\"busybox:/b\"]\nenv = [\"NOEQUALS\"]\n",
     ));
     assert_eq!(e.key, "images.i.env[0]");
 }

@@ -82,6 +82,22 @@ pub enum ImageError {
         /// The reference names present.
         refs: Vec<String>,
     },
+    /// Several different images match a reference equally well.
+    #[error("reference {wanted:?} is ambiguous: it matches {matches:?}")]
+    AmbiguousReference {
+        /// The requested reference.
+        wanted: String,
+        /// The matching images: their names and digests.
+        matches: Vec<String>,
+    },
+    /// An image index has no manifest for the platform Keel runs.
+    #[error("no {wanted} image in the index (available: {available:?})")]
+    NoMatchingPlatform {
+        /// The platform wanted (`linux/amd64`).
+        wanted: String,
+        /// The platforms the index offers.
+        available: Vec<String>,
+    },
     /// A layer entry would be written outside the destination.
     #[error("layer entry {path:?}: {reason}")]
     UnsafePath {

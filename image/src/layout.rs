@@ -25,16 +25,31 @@ pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+
 pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// Media type of a gzip-compressed Docker layer.
 pub const MEDIA_TYPE_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Media type of an uncompressed Docker layer.
+pub const MEDIA_TYPE_DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
 
-const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const MEDIA_TYPE_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// Media type of an OCI image manifest.
+pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of an OCI image index.
+pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Media type of a Docker image manifest (schema 2).
+pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Media type of a Docker manifest list (Docker's multi-platform index).
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Media type of an OCI image config.
+pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// Media type of a Docker image config.
+pub const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// The annotation containerd (and `docker save` since Docker 25) puts the full image name in.
+const CONTAINERD_NAME_ANNOTATION: &str = "io.containerd.image.name";
+
+/// The only platform Keel runs.
+const WANTED_PLATFORM: &str = "linux/amd64";
 
 /// JSON documents are small; refusing big ones keeps a hostile layout from exhausting memory.
-const MAX_JSON_BLOB: u64 = 16 << 20;
+pub(crate) const MAX_JSON_BLOB: u64 = 16 << 20;
 /// Nested indexes deeper than this are refused rather than followed forever.
 const MAX_INDEX_DEPTH: usize = 4;
 
@@ -58,9 +73,9 @@ pub(crate) enum LayerCompression {
 }
 
 impl LayerCompression {
-    fn from_media_type(media_type: &str) -> Result<Self, ImageError> {
+    pub(crate) fn from_media_type(media_type: &str) -> Result<Self, ImageError> {
         match media_type {
-            MEDIA_TYPE_LAYER_TAR => Ok(LayerCompression::None),
+            MEDIA_TYPE_LAYER_TAR | MEDIA_TYPE_DOCKER_LAYER_TAR => Ok(LayerCompression::None),
             MEDIA_TYPE_LAYER_GZIP | MEDIA_TYPE_DOCKER_LAYER_GZIP => Ok(LayerCompression::Gzip),
             MEDIA_TYPE_LAYER_ZSTD => Ok(LayerCompression::Zstd),
             other => Err(ImageError::UnsupportedMediaType(other.to_owned())),
@@ -194,22 +209,85 @@ impl<R: Read> Read for ZstdFrames<R> {
 pub struct ImageLayout {
     dir: PathBuf,
     manifest_digest: String,
+    manifest_media_type: String,
+    manifest_size: u64,
     manifest: ImageManifest,
     config: ImageConfiguration,
     layers: Vec<Layer>,
 }
 
+/// A transport protocol of an exposed port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortProtocol {
+    /// `N/tcp`, or a bare `N`.
+    Tcp,
+    /// `N/udp`.
+    Udp,
+    /// `N/sctp`.
+    Sctp,
+}
+
+/// The runtime defaults an image config carries, normalised: missing lists are empty,
+/// empty strings are `None`, ports and volumes are sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeDefaults {
+    /// `Entrypoint`.
+    pub entrypoint: Vec<String>,
+    /// `Cmd`.
+    pub cmd: Vec<String>,
+    /// `Env`, `NAME=value` in the image's order.
+    pub env: Vec<String>,
+    /// `WorkingDir`.
+    pub workdir: Option<String>,
+    /// `User` (`user`, `uid`, `user:group`, ...).
+    pub user: Option<String>,
+    /// `ExposedPorts` (`80/tcp`, `53/udp`, `8080`), sorted; malformed keys are left out
+    /// (see [`RuntimeDefaults::ignored_ports`]).
+    pub exposed_ports: Vec<(u16, PortProtocol)>,
+    /// `ExposedPorts` keys that are not `PORT[/tcp|udp|sctp]`.
+    pub ignored_ports: Vec<String>,
+    /// `Volumes`, sorted.
+    pub volumes: Vec<String>,
+    /// `StopSignal` (`SIGTERM`, `15`, `SIGRTMIN+3`), as written.
+    pub stop_signal: Option<String>,
+}
+
+/// Parses an `ExposedPorts` key: `80/tcp`, `53/udp`, `9/sctp` or `8080` (tcp).
+fn parse_port(key: &str) -> Option<(u16, PortProtocol)> {
+    let (port, proto) = match key.split_once('/') {
+        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+        None => (key, "tcp".to_owned()),
+    };
+    let proto = match proto.as_str() {
+        "tcp" => PortProtocol::Tcp,
+        "udp" => PortProtocol::Udp,
+        "sctp" => PortProtocol::Sctp,
+        _ => return None,
+    };
+    match port.parse::<u16>() {
+        Ok(n) if n > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Some((n, proto)),
+        _ => None,
+    }
+}
+
 impl ImageLayout {
-    /// Opens the layout at `dir`, which must list exactly one image manifest (use
-    /// [`ImageLayout::open_ref`] for layouts holding several).
+    /// Opens the layout at `dir`, which must list exactly one image (use
+    /// [`ImageLayout::open_ref`] for layouts holding several). An image index (OCI image
+    /// index or Docker manifest list, possibly nested) resolves to its linux/amd64 manifest.
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         Self::open_impl(dir, None)
     }
 
-    /// Opens the layout at `dir`, selecting the manifest whose
-    /// `org.opencontainers.image.ref.name` annotation equals `ref_name`.
-    pub fn open_ref(dir: &Path, ref_name: &str) -> Result<Self, ImageError> {
-        Self::open_impl(dir, Some(ref_name))
+    /// Opens the layout at `dir`, selecting an image by `reference`:
+    /// - a digest (`sha256:<hex>`) of a manifest or index listed in `index.json` or in an
+    ///   index it lists: exactly that one (an index then resolves to linux/amd64);
+    /// - otherwise a name, matched against each entry's
+    ///   `org.opencontainers.image.ref.name` (and `io.containerd.image.name`) annotation:
+    ///   exactly; else with Docker's normalisation (`docker.io/library/`, `:latest`); else
+    ///   by the tag alone (`t` finds `example.com/app:t`, `app:t` finds an entry named `t`).
+    ///   Several different images matching equally well is an error naming them.
+    pub fn open_ref(dir: &Path, reference: &str) -> Result<Self, ImageError> {
+        Self::open_impl(dir, Some(reference))
     }
 
     /// The layout directory.
@@ -222,6 +300,16 @@ impl ImageLayout {
         &self.manifest_digest
     }
 
+    /// The media type of the selected manifest (OCI or Docker schema 2).
+    pub fn manifest_media_type(&self) -> &str {
+        &self.manifest_media_type
+    }
+
+    /// The size in bytes of the selected manifest blob.
+    pub fn manifest_size(&self) -> u64 {
+        self.manifest_size
+    }
+
     /// The selected manifest.
     pub fn manifest(&self) -> &ImageManifest {
         &self.manifest
@@ -232,50 +320,60 @@ impl ImageLayout {
         &self.config
     }
 
+    /// The config's Entrypoint, Cmd, Env, WorkingDir, User, ExposedPorts, Volumes and
+    /// StopSignal.
+    pub fn runtime_defaults(&self) -> RuntimeDefaults {
+        let Some(c) = self.config.config() else {
+            return RuntimeDefaults::default();
+        };
+        let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        let mut exposed_ports = Vec::new();
+        let mut ignored_ports = Vec::new();
+        for key in c.exposed_ports().iter().flatten() {
+            match parse_port(key) {
+                Some(p) => exposed_ports.push(p),
+                None => ignored_ports.push(key.clone()),
+            }
+        }
+        exposed_ports.sort();
+        exposed_ports.dedup();
+        ignored_ports.sort();
+        let mut volumes = c.volumes().clone().unwrap_or_default();
+        volumes.sort();
+        RuntimeDefaults {
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            env: c.env().clone().unwrap_or_default(),
+            workdir: non_empty(c.working_dir()),
+            user: non_empty(c.user()),
+            exposed_ports,
+            ignored_ports,
+            volumes,
+            stop_signal: non_empty(c.stop_signal()),
+        }
+    }
+
     /// The layers, bottom first.
     pub fn layers(&self) -> Vec<Layer> {
         self.layers.clone()
     }
 
-    fn open_impl(dir: &Path, ref_name: Option<&str>) -> Result<Self, ImageError> {
+    fn open_impl(dir: &Path, reference: Option<&str>) -> Result<Self, ImageError> {
         let invalid = |reason: String| ImageError::InvalidLayout {
             path: dir.to_owned(),
             reason,
         };
         let marker_path = dir.join("oci-layout");
         let marker = fs::read(&marker_path).map_err(|e| invalid(format!("oci-layout: {e}")))?;
-        let marker: serde_json::Value =
-            serde_json::from_slice(&marker).map_err(|e| ImageError::Json {
-                what: marker_path.display().to_string(),
-                source: e,
-            })?;
-        match marker.get("imageLayoutVersion").and_then(|v| v.as_str()) {
-            Some(v) if v.starts_with("1.") => {}
-            other => return Err(invalid(format!("unsupported imageLayoutVersion {other:?}"))),
-        }
+        check_layout_marker(&marker, &marker_path.display().to_string()).map_err(&invalid)?;
 
         let index_path = dir.join("index.json");
         let index_bytes = fs::read(&index_path).map_err(|e| invalid(format!("index.json: {e}")))?;
         let index: ImageIndex = parse_json(&index_bytes, "index.json")?;
 
-        let mut desc = select_manifest(index.manifests(), ref_name)?;
-        let mut depth = 0;
-        let manifest_bytes = loop {
-            let media_type = desc.media_type().to_string();
-            let bytes = read_json_blob(dir, &desc, &format!("{media_type} {}", desc.digest()))?;
-            match media_type.as_str() {
-                MEDIA_TYPE_MANIFEST | MEDIA_TYPE_DOCKER_MANIFEST => break bytes,
-                MEDIA_TYPE_INDEX | MEDIA_TYPE_DOCKER_LIST => {
-                    depth += 1;
-                    if depth > MAX_INDEX_DEPTH {
-                        return Err(invalid("image indexes nested too deeply".into()));
-                    }
-                    let nested: ImageIndex = parse_json(&bytes, "nested image index")?;
-                    desc = select_platform(nested.manifests())?;
-                }
-                other => return Err(ImageError::UnsupportedMediaType(other.to_owned())),
-            }
-        };
+        let (desc, manifest_bytes) = resolve_manifest(index.manifests(), reference, |d, what| {
+            read_json_blob(dir, d, what)
+        })?;
         let manifest: ImageManifest = parse_json(&manifest_bytes, "image manifest")?;
         let manifest_digest = desc.digest().to_string();
 
@@ -298,17 +396,13 @@ impl ImageLayout {
                 path,
             });
         }
-        if config.rootfs().diff_ids().len() != layers.len() {
-            return Err(invalid(format!(
-                "config lists {} diff_ids but the manifest has {} layers",
-                config.rootfs().diff_ids().len(),
-                layers.len()
-            )));
-        }
+        check_diff_ids(&config, layers.len()).map_err(invalid)?;
 
         Ok(ImageLayout {
             dir: dir.to_owned(),
             manifest_digest,
+            manifest_media_type: desc.media_type().to_string(),
+            manifest_size: desc.size(),
             manifest,
             config,
             layers,
@@ -316,72 +410,334 @@ impl ImageLayout {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ImageError> {
+/// Checks an `oci-layout` file's content; the error is the reason.
+pub(crate) fn check_layout_marker(marker: &[u8], what: &str) -> Result<(), String> {
+    let marker: serde_json::Value =
+        serde_json::from_slice(marker).map_err(|e| format!("{what}: {e}"))?;
+    match marker.get("imageLayoutVersion").and_then(|v| v.as_str()) {
+        Some(v) if v.starts_with("1.") => Ok(()),
+        other => Err(format!("unsupported imageLayoutVersion {other:?}")),
+    }
+}
+
+/// The config must list one diff_id per manifest layer; the error is the reason.
+pub(crate) fn check_diff_ids(config: &ImageConfiguration, layers: usize) -> Result<(), String> {
+    let diff_ids = config.rootfs().diff_ids().len();
+    if diff_ids == layers {
+        Ok(())
+    } else {
+        Err(format!(
+            "config lists {diff_ids} diff_ids but the manifest has {layers} layers"
+        ))
+    }
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, ImageError> {
     serde_json::from_slice(bytes).map_err(|e| ImageError::Json {
         what: what.to_owned(),
         source: e,
     })
 }
 
-fn ref_names(descs: &[Descriptor]) -> Vec<String> {
-    descs
+/// The names an index entry goes by (its ref.name and containerd image-name annotations).
+fn entry_names(d: &Descriptor) -> Vec<String> {
+    let Some(a) = d.annotations() else {
+        return Vec::new();
+    };
+    [REF_NAME_ANNOTATION, CONTAINERD_NAME_ANNOTATION]
         .iter()
-        .filter_map(|d| d.annotations().as_ref()?.get(REF_NAME_ANNOTATION).cloned())
+        .filter_map(|k| a.get(*k).cloned())
         .collect()
 }
 
-fn is_manifest_or_index(d: &Descriptor) -> bool {
+fn ref_names(descs: &[Descriptor]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for n in descs.iter().flat_map(entry_names) {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    names
+}
+
+fn is_manifest(d: &Descriptor) -> bool {
     matches!(
         d.media_type().to_string().as_str(),
-        MEDIA_TYPE_MANIFEST
-            | MEDIA_TYPE_INDEX
-            | MEDIA_TYPE_DOCKER_MANIFEST
-            | MEDIA_TYPE_DOCKER_LIST
+        MEDIA_TYPE_MANIFEST | MEDIA_TYPE_DOCKER_MANIFEST
     )
 }
 
-fn select_manifest(descs: &[Descriptor], ref_name: Option<&str>) -> Result<Descriptor, ImageError> {
-    let candidates: Vec<&Descriptor> = descs.iter().filter(|d| is_manifest_or_index(d)).collect();
-    match ref_name {
-        Some(wanted) => candidates
-            .iter()
-            .find(|d| {
-                d.annotations()
-                    .as_ref()
-                    .and_then(|a| a.get(REF_NAME_ANNOTATION))
-                    .is_some_and(|r| r == wanted)
-            })
-            .map(|d| (*d).clone())
-            .ok_or_else(|| ImageError::RefNotFound {
-                wanted: wanted.to_owned(),
-                refs: ref_names(descs),
-            }),
-        None => match candidates.as_slice() {
-            [] => Err(ImageError::NoManifest),
-            [one] => Ok((*one).clone()),
-            many => Err(ImageError::AmbiguousManifest {
-                count: many.len(),
-                refs: ref_names(descs),
-            }),
-        },
+fn is_index(d: &Descriptor) -> bool {
+    matches!(
+        d.media_type().to_string().as_str(),
+        MEDIA_TYPE_INDEX | MEDIA_TYPE_DOCKER_LIST
+    )
+}
+
+fn is_manifest_or_index(d: &Descriptor) -> bool {
+    is_manifest(d) || is_index(d)
+}
+
+/// The tag of an image reference: what follows the last `:` after the last `/` (so a
+/// registry port is not taken for a tag), without any `@digest`.
+fn tag_of(reference: &str) -> Option<&str> {
+    let name = reference.split('@').next().unwrap_or(reference);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    last.rsplit_once(':')
+        .map(|(_, t)| t)
+        .filter(|t| !t.is_empty())
+}
+
+/// Docker's normalisation of a reference: no default registry or `library/` prefix (and
+/// no `localhost/`, which podman and skopeo add), `:latest` when untagged.
+fn normalize_reference(reference: &str) -> String {
+    let mut r = reference;
+    for prefix in [
+        "docker.io/library/",
+        "index.docker.io/library/",
+        "docker.io/",
+        "index.docker.io/",
+        "localhost/",
+    ] {
+        if let Some(rest) = r.strip_prefix(prefix) {
+            r = rest;
+            break;
+        }
+    }
+    if tag_of(r).is_none() && !r.contains('@') {
+        format!("{r}:latest")
+    } else {
+        r.to_owned()
     }
 }
 
-/// Picks the linux/amd64 entry of a multi-platform index (Keel only runs x86_64 guests).
+/// How well a recorded image name matches a requested reference; lower is better, `None`
+/// is no match. Besides exact and normalised equality, a short form matches: the tag alone
+/// (`t` for `example.com/app:t`, and `app:t` for a name that is only `t`), or the
+/// name's last path components (`app:t` for `example.com/app:t`).
+pub(crate) fn reference_match(name: &str, wanted: &str) -> Option<u8> {
+    if name == wanted {
+        Some(0)
+    } else if normalize_reference(name) == normalize_reference(wanted) {
+        Some(1)
+    } else if tag_of(name) == Some(wanted)
+        || tag_of(wanted) == Some(name)
+        || (tag_of(wanted).is_some()
+            && name
+                .strip_suffix(wanted)
+                .is_some_and(|rest| rest.ends_with('/')))
+    {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+/// Picks among `items` (each with its names and an identity, e.g. a digest) the ones whose
+/// names best match `wanted`: `Ok(None)` if none does, an error if several different
+/// identities tie.
+pub(crate) fn best_reference_match<'a, T>(
+    items: &'a [T],
+    wanted: &str,
+    names: impl Fn(&T) -> Vec<String>,
+    identity: impl Fn(&T) -> String,
+) -> Result<Option<&'a T>, ImageError> {
+    let mut best: Option<u8> = None;
+    let mut found: Vec<(&T, String)> = Vec::new();
+    for item in items {
+        let Some(score) = names(item)
+            .iter()
+            .filter_map(|n| reference_match(n, wanted))
+            .min()
+        else {
+            continue;
+        };
+        match best {
+            Some(b) if score > b => continue,
+            Some(b) if score == b => {}
+            _ => {
+                best = Some(score);
+                found.clear();
+            }
+        }
+        found.push((item, identity(item)));
+    }
+    let Some((first, first_id)) = found.first() else {
+        return Ok(None);
+    };
+    if found.iter().all(|(_, id)| id == first_id) {
+        return Ok(Some(*first));
+    }
+    Err(ImageError::AmbiguousReference {
+        wanted: wanted.to_owned(),
+        matches: found
+            .iter()
+            .map(|(item, id)| format!("{} ({id})", names(item).join(", ")))
+            .collect(),
+    })
+}
+
+/// Selects the image `reference` names among the entries of `index.json` (see
+/// [`ImageLayout::open_ref`]) and follows indexes down to the linux/amd64 image manifest.
+/// `read` returns a JSON blob's bytes, verified against the descriptor's size and digest.
+/// Returns the manifest's descriptor and bytes.
+pub(crate) fn resolve_manifest(
+    top: &[Descriptor],
+    reference: Option<&str>,
+    mut read: impl FnMut(&Descriptor, &str) -> Result<Vec<u8>, ImageError>,
+) -> Result<(Descriptor, Vec<u8>), ImageError> {
+    let mut desc = match reference {
+        Some(wanted) if wanted.starts_with("sha256:") => find_by_digest(top, wanted, &mut read)?,
+        Some(wanted) => {
+            let candidates: Vec<Descriptor> = top
+                .iter()
+                .filter(|d| is_manifest_or_index(d))
+                .cloned()
+                .collect();
+            best_reference_match(&candidates, wanted, entry_names, |d| d.digest().to_string())?
+                .cloned()
+                .ok_or_else(|| ImageError::RefNotFound {
+                    wanted: wanted.to_owned(),
+                    refs: ref_names(top),
+                })?
+        }
+        None => {
+            let candidates: Vec<&Descriptor> =
+                top.iter().filter(|d| is_manifest_or_index(d)).collect();
+            match candidates.as_slice() {
+                [] => return Err(ImageError::NoManifest),
+                [one] => (*one).clone(),
+                // index.json itself is a multi-platform index (no names, only platforms).
+                many if many
+                    .iter()
+                    .all(|d| d.platform().is_some() && entry_names(d).is_empty()) =>
+                {
+                    select_platform(top)?
+                }
+                many => {
+                    return Err(ImageError::AmbiguousManifest {
+                        count: many.len(),
+                        refs: ref_names(top),
+                    });
+                }
+            }
+        }
+    };
+    let mut depth = 0;
+    loop {
+        let media_type = desc.media_type().to_string();
+        let bytes = read(&desc, &format!("{media_type} {}", desc.digest()))?;
+        if is_manifest(&desc) {
+            return Ok((desc, bytes));
+        }
+        if !is_index(&desc) {
+            return Err(ImageError::UnsupportedMediaType(media_type));
+        }
+        depth += 1;
+        if depth > MAX_INDEX_DEPTH {
+            return Err(ImageError::UnsupportedMediaType(format!(
+                "{media_type} nested more than {MAX_INDEX_DEPTH} deep"
+            )));
+        }
+        let nested: ImageIndex = parse_json(&bytes, "image index")?;
+        desc = select_platform(nested.manifests())?;
+    }
+}
+
+/// Finds the manifest or index with digest `wanted` in `top` or in the indexes it lists.
+fn find_by_digest(
+    top: &[Descriptor],
+    wanted: &str,
+    read: &mut impl FnMut(&Descriptor, &str) -> Result<Vec<u8>, ImageError>,
+) -> Result<Descriptor, ImageError> {
+    match wanted.strip_prefix("sha256:") {
+        Some(h) if is_sha256_hex(h) => {}
+        _ => return Err(ImageError::UnsupportedDigest(wanted.to_owned())),
+    }
+    let mut level: Vec<Descriptor> = top.to_vec();
+    let mut seen: Vec<String> = Vec::new();
+    for _ in 0..=MAX_INDEX_DEPTH {
+        if let Some(d) = level
+            .iter()
+            .find(|d| is_manifest_or_index(d) && d.digest().to_string() == wanted)
+        {
+            return Ok(d.clone());
+        }
+        let mut next = Vec::new();
+        for d in level.iter().filter(|d| is_manifest_or_index(d)) {
+            let digest = d.digest().to_string();
+            if seen.contains(&digest) {
+                continue;
+            }
+            seen.push(digest);
+            if is_index(d) {
+                let bytes = read(d, &format!("image index {}", d.digest()))?;
+                let nested: ImageIndex = parse_json(&bytes, "image index")?;
+                next.extend(nested.manifests().iter().cloned());
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        level = next;
+    }
+    Err(ImageError::RefNotFound {
+        wanted: wanted.to_owned(),
+        refs: seen,
+    })
+}
+
+fn platform_name(d: &Descriptor) -> String {
+    match d.platform() {
+        Some(p) => {
+            let mut s = format!("{}/{}", p.os(), p.architecture());
+            if let Some(v) = p.variant() {
+                s.push('/');
+                s.push_str(v);
+            }
+            s
+        }
+        None => format!("unspecified ({})", d.digest()),
+    }
+}
+
+/// Picks the linux/amd64 entry of a multi-platform index (Keel only runs x86_64 guests),
+/// preferring one without a variant (or `v1`/`v2`) to one needing newer CPUs. A single
+/// entry without a platform is taken as it is.
 fn select_platform(descs: &[Descriptor]) -> Result<Descriptor, ImageError> {
     let candidates: Vec<&Descriptor> = descs.iter().filter(|d| is_manifest_or_index(d)).collect();
-    if let [one] = candidates.as_slice() {
-        return Ok((*one).clone());
-    }
-    candidates
+    let amd64: Vec<&&Descriptor> = candidates
         .iter()
-        .find(|d| {
+        .filter(|d| {
             d.platform().as_ref().is_some_and(|p| {
                 p.architecture().to_string() == "amd64" && p.os().to_string() == "linux"
             })
         })
-        .map(|d| (*d).clone())
-        .ok_or(ImageError::NoManifest)
+        .collect();
+    let baseline = amd64.iter().find(|d| {
+        d.platform()
+            .as_ref()
+            .and_then(|p| p.variant().as_deref())
+            .is_none_or(|v| v == "v1" || v == "v2")
+    });
+    if let Some(d) = baseline.or(amd64.first()) {
+        return Ok((**d).clone());
+    }
+    if let [one] = candidates.as_slice()
+        && one.platform().is_none()
+    {
+        return Ok((*one).clone());
+    }
+    if candidates.is_empty() {
+        return Err(ImageError::NoManifest);
+    }
+    Err(ImageError::NoMatchingPlatform {
+        wanted: WANTED_PLATFORM.to_owned(),
+        available: candidates.iter().map(|d| platform_name(d)).collect(),
+    })
 }
 
 /// The blob path for a descriptor, refusing anything but well-formed sha256 digests (the
@@ -397,22 +753,34 @@ pub(crate) fn blob_path(dir: &Path, desc: &Descriptor) -> Result<PathBuf, ImageE
 /// Reads a small blob fully and checks its size and digest against the descriptor.
 fn read_json_blob(dir: &Path, desc: &Descriptor, what: &str) -> Result<Vec<u8>, ImageError> {
     let path = blob_path(dir, desc)?;
+    let what = format!("{what} ({})", path.display());
+    let file = fs::File::open(&path).map_err(|e| ImageError::io(format!("opening {what}"), e))?;
+    read_verified(file, desc, &path, &what)
+}
+
+/// Reads a small blob (at most [`MAX_JSON_BLOB`] bytes) from `reader` and checks its size
+/// and digest against `desc`. `path` and `what` name the blob in errors.
+pub(crate) fn read_verified(
+    reader: impl Read,
+    desc: &Descriptor,
+    path: &Path,
+    what: &str,
+) -> Result<Vec<u8>, ImageError> {
     if desc.size() > MAX_JSON_BLOB {
         return Err(ImageError::BadSource {
-            path,
+            path: path.to_owned(),
             reason: format!(
                 "{what} is {} bytes, larger than the {MAX_JSON_BLOB} limit",
                 desc.size()
             ),
         });
     }
-    let file = fs::File::open(&path)
-        .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
     let mut bytes = Vec::new();
     // One byte more than promised is enough to detect an oversized blob.
-    file.take(desc.size() + 1)
+    reader
+        .take(desc.size() + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| ImageError::io(format!("reading {}", path.display()), e))?;
+        .map_err(|e| ImageError::io(format!("reading {what}"), e))?;
     if bytes.len() as u64 != desc.size() {
         return Err(ImageError::SizeMismatch {
             what: what.to_owned(),

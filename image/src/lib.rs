@@ -18,13 +18,18 @@
 //!   sections, since the Debian package ships no `modules.dep`;
 //! - `cpio` writes a byte-for-byte reproducible newc initramfs, optionally compressed;
 //! - `import` creates an OCI image layout from directories, tarballs or a busybox binary,
-//!   reproducibly, like `docker import`.
+//!   reproducibly, like `docker import`;
+//! - `archive` brings images made by other tools into a layout: oci-archive and
+//!   docker-archive tarballs, and images of other layouts, each blob verified and stored
+//!   once however many images share it.
 
 mod digest;
 mod error;
 pub mod layout;
 pub mod unpack;
 
+#[cfg(feature = "builder")]
+pub mod archive;
 #[cfg(feature = "builder")]
 pub mod cpio;
 #[cfg(feature = "builder")]
@@ -33,6 +38,8 @@ pub mod import;
 pub mod kernel;
 #[cfg(feature = "builder")]
 pub mod modules;
+#[cfg(feature = "pull")]
+pub mod registry;
 
 /// What every Keel host image has, whoever builds it (`keel build`, the benchmarks).
 #[cfg(feature = "builder")]

@@ -5,27 +5,89 @@
 //! as overlay `lowerdir`s (upper layers first). OCI whiteouts are therefore translated
 //! into what overlayfs itself uses: `dir/.wh.name` becomes a 0/0 character device at
 //! `dir/name`, and `dir/.wh..wh..opq` becomes `trusted.overlay.opaque=y` on `dir`.
+//! Extraction needs root (chown, mknod, trusted xattrs).
 //!
-//! Layers are treated as hostile. Every path is resolved component by component from a
-//! directory file descriptor with `O_NOFOLLOW`, so a symlink created by an earlier entry
-//! can never redirect a later one outside the destination; `..` that would climb above
-//! the root is refused, hard links are resolved the same way, and overlay xattrs carried
-//! in the layer are dropped. Other PAX `SCHILY.xattr.*` records are applied to files and
-//! directories where the filesystem supports them. Extraction needs root (chown, mknod,
-//! trusted xattrs).
+//! # Hostile layers
+//!
+//! Layers are treated as hostile; nothing an entry says can make extraction write outside
+//! the layer directory. Names are first normalised lexically, then every directory is
+//! opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+//! RESOLVE_NO_XDEV)` from the layer root's file descriptor, so the kernel itself refuses
+//! any path that would leave the layer, go through a symlink or cross a mount (kernels
+//! without `openat2` get the same walk one component at a time with `O_NOFOLLOW`). The
+//! last component is only ever touched with `*at` calls on the parent directory that do
+//! not follow it (`O_CREAT|O_EXCL|O_NOFOLLOW`, `mkdirat`, `symlinkat`, `mknodat`,
+//! `linkat` without `AT_SYMLINK_FOLLOW`, `unlinkat`). The rules, class by class:
+//!
+//! - **Names.** A leading `/` is dropped (absolute names are relative to the layer root)
+//!   and `.` and empty components are ignored. `..` is resolved lexically, as Docker and
+//!   containerd do: in an absolute name it stops at the root, like `/..` does in POSIX; in
+//!   a relative name, climbing above the root is refused ([`ImageError::UnsafePath`]).
+//!   `..` in the middle (`a/../b`) is fine and means `b`. Names are kept as bytes: invalid
+//!   UTF-8 is written as it is, since Linux and overlayfs names are bytes (errors show it
+//!   escaped). A NUL byte, a component longer than 255 bytes (`NAME_MAX`) or a name longer
+//!   than 4095 bytes (`PATH_MAX`) is refused; so is a path through a `.wh.` component.
+//! - **Symlinks** are data: a symlink may point anywhere (absolute, climbing, dangling)
+//!   and is created as it is, but it is never followed. An entry whose parent path goes
+//!   through a symlink (`link/file`, `link/.wh.x`, `link/.wh..wh..opq`, a hard link
+//!   target `link/file`) is refused, even when the symlink would stay inside the layer:
+//!   layer producers never emit such names. An entry that *replaces* a symlink removes the
+//!   symlink first and never writes through it.
+//! - **Hard links** must name an existing non-directory entry of the same layer, by a
+//!   path under the same rules (absolute = layer-relative, no climbing, no symlinks on
+//!   the way). A hard link to a symlink links the symlink itself. The link's own header
+//!   (owner, mode) is not applied, so it cannot change the target's attributes.
+//! - **Whiteouts** (`.wh.NAME`, whatever the entry's type, its content ignored) become a
+//!   0/0 character device `NAME`. `.wh.` with an empty name, `.wh..` (the directory itself
+//!   or, at the top, the root) and `.wh...` (the parent) are refused. Per the OCI spec a
+//!   whiteout only hides lower layers: if this layer also has `NAME` the entry is kept
+//!   (a directory becomes opaque). An implicit parent over a whiteout (`.wh.d` then `d/f`
+//!   without a `d/` entry) becomes an opaque directory.
+//! - **Opaque markers** (`.wh..wh..opq`) mark their directory `trusted.overlay.opaque=y`
+//!   wherever they appear, whatever their type; a content is read and discarded. At the
+//!   top they mark the layer root (overlayfs ignores that on a lower root: the layers
+//!   below it stay visible). Other `.wh..wh.*` names (aufs bookkeeping such as
+//!   `.wh..wh.plnk/`) and everything under them are skipped. Overlay xattrs carried in the
+//!   layer itself (`trusted.overlay.*`, `user.overlay.*` PAX records) are dropped, so a
+//!   layer cannot forge opaque directories, redirects or metacopy; other `SCHILY.xattr.*`
+//!   records are applied to files and directories where the filesystem supports them.
+//! - **Duplicates**: a later entry replaces an earlier one (removing it, a directory with
+//!   its whole subtree), except that a directory over a directory merges and takes the
+//!   later attributes; a hard link to itself is refused. An entry whose parent is not a
+//!   directory (a file, a device) is refused rather than replacing it.
+//! - **Device nodes and FIFOs** are created as the layer says, inside the layer, like
+//!   Docker and containerd do; a literal 0/0 character device is, in overlay form, a
+//!   whiteout. They are inert in containers because the supervisor mounts unprivileged
+//!   container roots `nodev` (only privileged containers can use them, as in Docker).
+//! - **Modes** are kept whole, setuid, setgid and sticky bits included (owners are set
+//!   before modes, since chown clears setuid). Owners may be shifted into a user
+//!   namespace's range ([`IdShift`]); an owner outside the range is refused.
+//!
+//! # Crash safety
+//!
+//! [`unpack_image`] extracts every layer into a uniquely named `.tmp-*` directory of the
+//! store, verifies the layer digest, syncs the filesystem and only then renames the
+//! directory to its digest with `RENAME_NOREPLACE`: a directory named after a digest is
+//! therefore always complete and verified, and is reused as it is. `.tmp-*` directories
+//! are never trusted. They are removed when an unpack fails, and those left by a crash are
+//! swept by the next [`unpack_image`] that finds no other unpack running: unpacks hold a
+//! shared `flock` on the store directory, and sweeping takes it exclusively (as should
+//! anything else that removes `.tmp-*` directories, such as a garbage collector).
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{
-    AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags, chmodat, chownat,
-    fchmod, fchown, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat, openat, statat,
-    symlinkat, unlinkat, utimensat,
+    AtFlags, Dir, FileType, FlockOperation, Gid, Mode, OFlags, RenameFlags, ResolveFlags, Timespec,
+    Timestamps, Uid, XattrFlags, chmodat, chownat, fchmod, fchown, flock, fsetxattr, fsync,
+    futimens, linkat, makedev, mkdirat, mknodat, openat, openat2, renameat, renameat_with, statat,
+    symlinkat, syncfs, unlinkat, utimensat,
 };
 use rustix::io::Errno;
 
@@ -38,6 +100,31 @@ const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
 const WHITEOUT_OPAQUE: &[u8] = b".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
+
+/// Longest name component Linux accepts.
+const NAME_MAX: usize = 255;
+/// Longest path (without its NUL) Linux accepts; also bounds the depth of a layer's tree.
+const PATH_MAX: usize = 4095;
+
+/// Prefix of the store's in-progress (or crashed) layer directories.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// How every directory is opened: never through or onto a symlink.
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+/// The kernel-enforced containment of every directory lookup below the layer root.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
+
+/// Cleared the first time `openat2` turns out to be missing (Linux < 5.6, or hidden by a
+/// seccomp filter); lookups then walk one component at a time with `O_NOFOLLOW`.
+static HAVE_OPENAT2: AtomicBool = AtomicBool::new(true);
+/// Makes temporary directory names unique within the process.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// What one [`unpack_layer`] call created.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +150,8 @@ pub struct UnpackStats {
 /// Extracts one layer into `dest`, which must be an existing, empty directory.
 ///
 /// The blob's SHA-256 is computed while it streams and compared with `layer.digest` at
-/// the end; on a mismatch an error is returned and `dest` holds untrusted content that
-/// the caller must discard ([`unpack_image`] does).
+/// the end. On any error (a refused entry, a digest mismatch, a truncated blob) `dest`
+/// holds partial, untrusted content that the caller must discard ([`unpack_image`] does).
 pub fn unpack_layer(layer: &Layer, dest: &Path) -> Result<UnpackStats, ImageError> {
     unpack_layer_shifted(layer, dest, None)
 }
@@ -97,9 +184,6 @@ pub fn unpack_layer_shifted(
     dest: &Path,
     shift: Option<IdShift>,
 ) -> Result<UnpackStats, ImageError> {
-    let expected = layer.digest_hex()?.to_owned();
-    let compression = layer.compression()?;
-
     let root = openat(
         rustix::fs::CWD,
         dest,
@@ -115,7 +199,18 @@ pub fn unpack_layer_shifted(
             reason: "destination directory is not empty".into(),
         });
     }
+    unpack_into(layer, root, dest, shift)
+}
 
+/// Streams `layer` into the directory `root` (shown as `dest` in errors).
+fn unpack_into(
+    layer: &Layer,
+    root: OwnedFd,
+    dest: &Path,
+    shift: Option<IdShift>,
+) -> Result<UnpackStats, ImageError> {
+    let expected = layer.digest_hex()?.to_owned();
+    let compression = layer.compression()?;
     let file = fs::File::open(&layer.path)
         .map_err(|e| ImageError::io(format!("opening layer {}", layer.path.display()), e))?;
     let mut hashing = HashingReader::new(io::BufReader::new(file));
@@ -160,8 +255,8 @@ pub fn unpack_layer_shifted(
 /// Unpacks every layer of `layout` into `store_dir/<hex digest>/` (reusing directories
 /// that already exist there) and returns the layer directories bottom layer first.
 ///
-/// Each layer is extracted into `store_dir/.tmp-<hex>`, synced, and renamed into place,
-/// so a directory named after a digest always holds a complete, verified layer.
+/// See the module documentation for how a crash can never leave a directory that is later
+/// trusted as a complete layer.
 pub fn unpack_image(layout: &ImageLayout, store_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
     unpack_image_shifted(layout, store_dir, None)
 }
@@ -174,54 +269,229 @@ pub fn unpack_image_shifted(
     store_dir: &Path,
     shift: Option<IdShift>,
 ) -> Result<Vec<PathBuf>, ImageError> {
+    let store_io =
+        |what: &str, e: Errno| ImageError::io(format!("{what} {}", store_dir.display()), e.into());
     fs::create_dir_all(store_dir)
         .map_err(|e| ImageError::io(format!("creating {}", store_dir.display()), e))?;
+    let store = openat(rustix::fs::CWD, store_dir, DIR_FLAGS, Mode::empty())
+        .map_err(|e| store_io("opening", e))?;
+    // Held until every layer is in place, so that no other unpack sweeps our tmp dirs.
+    let _lock = lock_store(&store, store_dir)?;
     let mut dirs = Vec::new();
     for layer in layout.layers() {
-        let hex = match shift {
+        let name = match shift {
             None => layer.digest_hex()?.to_owned(),
             Some(s) => format!("{}@{}-{}-{}", layer.digest_hex()?, s.uid, s.gid, s.size),
         };
-        let final_dir = store_dir.join(&hex);
-        if final_dir.is_dir() {
-            dirs.push(final_dir);
-            continue;
-        }
-        let tmp = store_dir.join(format!(".tmp-{hex}"));
-        if fs::symlink_metadata(&tmp).is_ok() {
-            // Left over by an interrupted unpack.
-            fs::remove_dir_all(&tmp)
-                .map_err(|e| ImageError::io(format!("removing stale {}", tmp.display()), e))?;
-        }
-        fs::create_dir(&tmp)
-            .map_err(|e| ImageError::io(format!("creating {}", tmp.display()), e))?;
-        let result = unpack_layer_shifted(&layer, &tmp, shift).and_then(|_| {
-            let fd = fs::File::open(&tmp)
-                .map_err(|e| ImageError::io(format!("opening {}", tmp.display()), e))?;
-            // The rename below must not become durable before the layer's contents do.
-            rustix::fs::syncfs(&fd)
-                .map_err(|e| ImageError::io(format!("syncing {}", tmp.display()), e.into()))
-        });
-        if let Err(e) = result {
-            // Best effort: the error that caused this matters more than a failed cleanup,
-            // and a leftover tmp dir is removed by the next attempt anyway.
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = fs::rename(&tmp, &final_dir) {
-            // Another unpacker may have finished the same layer first; its copy is as good.
-            if final_dir.is_dir() {
-                let _ = fs::remove_dir_all(&tmp);
-            } else {
-                return Err(ImageError::io(
-                    format!("renaming {} to {}", tmp.display(), final_dir.display()),
-                    e,
-                ));
+        let final_dir = store_dir.join(&name);
+        match statat(&store, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            // Only a rename of a complete, verified tmp dir creates a directory by this name.
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                dirs.push(final_dir);
+                continue;
             }
+            // Not something this module made (a symlink, a file): never trusted.
+            Ok(_) => unlinkat(&store, name.as_str(), AtFlags::empty())
+                .map_err(|e| store_io(&format!("removing the non-directory {name} in"), e))?,
+            Err(Errno::NOENT) => {}
+            Err(e) => return Err(store_io(&format!("inspecting {name} in"), e)),
         }
+        unpack_layer_into_store(&store, store_dir, &layer, &name, shift)?;
         dirs.push(final_dir);
     }
     Ok(dirs)
+}
+
+/// Unpacks one layer into a fresh tmp dir of the store and renames it to `name`.
+fn unpack_layer_into_store(
+    store: &OwnedFd,
+    store_dir: &Path,
+    layer: &Layer,
+    name: &str,
+    shift: Option<IdShift>,
+) -> Result<(), ImageError> {
+    let tmp_name = loop {
+        let candidate = format!(
+            "{TMP_PREFIX}{name}-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        match mkdirat(store, candidate.as_str(), Mode::from_raw_mode(0o700)) {
+            Ok(()) => break candidate,
+            // A crashed process with a recycled pid, whose leftover is not swept yet.
+            Err(Errno::EXIST) => continue,
+            Err(e) => {
+                return Err(ImageError::io(
+                    format!("creating {}", store_dir.join(&candidate).display()),
+                    e.into(),
+                ));
+            }
+        }
+    };
+    let tmp_path = store_dir.join(&tmp_name);
+    let io_err =
+        |what: &str, e: Errno| ImageError::io(format!("{what} {}", tmp_path.display()), e.into());
+    let result = (|| {
+        let root = openat(store, tmp_name.as_str(), DIR_FLAGS, Mode::empty())
+            .map_err(|e| io_err("opening", e))?;
+        // The layer root's attributes when the layer has no `./` entry.
+        let (uid, gid) = shift.map_or((0, 0), |s| (s.uid, s.gid));
+        fchown(&root, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+            .map_err(|e| io_err("chowning", e))?;
+        fchmod(&root, Mode::from_raw_mode(0o755)).map_err(|e| io_err("chmoding", e))?;
+        let for_unpack = root
+            .try_clone()
+            .map_err(|e| ImageError::io(format!("duplicating fd of {}", tmp_path.display()), e))?;
+        unpack_into(layer, for_unpack, &tmp_path, shift)?;
+        // The rename below must not become durable before the layer's contents do.
+        syncfs(&root).map_err(|e| io_err("syncing", e))
+    })();
+    if let Err(e) = result {
+        // Best effort: the error that caused this matters more than a failed cleanup, and
+        // a leftover tmp dir is never trusted and is swept later.
+        let _ = remove_tree(store, OsStr::new(&tmp_name));
+        return Err(e);
+    }
+    let renamed = match renameat_with(
+        store,
+        tmp_name.as_str(),
+        store,
+        name,
+        RenameFlags::NOREPLACE,
+    ) {
+        // Filesystems without RENAME_NOREPLACE: a plain rename cannot replace a non-empty
+        // directory either, and an empty one would be a complete (empty) layer too.
+        Err(Errno::INVAL) => renameat(store, tmp_name.as_str(), store, name),
+        other => other,
+    };
+    match renamed {
+        Ok(()) => fsync(store).map_err(|e| io_err("syncing the store after renaming", e)),
+        // Another unpacker finished the same layer first; its copy is as good.
+        Err(Errno::EXIST | Errno::NOTEMPTY) => {
+            let _ = remove_tree(store, OsStr::new(&tmp_name));
+            match statat(store, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(()),
+                _ => Err(ImageError::BadSource {
+                    path: store_dir.join(name),
+                    reason: "appeared during the unpack and is not a directory".into(),
+                }),
+            }
+        }
+        Err(e) => {
+            let _ = remove_tree(store, OsStr::new(&tmp_name));
+            Err(ImageError::io(
+                format!("renaming {} to {name}", tmp_path.display()),
+                e.into(),
+            ))
+        }
+    }
+}
+
+/// Takes the store lock (a `flock` on the store directory itself) shared, first sweeping
+/// leftover tmp dirs if no other unpack holds it. Returns `None` where the filesystem has
+/// no `flock` (nothing is swept there).
+fn lock_store(store: &OwnedFd, store_dir: &Path) -> Result<Option<OwnedFd>, ImageError> {
+    let lock_err = |e: Errno| ImageError::io(format!("locking {}", store_dir.display()), e.into());
+    // A lock belongs to an open file description: this one is ours alone.
+    let fd = openat(store, ".", DIR_FLAGS, Mode::empty()).map_err(lock_err)?;
+    match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {
+            // No unpack is running: every tmp dir is a crash's leftover.
+            sweep_tmp_dirs(store, store_dir)?;
+            flock(&fd, FlockOperation::LockShared).map_err(lock_err)?;
+        }
+        Err(Errno::WOULDBLOCK) => flock(&fd, FlockOperation::LockShared).map_err(lock_err)?,
+        Err(Errno::NOLCK | Errno::OPNOTSUPP) => return Ok(None),
+        Err(e) => return Err(lock_err(e)),
+    }
+    Ok(Some(fd))
+}
+
+/// Removes every `.tmp-*` entry of the store (the caller holds the lock exclusively).
+fn sweep_tmp_dirs(store: &OwnedFd, store_dir: &Path) -> Result<(), ImageError> {
+    let err = |e: Errno| ImageError::io(format!("sweeping {}", store_dir.display()), e.into());
+    let mut stale = Vec::new();
+    let mut dir = Dir::read_from(store).map_err(err)?;
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name().to_bytes();
+        if name.starts_with(TMP_PREFIX.as_bytes()) {
+            stale.push(OsString::from_vec(name.to_vec()));
+        }
+    }
+    for name in stale {
+        remove_tree(store, &name).map_err(|e| {
+            ImageError::io(
+                format!(
+                    "removing the leftover of an interrupted unpack {}",
+                    store_dir.join(&name).display()
+                ),
+                e.into(),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes `name` in `parent`, a whole directory tree included, never following a
+/// symlink. Iterative, with one directory open at a time, so a deep tree can exhaust
+/// neither the stack nor the file descriptors.
+fn remove_tree(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+    let st = match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return unlinkat(parent, name, AtFlags::empty());
+    }
+    // The names from `name` down to the directory `cur` is.
+    let mut path: Vec<OsString> = vec![name.to_owned()];
+    let mut cur = openat(parent, name, DIR_FLAGS, Mode::empty())?;
+    loop {
+        let mut subdir = None;
+        let mut removed_any = false;
+        let mut dir = Dir::read_from(&cur)?;
+        while let Some(entry) = dir.read() {
+            let entry = entry?;
+            let child = entry.file_name().to_bytes();
+            if child == b"." || child == b".." {
+                continue;
+            }
+            let child = OsStr::from_bytes(child);
+            let is_dir = match entry.file_type() {
+                FileType::Unknown => {
+                    let st = statat(&cur, child, AtFlags::SYMLINK_NOFOLLOW)?;
+                    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                }
+                ft => ft == FileType::Directory,
+            };
+            if is_dir {
+                subdir = Some(child.to_owned());
+                break;
+            }
+            unlinkat(&cur, child, AtFlags::empty())?;
+            removed_any = true;
+        }
+        drop(dir);
+        if let Some(child) = subdir {
+            cur = openat(&cur, &child, DIR_FLAGS, Mode::empty())?;
+            path.push(child);
+        } else if removed_any {
+            // Entries removed while reading may hide others from the same pass.
+            continue;
+        } else {
+            let done = path.pop().unwrap_or_default();
+            if path.is_empty() {
+                drop(cur);
+                return unlinkat(parent, name, AtFlags::REMOVEDIR);
+            }
+            // Our own tree, which nothing else modifies: `..` is the parent we came from.
+            let up = openat(&cur, "..", DIR_FLAGS, Mode::empty())?;
+            unlinkat(&up, &done, AtFlags::REMOVEDIR)?;
+            cur = up;
+        }
+    }
 }
 
 /// Header fields of one entry, after PAX overrides.
@@ -249,22 +519,28 @@ enum Missing {
     Fail,
 }
 
+/// An entry name for messages: as it is when it is UTF-8, escaped otherwise.
 fn display(raw: &[u8]) -> String {
-    String::from_utf8_lossy(raw).into_owned()
+    match std::str::from_utf8(raw) {
+        Ok(s) => s.to_owned(),
+        Err(_) => raw.escape_ascii().to_string(),
+    }
 }
 
-/// Splits a tar path into normal components. A leading `/` is dropped (the layer root is
-/// the root), `.` is skipped, and `..` pops a component but may never climb above the root.
+/// Splits a tar path into normal components (see the module documentation): a leading
+/// `/` is dropped, `.` is skipped, and `..` pops a component; it may climb above the root
+/// only in an absolute name, where it stays at the root as in POSIX.
 fn normalize(raw: &[u8]) -> Result<Vec<Vec<u8>>, ImageError> {
+    let absolute = raw.first() == Some(&b'/');
     let mut out: Vec<Vec<u8>> = Vec::new();
     for comp in raw.split(|&b| b == b'/') {
         match comp {
             b"" | b"." => {}
             b".." => {
-                if out.pop().is_none() {
+                if out.pop().is_none() && !absolute {
                     return Err(ImageError::UnsafePath {
                         path: display(raw),
-                        reason: "path escapes layer root via ..",
+                        reason: "path climbs above the layer root via ..",
                     });
                 }
             }
@@ -275,9 +551,25 @@ fn normalize(raw: &[u8]) -> Result<Vec<Vec<u8>>, ImageError> {
                         reason: "NUL byte in path",
                     });
                 }
+                if c.len() > NAME_MAX {
+                    return Err(ImageError::BadEntry {
+                        path: display(raw),
+                        reason: format!(
+                            "a name component is {} bytes, longer than NAME_MAX ({NAME_MAX})",
+                            c.len()
+                        ),
+                    });
+                }
                 out.push(c.to_vec());
             }
         }
+    }
+    let len: usize = out.iter().map(|c| c.len() + 1).sum();
+    if len > PATH_MAX {
+        return Err(ImageError::BadEntry {
+            path: display(raw),
+            reason: format!("path is {len} bytes, longer than PATH_MAX ({PATH_MAX})"),
+        });
     }
     Ok(out)
 }
@@ -290,6 +582,45 @@ fn errno_io(e: Errno) -> io::Error {
     e.into()
 }
 
+fn file_type_at(dir: &OwnedFd, name: &OsStr) -> Result<Option<(FileType, u64)>, Errno> {
+    match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some((FileType::from_raw_mode(st.st_mode), st.st_rdev))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens the directory `path` (normalised, relative) below `dir`, never leaving `dir`,
+/// never through a symlink and never across a mount point.
+fn open_beneath(dir: BorrowedFd<'_>, path: &[u8]) -> Result<OwnedFd, Errno> {
+    let path = if path.is_empty() { b"." } else { path };
+    if HAVE_OPENAT2.load(Ordering::Relaxed) {
+        match openat2(dir, os(path), DIR_FLAGS, Mode::empty(), RESOLVE) {
+            Err(Errno::NOSYS) => HAVE_OPENAT2.store(false, Ordering::Relaxed),
+            other => return other,
+        }
+    }
+    // One component at a time with O_NOFOLLOW, the same containment for old kernels.
+    let mut cur: Option<OwnedFd> = None;
+    for comp in path.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => continue,
+            b".." => return Err(Errno::XDEV),
+            _ => {}
+        }
+        let base = match &cur {
+            Some(fd) => fd.as_fd(),
+            None => dir,
+        };
+        let next = openat(base, os(comp), DIR_FLAGS, Mode::empty())?;
+        cur = Some(next);
+    }
+    match cur {
+        Some(fd) => Ok(fd),
+        None => openat(dir, ".", DIR_FLAGS, Mode::empty()),
+    }
+}
+
 impl Unpacker {
     fn io_err(&self, path: &[u8], what: &str, e: Errno) -> ImageError {
         ImageError::io(
@@ -298,31 +629,54 @@ impl Unpacker {
         )
     }
 
-    /// Opens the directory `comps` below the root without following any symlink.
+    /// Opens the directory `comps` below the root (kernel-enforced containment, see
+    /// [`open_beneath`]), creating missing directories with `Missing::Create`.
     fn open_dir(
-        &self,
+        &mut self,
         raw: &[u8],
         comps: &[Vec<u8>],
         missing: Missing,
     ) -> Result<OwnedFd, ImageError> {
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let mut cur = openat(&self.root, ".", flags, Mode::empty())
+        // The common case in one lookup; any failure is retried step by step below, which
+        // creates what is missing and names precisely what is wrong.
+        if let Ok(fd) = open_beneath(self.root.as_fd(), &comps.join(&b'/')) {
+            return Ok(fd);
+        }
+        let mut cur = open_beneath(self.root.as_fd(), b".")
             .map_err(|e| self.io_err(raw, "opening root for", e))?;
         for comp in comps {
             let name = os(comp);
-            let next = match openat(&cur, name, flags, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) if missing == Missing::Create => {
-                    // Layers may omit parent directories; tar and containerd create them.
-                    match mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => return Err(self.io_err(raw, "creating parent of", e)),
+            let next =
+                match open_beneath(cur.as_fd(), comp) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) if missing == Missing::Create => {
+                        // Layers may omit parent directories; tar and containerd create them.
+                        match mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
+                            Ok(()) | Err(Errno::EXIST) => {}
+                            Err(e) => return Err(self.io_err(raw, "creating parent of", e)),
+                        }
+                        open_beneath(cur.as_fd(), comp)
+                            .map_err(|e| self.check_component(raw, &cur, name, e))?
                     }
-                    openat(&cur, name, flags, Mode::empty())
-                        .map_err(|e| self.check_component(raw, &cur, name, e))?
-                }
-                Err(e) => return Err(self.check_component(raw, &cur, name, e)),
-            };
+                    Err(e @ Errno::NOTDIR)
+                        if missing == Missing::Create
+                            && file_type_at(&cur, name).ok().flatten().is_some_and(
+                                |(ft, rdev)| ft == FileType::CharacterDevice && rdev == 0,
+                            ) =>
+                    {
+                        // `.wh.d` then `d/f` with no `d/` entry: the implicit directory
+                        // replaces the whiteout and must still hide the lower `d`.
+                        unlinkat(&cur, name, AtFlags::empty())
+                            .map_err(|_| self.check_component(raw, &cur, name, e))?;
+                        mkdirat(&cur, name, Mode::from_raw_mode(0o755))
+                            .map_err(|e| self.io_err(raw, "creating parent of", e))?;
+                        let fd = open_beneath(cur.as_fd(), comp)
+                            .map_err(|e| self.check_component(raw, &cur, name, e))?;
+                        self.set_opaque(raw, &fd)?;
+                        fd
+                    }
+                    Err(e) => return Err(self.check_component(raw, &cur, name, e)),
+                };
             cur = next;
         }
         Ok(cur)
@@ -330,16 +684,18 @@ impl Unpacker {
 
     /// Turns a failed component open into a precise error.
     fn check_component(&self, raw: &[u8], dir: &OwnedFd, name: &OsStr, e: Errno) -> ImageError {
-        match statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
-                ImageError::UnsafePath {
-                    path: display(raw),
-                    reason: "path escapes layer root via symlink",
-                }
-            }
-            Ok(_) if e == Errno::NOTDIR || e == Errno::LOOP => ImageError::BadEntry {
+        match file_type_at(dir, name) {
+            Ok(Some((FileType::Symlink, _))) => ImageError::UnsafePath {
+                path: display(raw),
+                reason: "a parent directory is a symlink, which extraction never follows",
+            },
+            Ok(Some((ft, _))) if ft != FileType::Directory => ImageError::BadEntry {
                 path: display(raw),
                 reason: "a parent component is not a directory".into(),
+            },
+            _ if e == Errno::XDEV => ImageError::UnsafePath {
+                path: display(raw),
+                reason: "path leaves the layer or crosses a mount point",
             },
             _ => self.io_err(raw, "resolving", e),
         }
@@ -443,13 +799,8 @@ impl Unpacker {
                     reason: "non-directory entry for the layer root".into(),
                 });
             }
-            let root = openat(
-                &self.root,
-                ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| self.io_err(&raw, "opening", e))?;
+            let root = open_beneath(self.root.as_fd(), b".")
+                .map_err(|e| self.io_err(&raw, "opening", e))?;
             self.set_attrs_fd(&raw, &root, &meta)?;
             self.dir_times.insert(Vec::new(), meta.mtime);
             self.stats.dirs += 1;
@@ -457,6 +808,7 @@ impl Unpacker {
         };
 
         if name == WHITEOUT_OPAQUE {
+            // Whatever the entry's type; a content is skipped by the tar reader.
             let dir = self.open_dir(&raw, &comps, Missing::Create)?;
             self.set_opaque(&raw, &dir)?;
             return Ok(());
@@ -467,14 +819,13 @@ impl Unpacker {
         }
 
         let parent = self.open_dir(&raw, &comps, Missing::Create)?;
-        let name = os(&name);
-        let replaced_whiteout =
-            self.clear_slot(&raw, &parent, name, kind == tar::EntryType::Directory)?;
+        let os_name = os(&name);
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                self.clear_slot(&raw, &parent, os_name, false)?;
                 let fd = openat(
                     &parent,
-                    name,
+                    os_name,
                     OFlags::WRONLY
                         | OFlags::CREATE
                         | OFlags::EXCL
@@ -494,24 +845,20 @@ impl Unpacker {
                 self.stats.bytes += n;
             }
             tar::EntryType::Directory => {
-                match mkdirat(&parent, name, Mode::from_raw_mode(0o700)) {
+                let replaced_whiteout = self.clear_slot(&raw, &parent, os_name, true)?;
+                match mkdirat(&parent, os_name, Mode::from_raw_mode(0o700)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(self.io_err(&raw, "creating directory", e)),
                 }
-                let fd = openat(
-                    &parent,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| self.check_component(&raw, &parent, name, e))?;
+                let fd = open_beneath(parent.as_fd(), &name)
+                    .map_err(|e| self.check_component(&raw, &parent, os_name, e))?;
                 self.set_attrs_fd(&raw, &fd, &meta)?;
                 if replaced_whiteout {
                     // Whiteout then directory in one layer: the new directory must still
                     // hide whatever the lower layers had at this path.
                     self.set_opaque(&raw, &fd)?;
                 }
-                comps.push(name.as_bytes().to_vec());
+                comps.push(name);
                 self.dir_times.insert(comps, meta.mtime);
                 self.stats.dirs += 1;
             }
@@ -521,10 +868,26 @@ impl Unpacker {
                     .ok_or_else(|| ImageError::BadEntry {
                         path: display(&raw),
                         reason: "symlink without target".into(),
-                    })?;
-                symlinkat(os(&target), &parent, name)
+                    })?
+                    .into_owned();
+                let bad = |reason: &str| ImageError::BadEntry {
+                    path: display(&raw),
+                    reason: reason.into(),
+                };
+                if target.is_empty() {
+                    return Err(bad("symlink with an empty target"));
+                }
+                if target.contains(&0) {
+                    return Err(bad("NUL byte in symlink target"));
+                }
+                if target.len() > PATH_MAX {
+                    return Err(bad("symlink target longer than PATH_MAX"));
+                }
+                self.clear_slot(&raw, &parent, os_name, false)?;
+                // The target is data: stored as it is, never resolved.
+                symlinkat(os(&target), &parent, os_name)
                     .map_err(|e| self.io_err(&raw, "creating symlink", e))?;
-                self.set_attrs_at(&raw, &parent, name, &meta, false)?;
+                self.set_attrs_at(&raw, &parent, os_name, &meta, false)?;
                 self.stats.symlinks += 1;
             }
             tar::EntryType::Link => {
@@ -535,23 +898,7 @@ impl Unpacker {
                         reason: "hard link without target".into(),
                     })?
                     .into_owned();
-                let mut target = normalize(&target_raw)?;
-                let Some(target_name) = target.pop() else {
-                    return Err(ImageError::BadEntry {
-                        path: display(&raw),
-                        reason: "hard link to the layer root".into(),
-                    });
-                };
-                let target_dir = self.open_dir(&target_raw, &target, Missing::Fail)?;
-                linkat(
-                    &target_dir,
-                    os(&target_name),
-                    &parent,
-                    name,
-                    AtFlags::empty(),
-                )
-                .map_err(|e| self.io_err(&raw, "creating hard link", e))?;
-                self.stats.hardlinks += 1;
+                self.hard_link(&raw, &comps, &name, &parent, &target_raw)?;
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 let bad = |what: &str| ImageError::BadEntry {
@@ -573,15 +920,16 @@ impl Unpacker {
                     tar::EntryType::Block => FileType::BlockDevice,
                     _ => FileType::Fifo,
                 };
+                self.clear_slot(&raw, &parent, os_name, false)?;
                 mknodat(
                     &parent,
-                    name,
+                    os_name,
                     file_type,
                     Mode::from_raw_mode(0o600),
                     makedev(major, minor),
                 )
                 .map_err(|e| self.io_err(&raw, "creating device", e))?;
-                self.set_attrs_at(&raw, &parent, name, &meta, true)?;
+                self.set_attrs_at(&raw, &parent, os_name, &meta, true)?;
                 self.stats.devices += 1;
             }
             other => {
@@ -594,6 +942,68 @@ impl Unpacker {
         Ok(())
     }
 
+    /// Creates the hard link `parent/name` (whose parent path is `comps`) to `target_raw`.
+    fn hard_link(
+        &mut self,
+        raw: &[u8],
+        comps: &[Vec<u8>],
+        name: &[u8],
+        parent: &OwnedFd,
+        target_raw: &[u8],
+    ) -> Result<(), ImageError> {
+        let mut target = match normalize(target_raw) {
+            Ok(t) => t,
+            Err(ImageError::UnsafePath { .. }) => {
+                return Err(ImageError::UnsafePath {
+                    path: display(raw),
+                    reason: "hard link target climbs above the layer root",
+                });
+            }
+            Err(ImageError::BadEntry { reason, .. }) => {
+                return Err(ImageError::BadEntry {
+                    path: display(raw),
+                    reason: format!("hard link target: {reason}"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let bad = |reason: String| ImageError::BadEntry {
+            path: display(raw),
+            reason,
+        };
+        if target.len() == comps.len() + 1
+            && target[..comps.len()] == *comps
+            && target[comps.len()] == name
+        {
+            return Err(bad("hard link to itself".into()));
+        }
+        let Some(target_name) = target.pop() else {
+            return Err(bad("hard link to the layer root".into()));
+        };
+        let target_dir = self.open_dir(raw, &target, Missing::Fail)?;
+        let target_name = os(&target_name);
+        match file_type_at(&target_dir, target_name) {
+            Ok(Some((FileType::Directory, _))) => {
+                return Err(bad("hard link to a directory".into()));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(bad(format!(
+                    "hard link target {:?} is not in the layer",
+                    display(target_raw)
+                )));
+            }
+            Err(e) => return Err(self.io_err(raw, "inspecting the target of", e)),
+        }
+        let os_name = os(name);
+        self.clear_slot(raw, parent, os_name, false)?;
+        // No AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+        linkat(&target_dir, target_name, parent, os_name, AtFlags::empty())
+            .map_err(|e| self.io_err(raw, "creating hard link", e))?;
+        self.stats.hardlinks += 1;
+        Ok(())
+    }
+
     /// Makes room for a new entry. Returns true if a whiteout device was removed.
     fn clear_slot(
         &self,
@@ -602,31 +1012,23 @@ impl Unpacker {
         name: &OsStr,
         new_is_dir: bool,
     ) -> Result<bool, ImageError> {
-        let st = match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => return Ok(false),
-            Err(e) => return Err(self.io_err(raw, "inspecting", e)),
+        let Some((ft, rdev)) =
+            file_type_at(parent, name).map_err(|e| self.io_err(raw, "inspecting", e))?
+        else {
+            return Ok(false);
         };
-        let ft = FileType::from_raw_mode(st.st_mode);
         match ft {
             // Two directories merge: only the attributes of the existing one change.
             FileType::Directory if new_is_dir => Ok(false),
             FileType::Directory => {
-                // The path was checked symlink-free above, so removing by path stays inside.
-                let mut path = self.dest.clone();
-                let comps = normalize(raw)?;
-                for c in &comps {
-                    path.push(os(c));
-                }
-                fs::remove_dir_all(&path).map_err(|e| {
-                    ImageError::io(format!("replacing directory {}", path.display()), e)
-                })?;
+                remove_tree(parent, name)
+                    .map_err(|e| self.io_err(raw, "replacing directory", e))?;
                 Ok(false)
             }
             _ => {
                 unlinkat(parent, name, AtFlags::empty())
                     .map_err(|e| self.io_err(raw, "replacing", e))?;
-                Ok(ft == FileType::CharacterDevice && st.st_rdev == 0)
+                Ok(ft == FileType::CharacterDevice && rdev == 0)
             }
         }
     }
@@ -638,31 +1040,32 @@ impl Unpacker {
         target: &[u8],
         meta: &Meta,
     ) -> Result<(), ImageError> {
-        if target.is_empty() || target == b"." || target == b".." {
+        let reason = match target {
+            b"" => Some("whiteout with an empty name"),
+            b"." => Some("whiteout of the directory itself (.wh..)"),
+            b".." => Some("whiteout of the parent directory (.wh...)"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
             return Err(ImageError::BadEntry {
                 path: display(raw),
-                reason: "invalid whiteout name".into(),
+                reason: reason.into(),
             });
         }
         let name = os(target);
-        match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => {
+        match file_type_at(parent, name) {
+            Ok(Some((ft, _))) => {
                 // The same layer also provides this path; the whiteout only hides lower
                 // layers. A real file already does that; a directory needs to be opaque.
-                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-                    let fd = openat(
-                        parent,
-                        name,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| self.io_err(raw, "opening", e))?;
+                if ft == FileType::Directory {
+                    let fd = open_beneath(parent.as_fd(), target)
+                        .map_err(|e| self.io_err(raw, "opening", e))?;
                     self.set_opaque(raw, &fd)?;
                 }
                 self.stats.whiteouts += 1;
                 Ok(())
             }
-            Err(Errno::NOENT) => {
+            Ok(None) => {
                 mknodat(
                     parent,
                     name,
@@ -731,8 +1134,8 @@ impl Unpacker {
         )
         .map_err(|e| self.io_err(raw, "chowning", e))?;
         if chmod {
-            // fchmodat cannot refuse symlinks on Linux, but this name was just created as
-            // a device node by us, and nothing else writes to the tree.
+            // fchmodat cannot refuse symlinks before Linux 6.6, but this name was just
+            // created as a device node by us, in a directory nothing else writes to.
             chmodat(
                 parent,
                 name,
@@ -746,12 +1149,13 @@ impl Unpacker {
         Ok(())
     }
 
-    fn finish_dir_times(&self) -> Result<(), ImageError> {
-        for (comps, mtime) in &self.dir_times {
+    fn finish_dir_times(&mut self) -> Result<(), ImageError> {
+        let dir_times: Vec<_> = self.dir_times.drain().collect();
+        for (comps, mtime) in dir_times {
             let raw = comps.join(&b'/');
             // A directory replaced by a later entry of the layer has nothing to restore.
-            if let Ok(fd) = self.open_dir(&raw, comps, Missing::Fail) {
-                futimens(&fd, &times(*mtime))
+            if let Ok(fd) = self.open_dir(&raw, &comps, Missing::Fail) {
+                futimens(&fd, &times(mtime))
                     .map_err(|e| self.io_err(&raw, "setting times of", e))?;
             }
         }
@@ -1007,10 +1411,7 @@ mod tests {
         let (_, r) = unpack_bytes(tmp.path(), "sym", &evil);
         match r {
             Err(e @ ImageError::UnsafePath { .. }) => {
-                assert!(
-                    e.to_string()
-                        .contains("path escapes layer root via symlink")
-                )
+                assert!(e.to_string().contains("a parent directory is a symlink"))
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -1119,7 +1520,7 @@ mod tests {
             "dangling",
             &T::new().link(tar::EntryType::Link, "h", "missing").finish(),
         );
-        assert!(matches!(r, Err(ImageError::Io { .. })), "{r:?}");
+        assert!(matches!(r, Err(ImageError::BadEntry { .. })), "{r:?}");
     }
 
     #[cfg(feature = "builder")]

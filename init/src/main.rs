@@ -160,6 +160,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         stop_timeout_ms: stop_timeout.as_millis() as u64,
         shutdown_timeout_ms: 30_000,
         interfaces: Default::default(),
+        registries: Default::default(),
         networks: Default::default(),
         images: Default::default(),
         containers: Default::default(),

@@ -27,7 +27,7 @@ use crate::spawn::{IdMap, Step, describe_failure};
 /// Where the supervisor finds images and keeps its state in the guest.
 #[derive(Debug, Clone)]
 pub struct Paths {
-    /// OCI image layouts, one directory per image name.
+    /// The OCI image layout holding every image of the host file, each under its name.
     pub images: PathBuf,
     /// Unpacked layers shared by every container of an image.
     pub layers: PathBuf,
@@ -39,11 +39,11 @@ pub struct Paths {
 }
 
 impl Paths {
-    /// Opens image `name` of the host file, verifying its manifest and config.
+    /// Opens image `name` of the host file (named so in the layout `keel build` embeds),
+    /// verifying its manifest and config.
     pub fn open_image(&self, name: &str) -> Result<keel_image::layout::ImageLayout, String> {
-        let dir = self.images.join(name);
-        keel_image::layout::ImageLayout::open(&dir)
-            .map_err(|e| format!("image {name} ({}): {e}", dir.display()))
+        keel_image::layout::ImageLayout::open_ref(&self.images, name)
+            .map_err(|e| format!("image {name} ({}): {e}", self.images.display()))
     }
 }
 

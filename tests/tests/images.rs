@@ -40,9 +40,7 @@ command = ["sh", "-c", "echo layers=$(ls /layers | wc -l) top=$(cat /top)"]
     .unwrap();
     let dir = build_host(&host, &work.path().join("out"));
     let vm = boot(&dir, &[]);
-    let line = vm
-        .wait_for_line("[count] layers=", BOOT_TIMEOUT)
-        .unwrap();
+    let line = vm.wait_for_line("[count] layers=", BOOT_TIMEOUT).unwrap();
     assert!(
         line.contains(&format!("layers={LAYERS} top={}", LAYERS - 1)),
         "{line}"

@@ -45,7 +45,7 @@ const HOST_TEXT: &str = r#"
 hostname = "bench"
 
 [images.bench]
-layout = "/usr/share/keel/images/bench"
+layout = "/usr/share/keel/images"
 
 [containers.stamp]
 image = "bench"
@@ -421,9 +421,7 @@ impl Bare {
 
 /// The image's layers mounted once as a read-only overlay: crun wants a directory.
 fn mount_crun_rootfs(paths: &Paths) -> Result<PathBuf, String> {
-    let layout_dir = paths.images.join("bench");
-    let layout = keel_image::layout::ImageLayout::open(&layout_dir)
-        .map_err(|e| format!("{}: {e}", layout_dir.display()))?;
+    let layout = paths.open_image("bench")?;
     // Already unpacked by Instance::prepare: this only returns the same directories.
     let lowers = keel_image::unpack::unpack_image(&layout, &paths.layers)
         .map_err(|e| format!("unpacking the image: {e}"))?;
