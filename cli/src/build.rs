@@ -131,6 +131,7 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
     // Every image goes into one layout, so a layer shared by several is stored once.
     let shared = staging.path().join("images");
     let mut embedded = 0;
+    let mut boot_cas: Vec<PathBuf> = Vec::new();
     for (name, image) in &config.images {
         let digest = match &image.source {
             ImageSource::Layout(dir) => {
@@ -186,6 +187,22 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
                 reference,
                 at: PullAt::Boot,
             } => {
+                // The host pulls it; it only needs its registry's CA, if one is set.
+                let parsed: keel_image::registry::Reference = reference
+                    .parse()
+                    .map_err(|e| format!("image {name}: {e}"))?;
+                let auth = crate::pull::auth_for(config, &parsed)?;
+                if let Some(pem) = auth.ca_pem {
+                    let path = Path::new(keel_config::REGISTRY_CA_DIR)
+                        .join(keel_config::registry_ca_file_name(&parsed.registry));
+                    let path = path.strip_prefix("/").unwrap_or(&path).to_path_buf();
+                    if !boot_cas.contains(&path) {
+                        initramfs
+                            .add_file_from_bytes(&path, 0o644, pem)
+                            .map_err(|e| format!("image {name}: registry CA: {e}"))?;
+                        boot_cas.push(path);
+                    }
+                }
                 inputs.insert(
                     format!("image:{name}"),
                     format!("pull at boot: {reference}"),

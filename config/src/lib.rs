@@ -110,6 +110,17 @@ pub enum PullAt {
     Boot,
 }
 
+/// Where `keel build` puts, in the OS image, the CA file of a registry that boot pulls use.
+pub const REGISTRY_CA_DIR: &str = "/etc/keel/registry-ca";
+
+/// The file name of registry `host`'s CA under [`REGISTRY_CA_DIR`].
+pub fn registry_ca_file_name(host: &str) -> String {
+    format!(
+        "{}.pem",
+        host.replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "_")
+    )
+}
+
 /// How to reach one registry (`[registries."HOST[:PORT]"]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registry {

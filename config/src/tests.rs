@@ -219,6 +219,18 @@ fn a_bad_hostname_is_rejected() {
 }
 
 #[test]
+fn registry_ca_files_are_named_after_the_registry() {
+    assert_eq!(
+        crate::registry_ca_file_name("10.0.2.2:5000"),
+        "10.0.2.2_5000.pem"
+    );
+    assert_eq!(
+        crate::registry_ca_file_name("registry.example"),
+        "registry.example.pem"
+    );
+}
+
+#[test]
 fn archives_pulls_and_registries() {
     let c = HostConfig::parse(
         Path::new("/h.toml"),

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -150,7 +150,7 @@ impl BlobSource for ArchiveSource<'_> {
             _ => return Err(ImageError::UnsupportedDigest(digest)),
         };
         let what = format!("{kind} {member} in {}", self.tar.path.display());
-        let (reader, _) = self.tar.open_member(&member)?;
+        let (reader, _, _) = self.tar.open_member(&member)?;
         Ok((
             Box::new(BufReader::with_capacity(COPY_BUFFER, reader)),
             self.tar.path.clone(),
@@ -357,12 +357,16 @@ fn import_docker_archive(
 
     let mut layers = Vec::with_capacity(image.layers.len());
     for (name, diff_id) in image.layers.iter().zip(config.rootfs().diff_ids()) {
-        let what = format!("layer {name} in {archive}");
-        let (member, _) = tar.open_member(name)?;
+        let (member, _, resolved) = tar.open_member(name)?;
+        let what = if &resolved == name {
+            format!("layer {name} in {archive}")
+        } else {
+            format!("layer {name} (-> {resolved}) in {archive}")
+        };
         let mut reader = BufReader::with_capacity(COPY_BUFFER, member);
         let compression = sniff_compression(&mut reader, &what)?;
         let staged = writer.stage(&mut reader, u64::MAX, &what)?;
-        if let Some(named) = digest_in_name(name).filter(|_| name.starts_with("blobs/"))
+        if let Some(named) = digest_in_name(&resolved).filter(|_| resolved.starts_with("blobs/"))
             && named != staged.digest
         {
             return Err(ImageError::DigestMismatch {
@@ -509,7 +513,11 @@ impl TarArchive {
         let mut reader = BufReader::with_capacity(COPY_BUFFER, file);
         let compression = sniff_compression(&mut reader, &path.display().to_string())?;
         let file = if compression == LayerCompression::None {
-            reader.into_inner()
+            // The sniffing read ahead; the index below reads from the start.
+            let mut file = reader.into_inner();
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| io_err("reading", e))?;
+            file
         } else {
             let tmp = temp_path(scratch, "archive");
             let mut out = OpenOptions::new()
@@ -526,6 +534,8 @@ impl TarArchive {
             io::copy(&mut plain, &mut buffered).map_err(|e| io_err("decompressing", e))?;
             buffered.flush().map_err(|e| io_err("decompressing", e))?;
             drop(buffered);
+            out.seek(SeekFrom::Start(0))
+                .map_err(|e| io_err("decompressing", e))?;
             out
         };
 
@@ -589,12 +599,12 @@ impl TarArchive {
         }
     }
 
-    /// Follows links to the regular file `name` stands for: `(offset, size)`.
-    fn locate(&self, name: &str) -> Result<(u64, u64), ImageError> {
+    /// Follows links to the regular file `name` stands for: `(offset, size, its name)`.
+    fn locate(&self, name: &str) -> Result<(u64, u64, String), ImageError> {
         let mut current = name.to_owned();
         for _ in 0..=MAX_LINK_HOPS {
             match self.members.get(&current) {
-                Some(Member::File { offset, size }) => return Ok((*offset, *size)),
+                Some(Member::File { offset, size }) => return Ok((*offset, *size, current)),
                 Some(Member::Link(target)) => current = target.clone(),
                 Some(Member::Unsupported) => {
                     return Err(self.missing(name, "sparse files are not supported"));
@@ -609,23 +619,25 @@ impl TarArchive {
         self.locate(name).is_ok()
     }
 
-    /// A reader of the member `name` (a `/`-separated path) and its size.
-    fn open_member(&self, name: &str) -> Result<(MemberReader<'_>, u64), ImageError> {
+    /// A reader of the member `name` (a `/`-separated path), its size, and the name of
+    /// the file it is once links are followed.
+    fn open_member(&self, name: &str) -> Result<(MemberReader<'_>, u64, String), ImageError> {
         let name = member_name(&[], name).ok_or_else(|| self.missing(name, "invalid name"))?;
-        let (offset, size) = self.locate(&name)?;
+        let (offset, size, resolved) = self.locate(&name)?;
         Ok((
             MemberReader {
                 file: &self.file,
                 pos: offset,
-                end: offset + size,
+                end: offset.saturating_add(size),
             },
             size,
+            resolved,
         ))
     }
 
     /// Reads a member of at most `limit` bytes.
     fn read_small(&self, name: &str, limit: u64) -> Result<Vec<u8>, ImageError> {
-        let (reader, size) = self.open_member(name)?;
+        let (reader, size, _) = self.open_member(name)?;
         if size > limit {
             return Err(self.missing(
                 name,

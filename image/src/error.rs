@@ -98,6 +98,9 @@ pub enum ImageError {
         /// The platforms the index offers.
         available: Vec<String>,
     },
+    /// Image indexes nested deeper than Keel follows.
+    #[error("image indexes nested more than {0} deep")]
+    NestedTooDeep(usize),
     /// A layer entry would be written outside the destination.
     #[error("layer entry {path:?}: {reason}")]
     UnsafePath {

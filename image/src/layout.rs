@@ -629,18 +629,17 @@ pub(crate) fn resolve_manifest(
     let mut depth = 0;
     loop {
         let media_type = desc.media_type().to_string();
-        let bytes = read(&desc, &format!("{media_type} {}", desc.digest()))?;
         if is_manifest(&desc) {
+            let bytes = read(&desc, "image manifest")?;
             return Ok((desc, bytes));
         }
         if !is_index(&desc) {
             return Err(ImageError::UnsupportedMediaType(media_type));
         }
+        let bytes = read(&desc, "image index")?;
         depth += 1;
         if depth > MAX_INDEX_DEPTH {
-            return Err(ImageError::UnsupportedMediaType(format!(
-                "{media_type} nested more than {MAX_INDEX_DEPTH} deep"
-            )));
+            return Err(ImageError::NestedTooDeep(MAX_INDEX_DEPTH));
         }
         let nested: ImageIndex = parse_json(&bytes, "image index")?;
         desc = select_platform(nested.manifests())?;
@@ -674,7 +673,7 @@ fn find_by_digest(
             }
             seen.push(digest);
             if is_index(d) {
-                let bytes = read(d, &format!("image index {}", d.digest()))?;
+                let bytes = read(d, "image index")?;
                 let nested: ImageIndex = parse_json(&bytes, "image index")?;
                 next.extend(nested.manifests().iter().cloned());
             }
@@ -977,5 +976,76 @@ pub(crate) mod tests {
             .read_to_string(&mut out)
             .unwrap();
         assert_eq!(out, "hello world");
+    }
+
+    #[test]
+    fn reference_matching() {
+        let m = reference_match;
+        assert_eq!(m("t", "t"), Some(0));
+        assert_eq!(m("docker.io/library/alpine:latest", "alpine"), Some(1));
+        assert_eq!(m("localhost/app:1", "app:1"), Some(1));
+        assert_eq!(m("example.com/app:1", "1"), Some(2));
+        assert_eq!(m("1", "example.com/app:1"), Some(2));
+        assert_eq!(m("example.com/team/app:1", "app:1"), Some(2));
+        assert_eq!(m("example.com/team/myapp:1", "app:1"), None);
+        assert_eq!(m("registry:5000/app", "5000/app"), None);
+        assert_eq!(m("example.com/app:1", "2"), None);
+        assert_eq!(tag_of("registry:5000/app"), None);
+        assert_eq!(tag_of("registry:5000/app:v1@sha256:abc"), Some("v1"));
+    }
+
+    #[test]
+    fn runtime_defaults_from_config() {
+        assert_eq!(parse_port("80/tcp"), Some((80, PortProtocol::Tcp)));
+        assert_eq!(parse_port("53/UDP"), Some((53, PortProtocol::Udp)));
+        assert_eq!(parse_port("8080"), Some((8080, PortProtocol::Tcp)));
+        assert_eq!(parse_port("9/sctp"), Some((9, PortProtocol::Sctp)));
+        for bad in ["0/tcp", "70000", "+1", "80/icmp", "80-90/tcp", ""] {
+            assert_eq!(parse_port(bad), None, "{bad}");
+        }
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let tar = tar_with_file("f", b"x");
+        make_layout(
+            dir,
+            &[(MEDIA_TYPE_LAYER_TAR, tar.clone())],
+            &[sha256_digest(&tar)],
+        );
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {
+                "Entrypoint": ["/e"], "Cmd": ["c"], "Env": ["A=1", "B=2"],
+                "WorkingDir": "", "User": "nobody",
+                "ExposedPorts": {"80/tcp": {}, "53/udp": {}, "bogus": {}},
+                "Volumes": {"/v2": {}, "/v1": {}}, "StopSignal": "SIGQUIT",
+            },
+            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(&tar)]},
+        });
+        let config_desc = put_blob(dir, MEDIA_TYPE_CONFIG, config.to_string().as_bytes());
+        let layer_desc = put_blob(dir, MEDIA_TYPE_LAYER_TAR, &tar);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": MEDIA_TYPE_MANIFEST,
+            "config": config_desc, "layers": [layer_desc],
+        });
+        let mdesc = put_blob(dir, MEDIA_TYPE_MANIFEST, manifest.to_string().as_bytes());
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [mdesc]});
+        fs::write(dir.join("index.json"), index.to_string()).unwrap();
+
+        let d = ImageLayout::open(dir).unwrap().runtime_defaults();
+        assert_eq!(
+            d,
+            RuntimeDefaults {
+                entrypoint: vec!["/e".into()],
+                cmd: vec!["c".into()],
+                env: vec!["A=1".into(), "B=2".into()],
+                workdir: None,
+                user: Some("nobody".into()),
+                exposed_ports: vec![(53, PortProtocol::Udp), (80, PortProtocol::Tcp)],
+                ignored_ports: vec!["bogus".into()],
+                volumes: vec!["/v1".into(), "/v2".into()],
+                stop_signal: Some("SIGQUIT".into()),
+            }
+        );
     }
 }

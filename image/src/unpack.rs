@@ -45,9 +45,10 @@
 //!   without a `d/` entry) becomes an opaque directory.
 //! - **Opaque markers** (`.wh..wh..opq`) mark their directory `trusted.overlay.opaque=y`
 //!   wherever they appear, whatever their type; a content is read and discarded. At the
-//!   top they mark the layer root (overlayfs ignores that on a lower root: the layers
-//!   below it stay visible). Other `.wh..wh.*` names (aufs bookkeeping such as
-//!   `.wh..wh.plnk/`) and everything under them are skipped. Overlay xattrs carried in the
+//!   top they mark the layer root, which overlayfs ignores on a lower layer: whoever
+//!   stacks the layers must leave out those below it ([`root_is_opaque`]). Other
+//!   `.wh..wh.*` names (aufs bookkeeping such as `.wh..wh.plnk/`) and everything under
+//!   them are skipped. Overlay xattrs carried in the
 //!   layer itself (`trusted.overlay.*`, `user.overlay.*` PAX records) are dropped, so a
 //!   layer cannot forge opaque directories, redirects or metacopy; other `SCHILY.xattr.*`
 //!   records are applied to files and directories where the filesystem supports them.
@@ -250,6 +251,15 @@ fn unpack_into(
     }
     unpacker.finish_dir_times()?;
     Ok(unpacker.stats)
+}
+
+/// Whether the root of the unpacked layer `layer_dir` is opaque (the layer has a
+/// `.wh..wh..opq` at its top, hiding everything below it). overlayfs ignores the opaque
+/// xattr on a lower layer's root, so whoever stacks the layers must leave out every layer
+/// below one whose root is opaque.
+pub fn root_is_opaque(layer_dir: &Path) -> bool {
+    let mut value = [0u8; 1];
+    matches!(rustix::fs::lgetxattr(layer_dir, OPAQUE_XATTR, &mut value[..]), Ok(1) if value == *b"y")
 }
 
 /// Unpacks every layer of `layout` into `store_dir/<hex digest>/` (reusing directories
@@ -651,12 +661,17 @@ impl Unpacker {
                     Ok(fd) => fd,
                     Err(Errno::NOENT) if missing == Missing::Create => {
                         // Layers may omit parent directories; tar and containerd create them.
-                        match mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
-                            Ok(()) | Err(Errno::EXIST) => {}
+                        let created = match mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
+                            Ok(()) => true,
+                            Err(Errno::EXIST) => false,
                             Err(e) => return Err(self.io_err(raw, "creating parent of", e)),
+                        };
+                        let fd = open_beneath(cur.as_fd(), comp)
+                            .map_err(|e| self.check_component(raw, &cur, name, e))?;
+                        if created {
+                            self.init_implicit_dir(raw, &fd)?;
                         }
-                        open_beneath(cur.as_fd(), comp)
-                            .map_err(|e| self.check_component(raw, &cur, name, e))?
+                        fd
                     }
                     Err(e @ Errno::NOTDIR)
                         if missing == Missing::Create
@@ -672,6 +687,7 @@ impl Unpacker {
                             .map_err(|e| self.io_err(raw, "creating parent of", e))?;
                         let fd = open_beneath(cur.as_fd(), comp)
                             .map_err(|e| self.check_component(raw, &cur, name, e))?;
+                        self.init_implicit_dir(raw, &fd)?;
                         self.set_opaque(raw, &fd)?;
                         fd
                     }
@@ -680,6 +696,15 @@ impl Unpacker {
             cur = next;
         }
         Ok(cur)
+    }
+
+    /// A directory the layer implies but does not list: 0755, owned by the (shifted) root.
+    fn init_implicit_dir(&self, raw: &[u8], fd: &OwnedFd) -> Result<(), ImageError> {
+        let (uid, gid) = self.shift.map_or((0, 0), |s| (s.uid, s.gid));
+        fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+            .map_err(|e| self.io_err(raw, "chowning a parent of", e))?;
+        fchmod(fd, Mode::from_raw_mode(0o755))
+            .map_err(|e| self.io_err(raw, "chmoding a parent of", e))
     }
 
     /// Turns a failed component open into a precise error.
@@ -980,19 +1005,27 @@ impl Unpacker {
         let Some(target_name) = target.pop() else {
             return Err(bad("hard link to the layer root".into()));
         };
-        let target_dir = self.open_dir(raw, &target, Missing::Fail)?;
+        let missing = || {
+            bad(format!(
+                "hard link target {:?} is not in the layer",
+                display(target_raw)
+            ))
+        };
+        let target_dir = self
+            .open_dir(raw, &target, Missing::Fail)
+            .map_err(|e| match e {
+                ImageError::Io { ref source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    missing()
+                }
+                e => e,
+            })?;
         let target_name = os(&target_name);
         match file_type_at(&target_dir, target_name) {
             Ok(Some((FileType::Directory, _))) => {
                 return Err(bad("hard link to a directory".into()));
             }
             Ok(Some(_)) => {}
-            Ok(None) => {
-                return Err(bad(format!(
-                    "hard link target {:?} is not in the layer",
-                    display(target_raw)
-                )));
-            }
+            Ok(None) => return Err(missing()),
             Err(e) => return Err(self.io_err(raw, "inspecting the target of", e)),
         }
         let os_name = os(name);

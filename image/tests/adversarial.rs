@@ -16,16 +16,14 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keel_image::ImageError;
 use keel_image::layout::{ImageLayout, Layer, MEDIA_TYPE_LAYER_TAR};
-use keel_image::unpack::{
-    IdShift, UnpackStats, unpack_image, unpack_layer, unpack_layer_shifted,
-};
+use keel_image::unpack::{IdShift, UnpackStats, unpack_image, unpack_layer, unpack_layer_shifted};
 use tar::EntryType;
 
 const ORIGINAL: &[u8] = b"original";
@@ -313,7 +311,11 @@ impl Scene {
         assert_eq!(victims, ["target"], "the victim dir changed");
         let m = fs::symlink_metadata(&self.target).unwrap();
         assert!(m.file_type().is_file(), "the target is no longer a file");
-        assert_eq!(m.permissions().mode() & 0o7777, 0o400, "target mode changed");
+        assert_eq!(
+            m.permissions().mode() & 0o7777,
+            0o400,
+            "target mode changed"
+        );
         assert_eq!((m.uid(), m.gid()), (0, 0), "target owner changed");
         assert_eq!(m.nlink(), 1, "the target got a hard link");
         assert_eq!(fs::read(&self.target).unwrap(), ORIGINAL);
@@ -375,8 +377,14 @@ fn symlink_absolute_and_climbing_targets_are_kept_as_data() {
             .e(E::symlink("d/updown", "up/../../victim")),
     )
     .unwrap();
-    assert_eq!(fs::read_link(s.path("abs")).unwrap().as_os_str().as_bytes(), abs);
-    assert_eq!(fs::read_link(s.path("up")).unwrap(), Path::new("../../../../../.."));
+    assert_eq!(
+        fs::read_link(s.path("abs")).unwrap().as_os_str().as_bytes(),
+        abs
+    );
+    assert_eq!(
+        fs::read_link(s.path("up")).unwrap(),
+        Path::new("../../../../../..")
+    );
     assert_eq!(
         fs::read_link(s.path("d/updown")).unwrap(),
         Path::new("up/../../victim")
@@ -397,7 +405,11 @@ fn symlink_absolute_parent_is_never_followed() {
     );
     let e = assert_refused(r, "/localetc/target");
     assert!(e.to_string().contains("symlink"), "{e}");
-    assert!(fs::symlink_metadata(s.path("localetc")).unwrap().is_symlink());
+    assert!(
+        fs::symlink_metadata(s.path("localetc"))
+            .unwrap()
+            .is_symlink()
+    );
     s.assert_contained();
 }
 
@@ -405,9 +417,15 @@ fn symlink_absolute_parent_is_never_followed() {
 fn symlink_climbing_parent_is_never_followed() {
     // containerd SymlinkUpAndOut / umoci TestUnpackEntrySymlinkScoping.
     let s = Scene::new();
-    for (i, target) in ["..", "../victim", "/dummy/../..", "../../../../../../../..", "/"]
-        .into_iter()
-        .enumerate()
+    for (i, target) in [
+        "..",
+        "../victim",
+        "/dummy/../..",
+        "../../../../../../../..",
+        "/",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (_, r) = s.unpack_fresh(
             &format!("c{i}"),
@@ -536,7 +554,9 @@ fn hardlink_climbing_out_of_the_root_is_refused() {
     {
         let (_, r) = s.unpack_fresh(
             &format!("h{i}"),
-            T::new().e(E::dir("a")).e(E::hardlink("localpasswd", target)),
+            T::new()
+                .e(E::dir("a"))
+                .e(E::hardlink("localpasswd", target)),
         );
         let e = assert_refused(r, "localpasswd");
         assert!(e.to_string().contains("hard link target"), "{e}");
@@ -552,7 +572,9 @@ fn hardlink_absolute_target_is_layer_relative() {
         T::new()
             .e(E::dir("etc"))
             .e(E::file("/etc/passwd", "inside"))
-            .e(E::hardlink("localpasswd", "/etc/passwd").owner(1337, 2020).mode(0o777)),
+            .e(E::hardlink("localpasswd", "/etc/passwd")
+                .owner(1337, 2020)
+                .mode(0o777)),
     )
     .unwrap();
     let a = fs::symlink_metadata(s.path("localpasswd")).unwrap();
@@ -562,10 +584,7 @@ fn hardlink_absolute_target_is_layer_relative() {
     assert_eq!((b.uid(), b.gid(), b.mode() & 0o7777), (0, 0, 0o644));
 
     // The host's absolute path means a path inside the layer, where it does not exist.
-    let (_, r) = s.unpack_fresh(
-        "host",
-        T::new().e(E::hardlink("stolen", s.abs(&s.target))),
-    );
+    let (_, r) = s.unpack_fresh("host", T::new().e(E::hardlink("stolen", s.abs(&s.target))));
     let e = assert_refused(r, "stolen");
     assert!(e.to_string().contains("not in the layer"), "{e}");
     s.assert_contained();
@@ -579,9 +598,17 @@ fn hardlink_through_a_symlink_is_refused() {
     let abs = String::from_utf8(s.abs(&s.victim)).unwrap();
     for (i, (link, name, target)) in [
         ("breakouts/d1", "../../victim", "/breakouts/d1/target"),
-        ("breakouts/d1", "../downandout/../../victim", "/breakouts/d1/target"),
+        (
+            "breakouts/d1",
+            "../downandout/../../victim",
+            "/breakouts/d1/target",
+        ),
         ("localetc", abs.as_str(), "/localetc/target"),
-        ("localetc", "../../../../../../../victim", "/localetc/target"),
+        (
+            "localetc",
+            "../../../../../../../victim",
+            "/localetc/target",
+        ),
         ("localetc", "upandout/../../../victim", "/localetc/target"),
     ]
     .into_iter()
@@ -610,7 +637,9 @@ fn hardlink_to_a_symlink_links_the_symlink_itself() {
     s.unpack(
         T::new()
             .e(E::symlink("passwdlink", s.abs(&s.target)))
-            .e(E::hardlink("localpasswd", "/passwdlink").owner(1337, 2020).mode(0o777))
+            .e(E::hardlink("localpasswd", "/passwdlink")
+                .owner(1337, 2020)
+                .mode(0o777))
             .e(E::symlink("rel", "../../../../../victim/target"))
             .e(E::hardlink("rel-dup", "rel")),
     )
@@ -620,7 +649,11 @@ fn hardlink_to_a_symlink_links_the_symlink_itself() {
     assert!(b.is_symlink());
     assert_eq!(a.ino(), b.ino());
     assert_eq!(b.uid(), 0);
-    assert!(fs::symlink_metadata(s.path("rel-dup")).unwrap().is_symlink());
+    assert!(
+        fs::symlink_metadata(s.path("rel-dup"))
+            .unwrap()
+            .is_symlink()
+    );
     s.assert_contained();
 }
 
@@ -628,10 +661,22 @@ fn hardlink_to_a_symlink_links_the_symlink_itself() {
 fn hardlink_to_itself_a_directory_or_the_root_is_refused() {
     let s = Scene::new();
     let cases: [(&str, T, &str); 4] = [
-        ("self", T::new().e(E::file("f", "x")).e(E::hardlink("f", "f")), "itself"),
-        ("dir", T::new().e(E::dir("d")).e(E::hardlink("h", "d")), "directory"),
+        (
+            "self",
+            T::new().e(E::file("h", "x")).e(E::hardlink("h", "/h")),
+            "itself",
+        ),
+        (
+            "dir",
+            T::new().e(E::dir("d")).e(E::hardlink("h", "d")),
+            "directory",
+        ),
         ("root", T::new().e(E::hardlink("h", "/")), "layer root"),
-        ("missing", T::new().e(E::hardlink("h", "nope")), "not in the layer"),
+        (
+            "missing",
+            T::new().e(E::hardlink("h", "nope")),
+            "not in the layer",
+        ),
     ];
     for (name, t, why) in cases {
         let (_, r) = s.unpack_fresh(name, t);
@@ -677,7 +722,10 @@ fn whiteout_with_an_empty_name_is_refused() {
 fn whiteout_of_the_root_is_refused() {
     // containerd WhiteoutRoot and WhiteoutCurrentDirectory.
     let s = Scene::new();
-    for (i, name) in [".wh..", "/.wh..", "./.wh..", "etc/.wh.."].into_iter().enumerate() {
+    for (i, name) in [".wh..", "/.wh..", "./.wh..", "etc/.wh.."]
+        .into_iter()
+        .enumerate()
+    {
         let (d, r) = s.unpack_fresh(&format!("w{i}"), T::new().e(E::file(name, "")));
         assert_refused(r, name);
         assert!(xattr(&d, "trusted.overlay.opaque").is_none());
@@ -689,7 +737,10 @@ fn whiteout_of_the_root_is_refused() {
 fn whiteout_of_dot_dot_is_refused() {
     // containerd WhiteoutParent and WhiteoutRootParent.
     let s = Scene::new();
-    for (i, name) in [".wh...", "etc/.wh...", "a/b/.wh..."].into_iter().enumerate() {
+    for (i, name) in [".wh...", "etc/.wh...", "a/b/.wh..."]
+        .into_iter()
+        .enumerate()
+    {
         let (_, r) = s.unpack_fresh(&format!("w{i}"), T::new().e(E::file(name, "")));
         let e = assert_refused(r, name);
         assert!(e.to_string().contains("parent"), "{e}");
@@ -723,7 +774,11 @@ fn whiteout_of_a_symlink_only_hides_the_name() {
     // containerd WhiteoutSymlink: the lower symlink is hidden, its target untouched.
     let s = Scene::new();
     let stats = s
-        .unpack(T::new().e(E::file(".wh.localetc", "")).e(E::file("dne/../.wh.etc", "")))
+        .unpack(
+            T::new()
+                .e(E::file(".wh.localetc", ""))
+                .e(E::file("dne/../.wh.etc", "")),
+        )
         .unwrap();
     assert_eq!(stats.whiteouts, 2);
     assert!(is_whiteout(&s.path("localetc")));
@@ -739,7 +794,11 @@ fn whiteout_of_a_symlink_only_hides_the_name() {
             .e(E::file(".wh.localetc", "")),
     );
     r.unwrap();
-    assert!(fs::symlink_metadata(d.join("localetc")).unwrap().is_symlink());
+    assert!(
+        fs::symlink_metadata(d.join("localetc"))
+            .unwrap()
+            .is_symlink()
+    );
     s.assert_contained();
 }
 
@@ -750,7 +809,10 @@ fn whiteout_name_used_as_a_directory_is_refused() {
     let s = Scene::new();
     let r = s.unpack(T::new().e(E::file(".wh.etc/somefile", "non-empty")));
     let e = assert_refused(r, ".wh.etc/somefile");
-    assert!(e.to_string().contains("whiteout name used as a directory"), "{e}");
+    assert!(
+        e.to_string().contains("whiteout name used as a directory"),
+        "{e}"
+    );
     s.assert_contained();
 }
 
@@ -781,7 +843,10 @@ fn implicit_directory_over_a_whiteout_is_opaque() {
     s.unpack(T::new().e(E::file(".wh.d", "")).e(E::file("d/f", "F")))
         .unwrap();
     assert!(s.path("d").is_dir());
-    assert_eq!(xattr(&s.path("d"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr(&s.path("d"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert_eq!(fs::read(s.path("d/f")).unwrap(), b"F");
     s.assert_contained();
 }
@@ -804,7 +869,10 @@ fn opaque_marker_in_a_nested_directory() {
         .unwrap();
     assert_eq!(stats.opaque_dirs, 2);
     for d in ["a/b", "x/y/z"] {
-        assert_eq!(xattr(&s.path(d), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+        assert_eq!(
+            xattr(&s.path(d), "trusted.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
         assert!(!exists(&s.path(format!("{d}/.wh..wh..opq"))));
     }
     assert_eq!(xattr(&s.path("a"), "trusted.overlay.opaque"), None);
@@ -821,7 +889,10 @@ fn opaque_marker_with_content_is_only_a_marker() {
             .e(E::file("d/after", "A")),
     )
     .unwrap();
-    assert_eq!(xattr(&s.path("d"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr(&s.path("d"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert!(!exists(&s.path("d/.wh..wh..opq")));
     // The content was skipped, not parsed as headers.
     assert_eq!(fs::read(s.path("d/after")).unwrap(), b"A");
@@ -833,8 +904,13 @@ fn opaque_marker_at_the_top_marks_the_layer_root() {
     let s = Scene::new();
     s.unpack(T::new().e(E::file(".wh..wh..opq", "")).e(E::file("f", "F")))
         .unwrap();
-    assert_eq!(xattr(&s.layer, "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        xattr(&s.layer, "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
     assert!(!exists(&s.path(".wh..wh..opq")));
+    assert!(keel_image::unpack::root_is_opaque(&s.layer));
+    assert!(!keel_image::unpack::root_is_opaque(&s.path("f")));
     s.assert_contained();
 }
 
@@ -847,10 +923,7 @@ fn opaque_marker_through_a_symlink_is_refused() {
             .e(E::file("s/.wh..wh..opq", "")),
     );
     assert_refused(r, "s/.wh..wh..opq");
-    let (_, r) = s.unpack_fresh(
-        "up",
-        T::new().e(E::file("../sentinel/.wh..wh..opq", "")),
-    );
+    let (_, r) = s.unpack_fresh("up", T::new().e(E::file("../sentinel/.wh..wh..opq", "")));
     assert_refused(r, "../sentinel/.wh..wh..opq");
     s.assert_contained();
 }
@@ -959,7 +1032,9 @@ fn duplicate_file_over_a_directory_removes_the_tree_without_following_links() {
     for i in 0..600 {
         deep.push_str(if i % 2 == 0 { "/x" } else { "/y" });
     }
-    t = t.e(E::file(format!("{deep}/leaf"), "L")).e(E::file("d", "now a file"));
+    t = t
+        .e(E::file(format!("{deep}/leaf"), "L"))
+        .e(E::file("d", "now a file"));
     s.unpack(t).unwrap();
     assert_eq!(fs::read(s.path("d")).unwrap(), b"now a file");
     s.assert_contained();
@@ -1001,7 +1076,10 @@ fn invalid_utf8_names_are_kept_as_bytes() {
     .unwrap();
     assert_eq!(fs::read(s.path(file)).unwrap(), b"latin-1");
     assert_eq!(
-        fs::read_link(s.path(b"l\x80")).unwrap().as_os_str().as_bytes(),
+        fs::read_link(s.path(b"l\x80"))
+            .unwrap()
+            .as_os_str()
+            .as_bytes(),
         b"\xc0\xaf"
     );
     // Errors show such names escaped, unambiguously.
@@ -1028,9 +1106,14 @@ fn dot_dot_in_the_middle_of_names() {
     assert_eq!(fs::read(s.path("file")).unwrap(), b"F");
     assert_eq!(fs::read(s.path("victim/target")).unwrap(), b"T");
     assert_eq!(fs::read(s.path("c/e")).unwrap(), b"E");
-    for (i, name) in ["../victim/target", "a/b/../../../victim/target", "a/../../x", ".."]
-        .into_iter()
-        .enumerate()
+    for (i, name) in [
+        "../victim/target",
+        "a/b/../../../victim/target",
+        "a/../../x",
+        "..",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let (_, r) = s.unpack_fresh(&format!("c{i}"), T::new().e(E::file(name, "pwned")));
         let e = assert_refused(r, name);
@@ -1047,7 +1130,9 @@ fn parent_that_is_not_a_directory_is_refused() {
         T::new()
             .e(E::device(EntryType::Char, "dev/null", 1, 3))
             .e(E::file("dev/null/x", "y")),
-        T::new().e(E::device(EntryType::Fifo, "p", 0, 0)).e(E::dir("p/d/")),
+        T::new()
+            .e(E::device(EntryType::Fifo, "p", 0, 0))
+            .e(E::dir("p/d/")),
     ]
     .into_iter()
     .enumerate()
@@ -1065,7 +1150,9 @@ fn very_long_names() {
     let c255 = "n".repeat(255);
     let c256 = "n".repeat(256);
     // A 255-byte component and a deep 4000-byte path are fine (GNU long names).
-    let deep: String = std::iter::repeat_n("abcdefg", 500).collect::<Vec<_>>().join("/");
+    let deep: String = std::iter::repeat_n("abcdefg", 500)
+        .collect::<Vec<_>>()
+        .join("/");
     s.unpack(
         T::new()
             .e(E::file(&c255, "ok"))
@@ -1076,7 +1163,9 @@ fn very_long_names() {
     assert_eq!(fs::read(s.path(&c255)).unwrap(), b"ok");
     assert_eq!(fs::read(s.path(format!("{deep}/f"))).unwrap(), b"deep");
 
-    let too_deep: String = std::iter::repeat_n("abcdefg", 600).collect::<Vec<_>>().join("/");
+    let too_deep: String = std::iter::repeat_n("abcdefg", 600)
+        .collect::<Vec<_>>()
+        .join("/");
     let cases: [(&str, T, &str); 4] = [
         ("name", T::new().e(E::file(&c256, "x")), "NAME_MAX"),
         ("path", T::new().e(E::file(&too_deep, "x")), "PATH_MAX"),
@@ -1087,7 +1176,9 @@ fn very_long_names() {
         ),
         (
             "hardlink",
-            T::new().e(E::file("f", "x")).e(E::hardlink("hl", format!("{c256}/f"))),
+            T::new()
+                .e(E::file("f", "x"))
+                .e(E::hardlink("hl", format!("{c256}/f"))),
             "NAME_MAX",
         ),
     ];
@@ -1124,7 +1215,12 @@ fn device_nodes_land_inside_the_layer() {
     let sda = fs::symlink_metadata(s.path("dev/sda")).unwrap();
     assert!(sda.file_type().is_block_device());
     assert_eq!(sda.mode() & 0o7777, 0o660);
-    assert!(fs::symlink_metadata(s.path("run/fifo")).unwrap().file_type().is_fifo());
+    assert!(
+        fs::symlink_metadata(s.path("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
 
     for (i, t) in [
         T::new().e(E::device(EntryType::Block, "../sentinel/sda", 8, 0)),
@@ -1177,14 +1273,19 @@ fn setuid_setgid_and_sticky_bits_are_kept() {
     let su = fs::symlink_metadata(shifted.join("bin/su")).unwrap();
     assert_eq!((su.mode() & 0o7777, su.uid()), (0o4755, 100_000));
     assert_eq!(mode(&shifted, "bin/wall"), 0o2755);
-    assert_eq!(fs::symlink_metadata(shifted.join("bin/wall")).unwrap().gid(), 100_005);
+    assert_eq!(
+        fs::symlink_metadata(shifted.join("bin/wall"))
+            .unwrap()
+            .gid(),
+        100_005
+    );
 
     // An owner the user namespace cannot map is refused, not squashed to root.
     let narrow = s.outer.join("layers/narrow");
     fs::create_dir_all(&narrow).unwrap();
     let hostile = T::new().e(E::file("x", "x").mode(0o4755).owner(70_000, 0));
-    let e = unpack_layer_shifted(&s.layer_blob(&hostile.bytes()), &narrow, Some(shift))
-        .unwrap_err();
+    let e =
+        unpack_layer_shifted(&s.layer_blob(&hostile.bytes()), &narrow, Some(shift)).unwrap_err();
     assert!(e.to_string().contains("outside the user namespace"), "{e}");
     s.assert_contained();
 }
@@ -1279,6 +1380,19 @@ fn failing_reader_midway_leaves_no_completed_layer() {
     let fifo = blob_fifo(&layout, &hex);
     let half = tar[..tar.len() / 2].to_vec();
     let writer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Opening for writing fails until the unpack opens the layer for reading.
+        while fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&fifo)
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut f = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
         // The stream then ends: the reader sees a truncated layer midway.
         let _ = f.write_all(&half);
@@ -1320,7 +1434,12 @@ fn killed_unpack_leaves_no_completed_layer_and_is_swept() {
     let fifo = blob_fifo(&layout, &hex);
 
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_helper", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("KEEL_ADV_CRASH_LAYOUT", &layout)
         .env("KEEL_ADV_CRASH_STORE", &store)
         .spawn()
@@ -1335,7 +1454,10 @@ fn killed_unpack_leaves_no_completed_layer_and_is_swept() {
         {
             Ok(_) => break fs::OpenOptions::new().write(true).open(&fifo).unwrap(),
             Err(_) if Instant::now() < deadline => {
-                assert!(child.try_wait().unwrap().is_none(), "the child exited early");
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "the child exited early"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => panic!("the child never opened the layer: {e}"),
@@ -1345,17 +1467,21 @@ fn killed_unpack_leaves_no_completed_layer_and_is_swept() {
     // Wait until the child has written files into its tmp dir: it is midway.
     let tmp = loop {
         let found = fs::read_dir(&store).ok().and_then(|rd| {
-            rd.filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name().unwrap().to_string_lossy().starts_with(".tmp-")
-                        && fs::read_dir(p.join("data")).is_ok_and(|mut d| d.next().is_some())
-                })
+            rd.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".tmp-")
+                    && fs::read_dir(p.join("data")).is_ok_and(|mut d| d.next().is_some())
+            })
         });
         if let Some(p) = found {
             break p;
         }
-        assert!(Instant::now() < deadline, "the child never started unpacking");
+        assert!(
+            Instant::now() < deadline,
+            "the child never started unpacking"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     // The crash: SIGKILL with the stream still open, so no cleanup code runs.
@@ -1393,7 +1519,7 @@ fn stale_tmp_dirs_are_swept_and_never_trusted() {
         fs::write(t.join("data/f00"), b"forged").unwrap();
         std::os::unix::fs::symlink(&s.victim, t.join("out")).unwrap();
         std::os::unix::fs::symlink(&s.target, t.join("data/target")).unwrap();
-        fs::set_permissions(t.join("data/locked"), fs::Permissions::from_mode(0)).unwrap();
+        fs::set_permissions(t.join("data/locked"), fs::Permissions::from_mode(0o000)).unwrap();
     }
     fs::write(store.join(".tmp-file"), b"").unwrap();
     let img = ImageLayout::open(&layout).unwrap();

@@ -305,6 +305,9 @@ fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         h.set_entry_type(tar::EntryType::Regular);
         b.append_data(&mut h, name, *data).unwrap();
     }
@@ -380,7 +383,7 @@ fn assert_three_layers(t: &BTreeMap<String, String>) {
 /// A docker-archive (classic `docker save` layout, plus a `blobs/sha256` member and a
 /// symlinked layer as newer and deduplicating writers make) of the three layers.
 fn docker_archive(layers: &[(&str, Vec<u8>, Vec<u8>)]) -> (Vec<u8>, String) {
-    docker_archive_with(layers, &hex_of(&sha256(&layers[2].1)).to_owned())
+    docker_archive_with(layers, hex_of(&sha256(&layers[2].1)))
 }
 
 /// [`docker_archive`] with the plain layer stored as `blobs/sha256/<plain_hex>`.
@@ -501,6 +504,7 @@ fn skopeo_layout_and_archives_import_into_one_layout() {
     }
     match import_archive(&docker_archive, Some("nope"), &shared, "x") {
         Err(e @ ImageError::RefNotFound { .. }) => {
+            eprintln!("refused: {e}");
             assert!(e.to_string().contains("example.com/keel/busybox:t"), "{e}")
         }
         other => panic!("unexpected {other:?}"),
@@ -618,6 +622,7 @@ fn multi_arch_index_picks_amd64_and_digests_pick_exactly() {
     assert_eq!(arch(&image), "arm64");
     match ImageLayout::open_ref(&dir, "foreign") {
         Err(e @ ImageError::NoMatchingPlatform { .. }) => {
+            eprintln!("refused: {e}");
             let msg = e.to_string();
             assert!(
                 msg.contains("linux/arm64/v8") && msg.contains("linux/s390x"),
@@ -633,6 +638,7 @@ fn multi_arch_index_picks_amd64_and_digests_pick_exactly() {
     ));
     match ImageLayout::open(&dir) {
         Err(e @ ImageError::AmbiguousManifest { .. }) => {
+            eprintln!("refused: {e}");
             assert!(e.to_string().contains("nested"), "{e}")
         }
         other => panic!("unexpected {other:?}"),
@@ -661,6 +667,25 @@ fn multi_arch_index_picks_amd64_and_digests_pick_exactly() {
     assert_eq!(arch(&ImageLayout::open_ref(&dest, "arm").unwrap()), "arm64");
     // Two manifests, two configs, two layers: no index blob.
     assert_eq!(blob_names(&dest).len(), 6);
+
+    // index.json itself as the multi-platform index (no names, only platforms).
+    let flat = Hand::new(&work.path().join("flat"));
+    let amd = flat.image(
+        &[(LAYER_TAR, tar_of(&[("a", b"")]), tar_of(&[("a", b"")]))],
+        "amd64",
+    );
+    let arm = flat.image(
+        &[(LAYER_TAR, tar_of(&[("b", b"")]), tar_of(&[("b", b"")]))],
+        "arm64",
+    );
+    flat.index(vec![
+        with_platform(arm, "arm64", None),
+        with_platform(amd.clone(), "amd64", None),
+    ]);
+    assert_eq!(
+        ImageLayout::open(&flat.dir).unwrap().manifest_digest(),
+        amd["digest"].as_str().unwrap()
+    );
 
     let copied = work.path().join("copied");
     let nested = ImageLayout::open_ref(&dir, "nested").unwrap();
@@ -775,6 +800,7 @@ fn docker_archive_with_several_images_needs_a_reference() {
     let dest = w.join("dest");
     match import_archive(&archive, None, &dest, "x") {
         Err(e @ ImageError::AmbiguousManifest { .. }) => {
+            eprintln!("refused: {e}");
             let msg = e.to_string();
             assert!(msg.contains("a:1") && msg.contains("b:1"), "{msg}");
         }
@@ -826,6 +852,7 @@ fn tampered_blob_is_refused() {
     let dest = w.join("dest");
     match copy_image(&image, &dest, "x") {
         Err(e @ ImageError::DigestMismatch { .. }) => {
+            eprintln!("refused: {e}");
             assert!(e.to_string().contains(&layer_hex), "{e}")
         }
         other => panic!("unexpected {other:?}"),
@@ -836,6 +863,7 @@ fn tampered_blob_is_refused() {
     fs::write(&archive, tar_dir(&hand.dir)).unwrap();
     match import_archive(&archive, None, &dest, "x") {
         Err(e @ ImageError::DigestMismatch { .. }) => {
+            eprintln!("refused: {e}");
             let msg = e.to_string();
             assert!(msg.contains(&format!("blobs/sha256/{layer_hex}")), "{msg}");
             assert!(msg.contains("oci.tar"), "{msg}");
@@ -857,6 +885,7 @@ fn tampered_blob_is_refused() {
     fs::write(&archive, docker).unwrap();
     match import_archive(&archive, None, &dest, "x") {
         Err(e @ ImageError::DigestMismatch { .. }) => {
+            eprintln!("refused: {e}");
             let msg = e.to_string();
             assert!(msg.contains("cccc/layer.tar"), "{msg}");
             assert!(msg.contains(&sha256(&layers[2].2)), "{msg}");
@@ -895,6 +924,7 @@ fn wrong_digest_is_refused() {
     }] {
         match r {
             Err(e @ ImageError::DigestMismatch { .. }) => {
+                eprintln!("refused: {e}");
                 let msg = e.to_string();
                 assert!(msg.contains(hex_of(&wrong)) && msg.contains(&real), "{msg}");
             }
@@ -914,6 +944,7 @@ fn wrong_digest_is_refused() {
     fs::write(&archive, renamed).unwrap();
     match import_archive(&archive, None, &dest, "x") {
         Err(e @ ImageError::DigestMismatch { .. }) => {
+            eprintln!("refused: {e}");
             assert!(e.to_string().contains(&bad_config), "{e}")
         }
         other => panic!("unexpected {other:?}"),
@@ -924,6 +955,7 @@ fn wrong_digest_is_refused() {
     fs::write(&archive, misnamed).unwrap();
     match import_archive(&archive, None, &dest, "x") {
         Err(e @ ImageError::DigestMismatch { .. }) => {
+            eprintln!("refused: {e}");
             assert!(
                 e.to_string().contains(&format!("blobs/sha256/{wrong_hex}")),
                 "{e}"
@@ -982,6 +1014,7 @@ fn truncated_layer_is_refused() {
     // In a layout.
     match copy_image(&image, &dest, "x") {
         Err(e @ ImageError::SizeMismatch { .. }) => {
+            eprintln!("refused: {e}");
             assert!(e.to_string().contains(&layer_hex), "{e}")
         }
         other => panic!("unexpected {other:?}"),
@@ -993,6 +1026,7 @@ fn truncated_layer_is_refused() {
     fs::write(&archive, tar_dir(&hand.dir)).unwrap();
     match import_archive(&archive, None, &dest, "x") {
         Err(e @ ImageError::SizeMismatch { .. }) => {
+            eprintln!("refused: {e}");
             assert!(
                 e.to_string().contains(&format!("blobs/sha256/{layer_hex}")),
                 "{e}"
@@ -1036,7 +1070,10 @@ fn truncated_layer_is_refused() {
     let archive = w.join("cut.tar");
     fs::write(&archive, &whole[..data_end - full.len() / 2]).unwrap();
     match import_archive(&archive, None, &dest, "x") {
-        Err(e) => assert!(e.to_string().contains(&layer_hex), "{e}"),
+        Err(e) => {
+            eprintln!("refused: {e}");
+            assert!(e.to_string().contains(&layer_hex), "{e}")
+        }
         Ok(d) => panic!("imported a truncated archive as {d}"),
     }
     assert_not_imported(&dest);
@@ -1050,7 +1087,10 @@ fn truncated_layer_is_refused() {
     let archive = w.join("docker.tar");
     fs::write(&archive, docker).unwrap();
     match import_archive(&archive, None, &dest, "x") {
-        Err(e) => assert!(e.to_string().contains("aaaa/layer.tar"), "{e}"),
+        Err(e) => {
+            eprintln!("refused: {e}");
+            assert!(e.to_string().contains("aaaa/layer.tar"), "{e}")
+        }
         Ok(d) => panic!("imported a truncated layer as {d}"),
     }
     assert_not_imported(&dest);

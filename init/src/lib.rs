@@ -8,4 +8,5 @@ pub mod logger;
 pub mod modules;
 pub mod net;
 pub mod power;
+pub mod puller;
 pub mod reaper;

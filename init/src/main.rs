@@ -9,7 +9,7 @@
 //! PID 1 must never exit or panic: the kernel would panic with it. Failures are logged and
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
-use keel_init::{early, logger, modules, net, power, reaper};
+use keel_init::{early, logger, modules, net, power, puller, reaper};
 
 mod control;
 
@@ -54,6 +54,22 @@ fn main() {
             _ => &args[2..],
         };
         reaper::run(command);
+    }
+    // Started by PID 1 to pull a `pull_at = "boot"` image.
+    if args.get(1).is_some_and(|a| a == "--pull") {
+        let image = args.get(2).map(|a| a.to_string_lossy().into_owned());
+        let code = match image {
+            Some(image) => puller::run(
+                Path::new(HOST_FILE),
+                &image,
+                &keel_supervisor::Paths::default().pulled,
+            ),
+            None => {
+                eprintln!("keel: --pull needs an image name");
+                2
+            }
+        };
+        std::process::exit(code);
     }
     let outcome = std::panic::catch_unwind(boot_and_serve);
     let why = match outcome {

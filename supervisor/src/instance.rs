@@ -84,8 +84,16 @@ impl Instance {
             gid: m.gid,
             size: m.size,
         });
-        let lowers = keel_image::unpack::unpack_image_shifted(&layout, &paths.layers, shift)
+        let mut lowers = keel_image::unpack::unpack_image_shifted(&layout, &paths.layers, shift)
             .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
+        // An opaque marker at a layer's root hides everything below it, but overlayfs
+        // ignores opaqueness on a lower layer's root: leave the hidden layers out instead.
+        if let Some(top_opaque) = lowers
+            .iter()
+            .rposition(|dir| keel_image::unpack::root_is_opaque(dir))
+        {
+            lowers.drain(..top_opaque);
+        }
         let image = ImageProcess::from_oci(layout.config());
         if !image.exposed_ports.is_empty() {
             log::info!(

@@ -24,6 +24,14 @@ pub fn collect_garbage(store: &Path, keep: &BTreeSet<String>) -> io::Result<Coll
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(collected),
         Err(e) => return Err(e),
     };
+    // Unpacks hold a shared lock on the store: only without one is a `.tmp-*` directory
+    // certainly abandoned rather than being written right now.
+    let store_dir = std::fs::File::open(store)?;
+    let exclusive = rustix::fs::flock(
+        &store_dir,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .is_ok();
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
@@ -35,8 +43,10 @@ pub fn collect_garbage(store: &Path, keep: &BTreeSet<String>) -> io::Result<Coll
         }
         let path = entry.path();
         if name.starts_with(".tmp-") {
-            std::fs::remove_dir_all(&path)?;
-            collected.partial += 1;
+            if exclusive {
+                std::fs::remove_dir_all(&path)?;
+                collected.partial += 1;
+            }
             continue;
         }
         let digest = name.split('@').next().unwrap_or(name);

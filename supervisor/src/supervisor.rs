@@ -29,6 +29,8 @@ use crate::spawn::{IdMap, Step, describe_failure};
 pub struct Paths {
     /// The OCI image layout holding every image of the host file, each under its name.
     pub images: PathBuf,
+    /// The layout `pull_at = "boot"` images are pulled into.
+    pub pulled: PathBuf,
     /// Unpacked layers shared by every container of an image.
     pub layers: PathBuf,
     /// Per-container overlay upper, work and mount point directories.
@@ -41,9 +43,19 @@ pub struct Paths {
 impl Paths {
     /// Opens image `name` of the host file (named so in the layout `keel build` embeds),
     /// verifying its manifest and config.
+    /// An image pulled at boot is found in [`Paths::pulled`] instead.
     pub fn open_image(&self, name: &str) -> Result<keel_image::layout::ImageLayout, String> {
         keel_image::layout::ImageLayout::open_ref(&self.images, name)
+            .or_else(|embedded| {
+                keel_image::layout::ImageLayout::open_ref(&self.pulled, name).map_err(|_| embedded)
+            })
             .map_err(|e| format!("image {name} ({}): {e}", self.images.display()))
+    }
+
+    /// Opens image `name` pulled at boot.
+    pub fn open_pulled_image(&self, name: &str) -> Result<keel_image::layout::ImageLayout, String> {
+        keel_image::layout::ImageLayout::open_ref(&self.pulled, name)
+            .map_err(|e| format!("image {name} ({}): {e}", self.pulled.display()))
     }
 }
 
@@ -51,6 +63,7 @@ impl Default for Paths {
     fn default() -> Paths {
         Paths {
             images: "/usr/share/keel/images".into(),
+            pulled: "/var/lib/keel/images".into(),
             layers: "/var/lib/keel/layers".into(),
             containers: "/run/keel/containers".into(),
             logs: "/var/log/keel".into(),
@@ -205,6 +218,10 @@ pub enum Event {
     Ready {
         name: String,
     },
+    /// Time to try pulling a boot image again.
+    PullRetry {
+        image: String,
+    },
 }
 
 /// What the policy says after an exit.
@@ -292,6 +309,24 @@ pub struct Supervisor {
     networks: ContainerNetworks,
     /// Every required host interface has its address (see `Condition::NetworkOnline`).
     network_online: bool,
+    /// `pull_at = "boot"` images by name: their containers wait until they are pulled.
+    pulls: BTreeMap<String, Pull>,
+}
+
+/// A boot pull, run by a process of its own (`keel-init --pull IMAGE`).
+struct Pull {
+    state: PullState,
+    failures: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PullState {
+    /// Waiting for the network, or for its retry time.
+    Waiting,
+    Running {
+        pid: libc::pid_t,
+    },
+    Done,
 }
 
 enum ExecWaiter {
@@ -348,6 +383,28 @@ impl Supervisor {
             execs: BTreeMap::new(),
             networks: ContainerNetworks::new(config),
             network_online: false,
+            pulls: config
+                .images
+                .iter()
+                .filter(|(_, i)| {
+                    matches!(
+                        i.source,
+                        keel_config::ImageSource::Pull {
+                            at: keel_config::PullAt::Boot,
+                            ..
+                        }
+                    )
+                })
+                .map(|(name, _)| {
+                    (
+                        name.clone(),
+                        Pull {
+                            state: PullState::Waiting,
+                            failures: 0,
+                        },
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -358,9 +415,83 @@ impl Supervisor {
             return;
         }
         self.network_online = online;
+        if online {
+            self.start_pulls();
+        }
         if online && self.phase == Phase::Running {
             self.advance();
         }
+    }
+
+    /// Whether image `name` can be prepared: embedded, or pulled at boot already.
+    fn image_ready(&self, image: &str) -> bool {
+        self.pulls
+            .get(image)
+            .is_none_or(|p| p.state == PullState::Done)
+    }
+
+    /// Starts the waiting boot pulls, once the network is online.
+    fn start_pulls(&mut self) {
+        if !self.network_online {
+            return;
+        }
+        for (image, pull) in self.pulls.iter_mut() {
+            if pull.state != PullState::Waiting {
+                continue;
+            }
+            // A process of its own: PID 1 keeps reaping and serving during the pull. Its
+            // exit comes back through on_exit, from the one reaper.
+            match std::process::Command::new("/proc/self/exe")
+                .arg("--pull")
+                .arg(image)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+            {
+                Ok(child) => {
+                    let pid = child.id() as libc::pid_t;
+                    log::info!("image {image}: pulling (pid {pid})");
+                    pull.state = PullState::Running { pid };
+                }
+                Err(e) => {
+                    log::error!("image {image}: cannot start the pull: {e}");
+                    pull.failures += 1;
+                    schedule(
+                        &self.events,
+                        pull_backoff(pull.failures),
+                        Event::PullRetry {
+                            image: image.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// A pull process ended; false when `pid` is not one.
+    fn on_pull_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
+        let Some((image, pull)) = self
+            .pulls
+            .iter_mut()
+            .find(|(_, p)| p.state == PullState::Running { pid })
+        else {
+            return false;
+        };
+        if status == ExitStatus::Code(0) {
+            log::info!("image {image}: pulled");
+            pull.state = PullState::Done;
+            self.advance();
+        } else {
+            pull.failures += 1;
+            pull.state = PullState::Waiting;
+            let delay = pull_backoff(pull.failures);
+            log::error!(
+                "image {image}: pull failed ({status}); retrying in {} s",
+                delay.as_secs()
+            );
+            let image = image.clone();
+            self.schedule(delay, Event::PullRetry { image });
+        }
+        true
     }
 
     pub fn phase(&self) -> Phase {
@@ -370,6 +501,7 @@ impl Supervisor {
     /// Starts the boot: onboot tasks in file order, then the services.
     pub fn start_all(&mut self) {
         self.collect_layer_garbage();
+        self.start_pulls();
         let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         for e in self.networks.prepare(&resolv_conf) {
             log::error!("container networks: {e}");
@@ -382,6 +514,13 @@ impl Supervisor {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 log::error!("cannot create {}: {e}", dir.display());
             }
+        }
+        // Layers may hold setuid files and device nodes: nobody but root walks the store.
+        if let Err(e) = std::fs::set_permissions(
+            &self.runtime.paths.layers,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        ) {
+            log::warn!("{}: {e}", self.runtime.paths.layers.display());
         }
         self.advance();
     }
@@ -436,7 +575,10 @@ impl Supervisor {
             };
             match &m.state {
                 State::Waiting => {
-                    self.start(&name);
+                    // A task whose image is still being pulled holds the sequence.
+                    if self.image_ready(&m.config.image) {
+                        self.start(&name);
+                    }
                     return;
                 }
                 State::Running(_) | State::Stopping(_) | State::BackingOff { .. } => return,
@@ -528,7 +670,7 @@ impl Supervisor {
             let Some(m) = self.containers.get(&name) else {
                 continue;
             };
-            if !matches!(m.state, State::Waiting) || m.held {
+            if !matches!(m.state, State::Waiting) || m.held || !self.image_ready(&m.config.image) {
                 continue;
             }
             let mut pending = false;
@@ -766,6 +908,9 @@ impl Supervisor {
 
     /// Handles the exit of a reaped child; false when `pid` is not one of ours.
     pub fn on_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
+        if self.on_pull_exit(pid, status) {
+            return true;
+        }
         if let Some(waiter) = self.execs.remove(&pid) {
             let code = match status {
                 ExitStatus::Code(c) => c,
@@ -926,6 +1071,13 @@ impl Supervisor {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
+            Event::PullRetry { image } => {
+                if let Some(pull) = self.pulls.get_mut(&image)
+                    && pull.state == PullState::Waiting
+                {
+                    self.start_pulls();
+                }
+            }
             Event::RestartDue { name, generation } => {
                 let due = self.containers.get(&name).is_some_and(
                     |m| matches!(m.state, State::BackingOff { generation: g } if g == generation),
@@ -1366,6 +1518,18 @@ impl Supervisor {
         let images: std::collections::BTreeSet<&String> =
             self.containers.values().map(|m| &m.config.image).collect();
         for image in images {
+            if self.pulls.contains_key(image) {
+                // Pulled again this boot; its layers are kept if it is already here.
+                if let Ok(layout) = self.runtime.paths.open_pulled_image(image) {
+                    keep.extend(
+                        layout
+                            .layers()
+                            .into_iter()
+                            .filter_map(|l| l.digest.strip_prefix("sha256:").map(str::to_string)),
+                    );
+                }
+                continue;
+            }
             match self.runtime.paths.open_image(image) {
                 Ok(layout) => keep.extend(
                     layout
@@ -1579,6 +1743,11 @@ impl std::fmt::Display for Stats {
 }
 
 /// Logs why a child failed before its execve, if it did.
+/// Boot pulls retry after 5 s, doubling up to 5 minutes: the registry may be coming up.
+fn pull_backoff(failures: u32) -> Duration {
+    Duration::from_secs((5u64 << failures.saturating_sub(1).min(6)).min(300))
+}
+
 /// Lets a held container go on once its network namespace is on its bridge. If that fails,
 /// the gate is dropped and the container fails before its first step (and is restarted by
 /// its policy like any other failure).
