@@ -59,8 +59,10 @@ pub mod os {
 
     /// The kernel command line: serial console; only critical kernel messages on it (PID 1
     /// prints its own lines, which would otherwise show twice through /dev/kmsg); PID 1's
-    /// kmsg lines not rate-limited; and a kernel panic ends the VM instead of hanging it.
-    pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on";
+    /// kmsg lines not rate-limited; a kernel panic ends the VM instead of hanging it; and
+    /// no IO-APIC timer check, which a software-emulated CPU on a busy host can fail
+    /// ("IO-APIC + timer doesn't work!", a panic before init) though the timer works.
+    pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on no_timer_check";
 
     /// The skeleton every Keel initramfs starts from: the mount points PID 1 uses and
     /// /dev/console, which the kernel opens as PID 1's stdio before any devtmpfs exists.

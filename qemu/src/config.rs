@@ -58,7 +58,7 @@ impl VmConfig {
 }
 
 impl Default for VmConfig {
-    /// No kernel (it must be set), no initrd, `console=ttyS0 panic=-1`, 512 MiB, one vCPU,
+    /// No kernel (it must be set), no initrd, `console=ttyS0 panic=-1 no_timer_check`, 512 MiB, one vCPU,
     /// nothing published, no log, no echo, the API socket chosen at boot.
     ///
     /// `panic=-1` makes a panicking guest reboot at once, which `-no-reboot` turns into QEMU
@@ -67,7 +67,7 @@ impl Default for VmConfig {
         VmConfig {
             kernel: PathBuf::new(),
             initrd: None,
-            cmdline: "console=ttyS0 panic=-1".to_owned(),
+            cmdline: "console=ttyS0 panic=-1 no_timer_check".to_owned(),
             memory_mb: 512,
             cpus: 1,
             publish: Vec::new(),
@@ -331,7 +331,10 @@ mod tests {
         assert!(!args.contains(&"-initrd".to_owned()));
         assert_eq!(value(&args, "-m"), "512");
         assert_eq!(value(&args, "-smp"), "1");
-        assert_eq!(value(&args, "-append"), "console=ttyS0 panic=-1");
+        assert_eq!(
+            value(&args, "-append"),
+            "console=ttyS0 panic=-1 no_timer_check"
+        );
         assert_eq!(value(&args, "-nic"), "user,model=virtio-net-pci");
         assert_eq!(
             value(&args, "-qmp"),
