@@ -25,6 +25,7 @@
 
 mod digest;
 mod error;
+pub mod gc;
 pub mod layout;
 pub mod unpack;
 

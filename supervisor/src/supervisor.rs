@@ -1514,6 +1514,19 @@ impl Supervisor {
     /// since they were unpacked). Keeps everything if any image cannot be read: deleting
     /// a layer still needed costs an unpack, keeping an unneeded one only disk.
     fn collect_layer_garbage(&self) {
+        // Images pulled at boot that the host file no longer names go first, with the
+        // blobs only they used; their layers then go below.
+        let pulled: std::collections::BTreeSet<String> = self.pulls.keys().cloned().collect();
+        match keel_image::gc::collect_layout_garbage(&self.runtime.paths.pulled, &pulled) {
+            Ok(c) if c == keel_image::gc::LayoutCollected::default() => {}
+            Ok(c) => log::info!(
+                "image store: removed {} images no longer named, {} blobs ({} KiB)",
+                c.images,
+                c.blobs,
+                c.bytes / 1024
+            ),
+            Err(e) => log::warn!("image store: collecting garbage: {e}"),
+        }
         let mut keep = std::collections::BTreeSet::new();
         let images: std::collections::BTreeSet<&String> =
             self.containers.values().map(|m| &m.config.image).collect();
