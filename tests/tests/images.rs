@@ -261,7 +261,11 @@ env = { SOURCE = "docker-archive" }
             "{line}"
         );
     }
-    eprintln!("boot to the third marker: {:.1?}", started.elapsed());
+    eprintln!(
+        "boot to the third marker ({}): {:.1?}",
+        vm.accel(),
+        started.elapsed()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -443,11 +447,18 @@ fn debian_nginx_rootfs() -> PathBuf {
         return done;
     }
     fs::create_dir_all(&cache).unwrap();
-    let tmp = cache.join(format!(
-        ".tmp-debian-nginx-{:016x}-{}",
-        fnv1a(&key),
-        std::process::id()
-    ));
+    // Leftovers of interrupted builds (their process is gone) are removed, never used.
+    let prefix = format!(".tmp-debian-nginx-{:016x}-", fnv1a(&key));
+    for entry in fs::read_dir(&cache).unwrap().filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(&prefix)
+            && !Path::new("/proc").join(pid).exists()
+        {
+            eprintln!("debian rootfs: removing the unfinished {name}");
+            run(Command::new("rm").arg("-rf").arg(entry.path()));
+        }
+    }
+    let tmp = cache.join(format!("{prefix}{}", std::process::id()));
     if tmp.exists() {
         run(Command::new("rm").arg("-rf").arg(&tmp));
     }
@@ -475,7 +486,7 @@ fn debian_nginx_rootfs() -> PathBuf {
         let log = fs::read_to_string(tmp.join("debootstrap/debootstrap.log")).unwrap_or_default();
         let _ = Command::new("rm").arg("-rf").arg(&tmp).status();
         panic!(
-            "debootstrap {} failed ({}; it needs root and the network):\n{}{}\n{}",
+            "debootstrap {} failed ({}; it needs root, the network and a cache directory without nodev or noexec; KEEL_TEST_IMAGES moves it):\n{}{}\n{}",
             real_args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stdout),
@@ -626,7 +637,7 @@ fn a_debian_nginx_image_pulled_with_auth_serves_curl_on_the_host() {
     let vm = Vm::boot(config).expect("QEMU starts");
     vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
         .unwrap();
-    eprintln!("boot to ready: {:.1?}", started.elapsed());
+    eprintln!("boot to ready ({}): {:.1?}", vm.accel(), started.elapsed());
     let port = vm.host_port(8080).expect("8080 is published");
     let url = format!("http://127.0.0.1:{port}/");
     let curl = tool("curl", "curl");
@@ -655,7 +666,7 @@ fn a_debian_nginx_image_pulled_with_auth_serves_curl_on_the_host() {
         // connection from spinning.
         std::thread::sleep(Duration::from_millis(500));
     };
-    eprintln!("ready to nginx's first answer: {:.1?}", started.elapsed());
+    eprintln!("boot to nginx's first answer: {:.1?}", started.elapsed());
     assert!(headers.starts_with("HTTP/1.1 200"), "{headers}");
     assert!(
         headers
@@ -681,4 +692,77 @@ fn a_debian_nginx_image_pulled_with_auth_serves_curl_on_the_host() {
         .output()
         .expect("running curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+}
+
+/// `pull_at = "boot"`: the image is not in the OS image; the booted host pulls it from the
+/// registry (QEMU's gateway 10.0.2.2 reaches the test's loopback), with the registry's
+/// credentials, and the container using it starts once it is there.
+#[test]
+fn an_image_pulled_at_boot_runs_once_the_host_pulled_it() {
+    tool("umoci", "umoci");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let rootfs = w.join("rootfs");
+    busybox_rootfs(&rootfs);
+    umoci_image(
+        w,
+        &rootfs,
+        &w.join("L"),
+        "t",
+        true,
+        &["--config.env", "PATH=/bin"],
+    );
+    let registry = Registry::start();
+    registry.push(&format!("oci:{}:t", w.join("L").display()), "test/bb:1");
+    let guest_side = format!("10.0.2.2:{}", registry.port);
+    let host = w.join("host.toml");
+    fs::write(
+        &host,
+        format!(
+            r#"[host]
+hostname = "puller"
+
+[network.interfaces.eth0]
+dhcp4 = true
+
+[registries."{guest_side}"]
+username = "{USER}"
+password = "{PASS}"
+insecure = true
+
+[images.bb]
+pull = "{guest_side}/test/bb:1"
+pull_at = "boot"
+
+[containers.app]
+image = "bb"
+kind = "onboot"
+command = ["sh", "-c", "echo app: running from the pulled image"]
+"#
+        ),
+    )
+    .unwrap();
+    // The build contacts no registry: 10.0.2.2 means nothing on this side.
+    let dir = build_host(&host, &w.join("out"));
+    let manifest = fs::read_to_string(dir.join("manifest.json")).unwrap();
+    assert!(manifest.contains("pull at boot: 10.0.2."), "{manifest}");
+
+    let vm = boot(&dir, &[]);
+    vm.wait_for_line("[app] app: running from the pulled image", BOOT_TIMEOUT)
+        .unwrap();
+    let console = vm.console();
+    let pulled = console
+        .find("keel: pulled bb (")
+        .unwrap_or_else(|| panic!("no pull reported:\n{console}"));
+    let started = console
+        .find("app: started")
+        .unwrap_or_else(|| panic!("app never started:\n{console}"));
+    assert!(
+        pulled < started,
+        "app started before its image was pulled:\n{console}"
+    );
+    assert!(
+        console.contains("keel: image bb: pulled"),
+        "PID 1 did not see the pull end:\n{console}"
+    );
 }

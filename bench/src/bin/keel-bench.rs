@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use keel_bench::host::{self, DynamicBinary, KernelParts};
+use keel_bench::images;
 use keel_bench::lines;
 use keel_bench::network::{self, Addresses, Path4};
 use keel_bench::stats::{self, Summary};
@@ -20,7 +21,7 @@ use keel_bench::tcp::{self, Transfer};
 #[derive(Parser)]
 #[command(
     name = "keel-bench",
-    about = "Benchmark Keel: container start latency vs crun, boot time, PID 1's RSS, container networking"
+    about = "Benchmark Keel: container start latency vs crun, boot time, PID 1's RSS, container networking, image import + unpack"
 )]
 struct Cli {
     /// Measured starts per runtime and metric.
@@ -42,13 +43,34 @@ struct Cli {
     /// Bytes per throughput transfer in the networking benchmark (K, M, G: binary units).
     #[arg(long, default_value = "64M", value_parser = parse_byte_count)]
     net_bytes: u64,
-    /// Benchmarks to run: latency, boot, rss, network.
+    /// Benchmarks to run: latency, boot, rss, network, images (images runs on the host, as
+    /// root, without QEMU).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "latency,boot,rss,network"
+        default_value = "latency,boot,rss,network,images"
     )]
     only: Vec<String>,
+    /// Measured rounds of the images benchmark (after one warm-up round).
+    #[arg(long, default_value_t = 7)]
+    images_n: usize,
+    /// Containers of one image in the images benchmark's disk-use comparison.
+    #[arg(long, default_value_t = 10)]
+    images_containers: usize,
+    /// File content of the images benchmark's image, in MB (10^6 bytes).
+    #[arg(long, default_value_t = 100)]
+    images_mb: u64,
+    /// Layers of the images benchmark's image.
+    #[arg(long, default_value_t = 4)]
+    images_layers: usize,
+    #[arg(long, default_value = "umoci")]
+    umoci: PathBuf,
+    #[arg(long, default_value = "skopeo")]
+    skopeo: PathBuf,
+    /// Write the images benchmark's markdown report here (stdout otherwise); left alone when
+    /// it does not run.
+    #[arg(long)]
+    images_report: Option<PathBuf>,
     /// Where the guests and their console logs are written [default: a temporary directory]
     #[arg(long)]
     work: Option<PathBuf>,
@@ -80,7 +102,9 @@ fn parse_byte_count(text: &str) -> Result<u64, String> {
     }
 }
 
-const BENCHMARKS: [&str; 4] = ["latency", "boot", "rss", "network"];
+const BENCHMARKS: [&str; 5] = ["latency", "boot", "rss", "network", "images"];
+/// The benchmarks that boot QEMU guests (and need a kernel and `keel build`).
+const GUEST_BENCHMARKS: [&str; 4] = ["latency", "boot", "rss", "network"];
 
 /// Everything the latency guest may take under TCG (it prints progress only at the end).
 const LATENCY_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -153,6 +177,54 @@ fn run(cli: &Cli) -> Result<(), String> {
         ));
     }
     let selected = |name: &str| cli.only.iter().any(|o| o == name);
+    if selected("images") && !nix::unistd::geteuid().is_root() {
+        return Err(
+            "the images benchmark runs as root (`sudo scripts/bench --only images`); \
+             `--only latency,boot,rss,network` leaves it out"
+                .into(),
+        );
+    }
+    let temp;
+    let work = match &cli.work {
+        Some(w) => w.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("keel-bench-")
+                .tempdir()
+                .map_err(|e| format!("temporary directory: {e}"))?;
+            temp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    if GUEST_BENCHMARKS.iter().any(|b| selected(b)) {
+        guests(cli, &work, started)?;
+    }
+    // Host-side, no QEMU: its report goes to a section of its own.
+    if selected("images") {
+        let opts = images::Options {
+            work: work.join("images"),
+            busybox: cli.busybox.clone(),
+            umoci: cli.umoci.clone(),
+            skopeo: cli.skopeo.clone(),
+            budget: cli.images_mb * 1_000_000,
+            layers: cli.images_layers,
+            rounds: cli.images_n,
+            containers: cli.images_containers,
+        };
+        let results = images::run(&opts)?;
+        let report = images_report(cli, &opts, &results);
+        match &cli.images_report {
+            Some(path) => write(path, &report)?,
+            None => print!("{report}"),
+        }
+    }
+    Ok(())
+}
+
+/// The benchmarks that boot guests (latency, boot, rss, network).
+fn guests(cli: &Cli, work: &Path, started: Instant) -> Result<(), String> {
+    let selected = |name: &str| cli.only.iter().any(|o| o == name);
+    let work = work.to_path_buf();
     let bin_dir = std::env::current_exe()
         .map_err(|e| format!("current_exe: {e}"))?
         .parent()
@@ -180,18 +252,6 @@ fn run(cli: &Cli) -> Result<(), String> {
             cli.crun.display()
         ));
     }
-    let temp;
-    let work = match &cli.work {
-        Some(w) => w.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("keel-bench-")
-                .tempdir()
-                .map_err(|e| format!("temporary directory: {e}"))?;
-            temp.path().to_path_buf()
-        }
-    };
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let cache = cli.cache.clone().unwrap_or_else(default_cache);
     let parts = KernelParts::fetch(&cache)?;
     // Only the latency and boot guests carry crun.
@@ -243,7 +303,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             None => print!("{report}"),
         }
     }
-    // Last: it is the newest benchmark, and its report goes to a section of its own.
+    // Last of the guests: its report goes to a section of its own.
     if selected("network") {
         let net_started = Instant::now();
         network(cli, &env, &mut results)?;
@@ -813,6 +873,59 @@ fn network_report(cli: &Cli, env: &Env, r: &Results, elapsed: Duration) -> Strin
     }
     let _ = writeln!(w);
     out
+}
+
+fn images_report(cli: &Cli, opts: &images::Options, r: &images::Results) -> String {
+    let mut command = String::from("scripts/bench --only images");
+    if cli.images_n != 7 {
+        let _ = write!(command, " --images-n {}", cli.images_n);
+    }
+    if cli.images_containers != 10 {
+        let _ = write!(command, " --images-containers {}", cli.images_containers);
+    }
+    if cli.images_mb != 100 {
+        let _ = write!(command, " --images-mb {}", cli.images_mb);
+    }
+    if cli.images_layers != 4 {
+        let _ = write!(command, " --images-layers {}", cli.images_layers);
+    }
+    let fs = command_line(
+        "findmnt",
+        &["-no", "FSTYPE,SOURCE", "-T", &opts.work.to_string_lossy()],
+    )
+    .split_whitespace()
+    .collect::<Vec<_>>()
+    .join(" ");
+    let machine = format!(
+        "{} CPUs ({}), {} MiB RAM, host kernel {}, work directory on {fs}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        memory_mib(),
+        command_line("uname", &["-r"]),
+    );
+    let versions = format!(
+        "{}, {}",
+        command_line(&cli.umoci.to_string_lossy(), &["--version"]),
+        command_line(&cli.skopeo.to_string_lossy(), &["--version"]),
+    );
+    let date = command_line("date", &["-u", "+%Y-%m-%d"]);
+    images::report(r, opts, &command, &date, &machine, &versions)
+}
+
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        })
+        .map_or(0, |kb| kb / 1024)
 }
 
 fn accel_name(vm: &keel_qemu::Vm) -> String {
