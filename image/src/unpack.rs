@@ -288,6 +288,8 @@ pub fn unpack_image_shifted(
     // Held until every layer is in place, so that no other unpack sweeps our tmp dirs.
     let _lock = lock_store(&store, store_dir)?;
     let mut dirs = Vec::new();
+    // Extracted and verified, not yet renamed into place: (tmp name, final name).
+    let mut pending: Vec<(String, String)> = Vec::new();
     for layer in layout.layers() {
         let name = match shift {
             None => layer.digest_hex()?.to_owned(),
@@ -306,20 +308,56 @@ pub fn unpack_image_shifted(
             Err(Errno::NOENT) => {}
             Err(e) => return Err(store_io(&format!("inspecting {name} in"), e)),
         }
-        unpack_layer_into_store(&store, store_dir, &layer, &name, shift)?;
+        let tmp = extract_to_tmp(&store, store_dir, &layer, &name, shift);
+        match tmp {
+            Ok(tmp) => pending.push((tmp, name)),
+            Err(e) => {
+                for (tmp, _) in &pending {
+                    let _ = remove_tree(&store, OsStr::new(tmp));
+                }
+                return Err(e);
+            }
+        }
         dirs.push(final_dir);
     }
+    if pending.is_empty() {
+        return Ok(dirs);
+    }
+    // The renames below must not become durable before the layers' contents do: one sync
+    // of the filesystem for all of them (each syncfs also waits for every other writer's
+    // data, which on a busy disk costs more than the layers themselves).
+    if let Err(e) = syncfs(&store) {
+        for (tmp, _) in &pending {
+            let _ = remove_tree(&store, OsStr::new(tmp));
+        }
+        return Err(store_io("syncing", e));
+    }
+    let mut failure = None;
+    for (tmp, name) in &pending {
+        if failure.is_some() {
+            let _ = remove_tree(&store, OsStr::new(tmp));
+            continue;
+        }
+        if let Err(e) = install_tmp(&store, store_dir, tmp, name) {
+            failure = Some(e);
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    fsync(&store).map_err(|e| store_io("syncing the store after renaming into", e))?;
     Ok(dirs)
 }
 
-/// Unpacks one layer into a fresh tmp dir of the store and renames it to `name`.
-fn unpack_layer_into_store(
+/// Unpacks one layer into a fresh tmp dir of the store (verifying its digest); returns the
+/// tmp dir's name. Nothing is synced yet: see `unpack_image_shifted`.
+fn extract_to_tmp(
     store: &OwnedFd,
     store_dir: &Path,
     layer: &Layer,
     name: &str,
     shift: Option<IdShift>,
-) -> Result<(), ImageError> {
+) -> Result<String, ImageError> {
     let tmp_name = loop {
         let candidate = format!(
             "{TMP_PREFIX}{name}-{}-{}",
@@ -349,12 +387,7 @@ fn unpack_layer_into_store(
         fchown(&root, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .map_err(|e| io_err("chowning", e))?;
         fchmod(&root, Mode::from_raw_mode(0o755)).map_err(|e| io_err("chmoding", e))?;
-        let for_unpack = root
-            .try_clone()
-            .map_err(|e| ImageError::io(format!("duplicating fd of {}", tmp_path.display()), e))?;
-        unpack_into(layer, for_unpack, &tmp_path, shift)?;
-        // The rename below must not become durable before the layer's contents do.
-        syncfs(&root).map_err(|e| io_err("syncing", e))
+        unpack_into(layer, root, &tmp_path, shift)
     })();
     if let Err(e) = result {
         // Best effort: the error that caused this matters more than a failed cleanup, and
@@ -362,23 +395,28 @@ fn unpack_layer_into_store(
         let _ = remove_tree(store, OsStr::new(&tmp_name));
         return Err(e);
     }
-    let renamed = match renameat_with(
-        store,
-        tmp_name.as_str(),
-        store,
-        name,
-        RenameFlags::NOREPLACE,
-    ) {
+    Ok(tmp_name)
+}
+
+/// Renames a synced tmp dir to its final `name`; another unpacker's complete copy wins.
+fn install_tmp(
+    store: &OwnedFd,
+    store_dir: &Path,
+    tmp_name: &str,
+    name: &str,
+) -> Result<(), ImageError> {
+    let tmp_path = store_dir.join(tmp_name);
+    let renamed = match renameat_with(store, tmp_name, store, name, RenameFlags::NOREPLACE) {
         // Filesystems without RENAME_NOREPLACE: a plain rename cannot replace a non-empty
         // directory either, and an empty one would be a complete (empty) layer too.
-        Err(Errno::INVAL) => renameat(store, tmp_name.as_str(), store, name),
+        Err(Errno::INVAL) => renameat(store, tmp_name, store, name),
         other => other,
     };
     match renamed {
-        Ok(()) => fsync(store).map_err(|e| io_err("syncing the store after renaming", e)),
+        Ok(()) => Ok(()),
         // Another unpacker finished the same layer first; its copy is as good.
         Err(Errno::EXIST | Errno::NOTEMPTY) => {
-            let _ = remove_tree(store, OsStr::new(&tmp_name));
+            let _ = remove_tree(store, OsStr::new(tmp_name));
             match statat(store, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(()),
                 _ => Err(ImageError::BadSource {
@@ -388,7 +426,7 @@ fn unpack_layer_into_store(
             }
         }
         Err(e) => {
-            let _ = remove_tree(store, OsStr::new(&tmp_name));
+            let _ = remove_tree(store, OsStr::new(tmp_name));
             Err(ImageError::io(
                 format!("renaming {} to {name}", tmp_path.display()),
                 e.into(),
