@@ -64,6 +64,11 @@ enum Command {
         /// How long the guest gets to power off after Ctrl-C before QEMU is killed.
         #[arg(long, default_value_t = 60)]
         shutdown_timeout: u64,
+        /// Give the guest this host file instead of the one built into the image, through
+        /// QEMU's fw_cfg (`opt/keel/config`); it is validated first. The image must hold
+        /// the images it names.
+        #[arg(long, value_name = "HOST.toml")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         inputs: Inputs,
     },
@@ -316,9 +321,15 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
             console,
             out,
             shutdown_timeout,
+            config,
             inputs,
         } => {
             let options = inputs.options()?;
+            let mut delivered = Vec::new();
+            if let Some(path) = &config {
+                load(path)?;
+                delivered = fw_cfg_config_args(path);
+            }
             let target = match target {
                 Some(t) => t,
                 None => {
@@ -362,6 +373,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
                 echo_console: console.is_none(),
                 console_log: console,
                 api_socket: Some(api_socket.clone()),
+                extra_args: delivered,
                 ..VmConfig::default()
             };
             let code = keel_qemu::run_interactive(vm, Duration::from_secs(shutdown_timeout))
@@ -410,4 +422,16 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
         // Dispatched by run() before coming here.
         _ => Err(Failure::Other("internal error: misrouted command".into())),
     }
+}
+
+/// QEMU arguments that hand `host_file` to the guest as fw_cfg `opt/keel/config`, where
+/// PID 1 takes it over the host file built into the image.
+pub fn fw_cfg_config_args(host_file: &Path) -> Vec<String> {
+    vec![
+        "-fw_cfg".to_string(),
+        format!(
+            "name=opt/keel/config,file={}",
+            host_file.to_string_lossy().replace(',', ",,")
+        ),
+    ]
 }

@@ -47,8 +47,8 @@ pub mod registry;
 pub mod os {
     /// Modules every Keel host loads: the virtio NIC and its PCI transport, the
     /// virtio-serial port the control API is reached through from the host, overlayfs for
-    /// container roots, and the ACPI power button with the evdev interface it is read
-    /// through.
+    /// container roots, the ACPI power button with the evdev interface it is read
+    /// through, and QEMU's fw_cfg device, through which a host file may be delivered.
     pub const BASE_MODULES: &[&str] = &[
         "virtio_pci",
         "virtio_net",
@@ -56,6 +56,7 @@ pub mod os {
         "overlay",
         "button",
         "evdev",
+        "qemu_fw_cfg",
     ];
 
     /// The kernel command line: serial console; only critical kernel messages on it (PID 1

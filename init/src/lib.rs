@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod cmdline;
+pub mod delivery;
 pub mod early;
 pub mod logger;
 pub mod modules;

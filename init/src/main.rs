@@ -9,7 +9,7 @@
 //! PID 1 must never exit or panic: the kernel would panic with it. Failures are logged and
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
-use keel_init::{early, logger, modules, net, power, puller, reaper};
+use keel_init::{delivery, early, logger, modules, net, power, puller, reaper};
 
 mod control;
 
@@ -60,7 +60,7 @@ fn main() {
         let image = args.get(2).map(|a| a.to_string_lossy().into_owned());
         let code = match image {
             Some(image) => puller::run(
-                Path::new(HOST_FILE),
+                Path::new(delivery::EFFECTIVE),
                 &image,
                 &keel_supervisor::Paths::default().pulled,
             ),
@@ -129,10 +129,28 @@ fn boot_and_serve() {
         }
     );
 
-    let config = match HostConfig::load(Path::new(HOST_FILE)) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            log::error!("{e}; running with no containers");
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (delivered, rejected) = delivery::choose(
+        Path::new(delivery::FW_CFG_CONFIG),
+        &cmdline,
+        Path::new(HOST_FILE),
+    );
+    for why in &rejected {
+        log::error!("host file from {why}");
+    }
+    let config = match delivered {
+        Some(d) => {
+            log::info!("host file from {}", d.source);
+            // PID 1's helpers (`--pull`) read the same file.
+            if let Err(e) = std::fs::create_dir_all("/run/keel")
+                .and_then(|()| std::fs::write(delivery::EFFECTIVE, &d.text))
+            {
+                log::error!("writing {}: {e}", delivery::EFFECTIVE);
+            }
+            Some(d.config)
+        }
+        None => {
+            log::error!("no valid host file; running with no containers");
             None
         }
     };
