@@ -88,7 +88,10 @@ fn tasks_dependencies_policies_health_stops_and_faults() {
     }
 
     // The same backoff, from the timestamps PID 1 wrote into looper's log: the gap between
-    // two exits is the delay plus one (short) run; emulation may add, never subtract.
+    // two exits is the delay plus one (short) run; emulation may add, never subtract. The
+    // fifth exit (the end of the last gap) is logged before restart #5 is announced.
+    vm.wait_for_line_anywhere("looper: restarting in 1600 ms (restart #5)", STEP_TIMEOUT)
+        .unwrap();
     let exits: Vec<u64> = logs(&vm, "looper", None)
         .into_iter()
         .filter(|e| e.stream == Stream::Keel && e.line.starts_with("exited with code 0"))
