@@ -9,11 +9,7 @@ use keel_image::registry::{BlobState, Progress, PullOptions, Reference, Registry
 
 /// The `[registries]` entry for `reference`'s registry, as the registry client wants it.
 pub fn auth_for(config: &HostConfig, reference: &Reference) -> Result<RegistryAuth, String> {
-    let entry = config
-        .registries
-        .get(&reference.registry)
-        .or_else(|| config.registries.get(reference.api_host()));
-    let Some(entry) = entry else {
+    let Some(entry) = config.registry(&reference.registry, reference.api_host()) else {
         return Ok(RegistryAuth::default());
     };
     let ca_pem = match &entry.ca {

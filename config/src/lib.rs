@@ -216,6 +216,14 @@ impl HostConfig {
         validate(&located, raw)
     }
 
+    /// The `[registries]` entry of a registry, named as the image reference writes it
+    /// (`docker.io`) or as its API is reached (`registry-1.docker.io`).
+    pub fn registry(&self, named: &str, api_host: &str) -> Option<&Registry> {
+        self.registries
+            .get(named)
+            .or_else(|| self.registries.get(api_host))
+    }
+
     /// The directory relative paths in the file are resolved against.
     pub fn base_dir(&self) -> &Path {
         self.path.parent().unwrap_or(Path::new("."))

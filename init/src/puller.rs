@@ -30,10 +30,7 @@ fn pull(host_file: &Path, image: &str, dest: &Path) -> Result<(), String> {
         return Err(format!("the host file has no registry image `{image}`"));
     };
     let parsed: Reference = reference.parse().map_err(|e| format!("{reference}: {e}"))?;
-    let entry = config
-        .registries
-        .get(&parsed.registry)
-        .or_else(|| config.registries.get(parsed.api_host()));
+    let entry = config.registry(&parsed.registry, parsed.api_host());
     let mut auth = RegistryAuth::default();
     if let Some(entry) = entry {
         auth.username = entry.username.clone();
