@@ -6,6 +6,7 @@
 //! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
 //! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
 //! - [`logs`]: output to per-container log files and the console;
+//! - [`state`]: Keel's own state files, written atomically and durably;
 //! - [`Supervisor`]: the state machine PID 1 drives.
 
 pub mod caps;
@@ -17,6 +18,7 @@ pub mod logs;
 pub mod notify;
 pub mod seccomp;
 pub mod spawn;
+pub mod state;
 pub mod store;
 mod supervisor;
 pub mod user;
