@@ -48,15 +48,20 @@ pub mod os {
     /// Modules every Keel host loads: the virtio NIC and its PCI transport, the
     /// virtio-serial port the control API is reached through from the host, overlayfs for
     /// container roots, the ACPI power button with the evdev interface it is read
-    /// through, and QEMU's fw_cfg device, through which a host file may be delivered.
+    /// through, QEMU's fw_cfg device, through which a host file may be delivered, the
+    /// virtio disk driver with ext4 for the /var data disk, and ISO 9660 for a KEEL-CONFIG
+    /// config disk (ext4 serves those too).
     pub const BASE_MODULES: &[&str] = &[
         "virtio_pci",
         "virtio_net",
         "virtio_console",
+        "virtio_blk",
         "overlay",
         "button",
         "evdev",
         "qemu_fw_cfg",
+        "ext4",
+        "isofs",
     ];
 
     /// The kernel command line: serial console; only critical kernel messages on it (PID 1

@@ -2,6 +2,7 @@
 //! benchmark's guest) boot the same way. `main.rs` is PID 1 itself.
 
 pub mod api;
+pub mod blockdev;
 pub mod cmdline;
 pub mod delivery;
 pub mod early;
