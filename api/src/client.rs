@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
-    ApiError, ContainerStatus, Envelope, ErrorCode, LogEntry, PROTOCOL_VERSION, Request, Response,
-    Stats, Stream,
+    ApiError, ApplyReport, ContainerStatus, Envelope, ErrorCode, LogEntry, PROTOCOL_VERSION,
+    Request, Response, Stats, Stream,
 };
 
 /// A response line longer than this is treated as a broken server rather than buffered.
@@ -218,6 +218,15 @@ impl Client {
     pub fn stats(&mut self, name: Option<&str>) -> Result<Vec<Stats>, ApiError> {
         self.call_typed(Request::Stats {
             name: name.map(str::to_owned),
+        })
+    }
+
+    /// `apply`: the text of a host file; the report comes once the change has been made
+    /// (with `dry_run`, at once, and nothing changes).
+    pub fn apply(&mut self, host_file: &str, dry_run: bool) -> Result<ApplyReport, ApiError> {
+        self.call_typed(Request::Apply {
+            host_file: host_file.to_owned(),
+            dry_run,
         })
     }
 

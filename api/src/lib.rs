@@ -106,6 +106,18 @@ pub enum Request {
     },
     Reboot,
     Poweroff,
+    /// Makes the running host follow a new host file (its text, `host_file`): containers
+    /// are added, removed, restarted with a changed definition, or left running. A file that
+    /// is invalid, needs images the host lacks, or changes what only a reboot can (hostname,
+    /// modules, interfaces, container networks, registries, images) is refused whole
+    /// (`bad_request`) and nothing changes. With `dry_run`, only the plan. The answer, an
+    /// [`ApplyReport`], comes once the stops have completed and the new definitions have
+    /// been started.
+    Apply {
+        host_file: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 impl Request {
@@ -123,6 +135,7 @@ impl Request {
             Request::Exec { .. } => "exec",
             Request::Reboot => "reboot",
             Request::Poweroff => "poweroff",
+            Request::Apply { .. } => "apply",
         }
     }
 }
@@ -403,6 +416,41 @@ pub struct Stats {
     pub oom_kills: Option<u64>,
 }
 
+/// The answer to `apply`: what happened (or, for a dry run, would happen) to each container.
+/// Each list is sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    pub dry_run: bool,
+    /// New containers, started (or waiting for their dependencies).
+    pub added: Vec<String>,
+    /// Stopped and forgotten.
+    pub removed: Vec<String>,
+    /// Definition changed: stopped, then started with the new one.
+    pub restarted: Vec<String>,
+    /// Only supervision settings changed (restart policy, stop timeout, depends_on...):
+    /// taken over without a restart.
+    pub updated: Vec<String>,
+    /// Not touched: same process.
+    pub unchanged: Vec<String>,
+    /// Host settings changed live (`host.stop_timeout`, `host.shutdown_timeout`).
+    #[serde(default)]
+    pub settings: Vec<String>,
+    /// Added or restarted containers that could not start.
+    #[serde(default)]
+    pub failed: Vec<ApplyFailure>,
+    /// What went wrong without undoing the apply (it could not be saved for the next boot,
+    /// the host began shutting down first...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// A container an apply could not start, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyFailure {
+    pub name: String,
+    pub error: String,
+}
+
 /// One response line (its `id`, if any, travels beside it: see [`Response::to_line`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -494,6 +542,14 @@ mod tests {
             },
             Request::Reboot,
             Request::Poweroff,
+            Request::Apply {
+                host_file: "[host]\nhostname = \"h\"\n".into(),
+                dry_run: true,
+            },
+            Request::Apply {
+                host_file: String::new(),
+                dry_run: false,
+            },
         ]
     }
 
@@ -536,6 +592,16 @@ mod tests {
                 name: "w".into(),
                 argv: vec!["id".into()],
                 env: vec![]
+            }
+        );
+        let e =
+            Envelope::decode(br#"{"version":1,"request":{"op":"apply","host_file":"[host]\n"}}"#)
+                .unwrap();
+        assert_eq!(
+            e.request,
+            Request::Apply {
+                host_file: "[host]\n".into(),
+                dry_run: false
             }
         );
         assert_eq!(Response::Ok(json!(null)).to_line(None), "{\"ok\":null}\n");
@@ -618,6 +684,31 @@ mod tests {
         let v = serde_json::to_value(&st).unwrap();
         assert_eq!(v["memory_current"], 2);
         assert_eq!(serde_json::from_value::<Stats>(v).unwrap(), st);
+    }
+
+    #[test]
+    fn apply_reports_round_trip_and_older_fields_default() {
+        let report = ApplyReport {
+            dry_run: false,
+            added: vec!["d".into()],
+            removed: vec!["c".into()],
+            restarted: vec!["b".into()],
+            updated: vec![],
+            unchanged: vec!["a".into()],
+            settings: vec!["host.stop_timeout".into()],
+            failed: vec![ApplyFailure {
+                name: "d".into(),
+                error: "no such image".into(),
+            }],
+            warnings: vec!["not saved".into()],
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!(v["failed"][0]["name"], "d");
+        assert_eq!(serde_json::from_value::<ApplyReport>(v).unwrap(), report);
+        let minimal = json!({"dry_run": true, "added": [], "removed": [], "restarted": [],
+            "updated": [], "unchanged": ["a"]});
+        let r: ApplyReport = serde_json::from_value(minimal).unwrap();
+        assert!(r.dry_run && r.failed.is_empty() && r.warnings.is_empty());
     }
 
     #[test]

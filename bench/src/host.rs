@@ -11,7 +11,7 @@ use keel_image::import::{ImageConfigSpec, LayerSource, import};
 use keel_image::kernel::{Kernel, fetch_kernel};
 use keel_image::layout::ImageLayout;
 use keel_image::modules::{ModuleIndex, ModuleRef};
-use keel_qemu::{Vm, VmConfig};
+use keel_qemu::{Disk, Vm, VmConfig};
 
 use crate::oci;
 
@@ -31,8 +31,15 @@ impl KernelParts {
         let kernel = fetch_kernel(&cache_dir.join("kernel")).map_err(|e| format!("kernel: {e}"))?;
         let index =
             ModuleIndex::scan(&kernel.modules_dir).map_err(|e| format!("kernel modules: {e}"))?;
+        // In `keel build`'s order for a host without container networks, extra modules or
+        // dm-verity: the base modules, then the initramfs's.
+        let wanted: Vec<&str> = BASE_MODULES
+            .iter()
+            .chain(keel_image::os::STAGE1_MODULES)
+            .copied()
+            .collect();
         let modules = index
-            .closure(BASE_MODULES)
+            .closure(&wanted)
             .map_err(|e| format!("kernel modules: {e}"))?;
         Ok(KernelParts { kernel, modules })
     }
@@ -448,6 +455,32 @@ pub fn boot(
     config.memory_mb = memory_mb;
     config.cpus = CPUS;
     config.console_log = Some(console_log.to_path_buf());
+    Vm::boot(config).map_err(|e| format!("QEMU: {e}"))
+}
+
+/// Boots a `keel build` output directory: its kernel and initramfs, with its root image
+/// attached read-only and no data disk (/var is a tmpfs, as in the baseline).
+pub fn boot_build(
+    dir: &Path,
+    cmdline: &str,
+    memory_mb: u32,
+    console_log: &Path,
+) -> Result<Vm, String> {
+    let manifest = read_manifest(dir)?;
+    let root_image = manifest["root_image"]
+        .as_str()
+        .ok_or_else(|| format!("{}/manifest.json names no root_image", dir.display()))?;
+    let mut config = VmConfig::new(dir.join("vmlinuz"));
+    config.initrd = Some(dir.join("initramfs.img"));
+    config.cmdline = cmdline.to_string();
+    config.memory_mb = memory_mb;
+    config.cpus = CPUS;
+    config.console_log = Some(console_log.to_path_buf());
+    config.disks.push(Disk {
+        path: dir.join(root_image),
+        read_only: true,
+        serial: Some(keel_image::os::ROOT_DISK_SERIAL.to_string()),
+    });
     Vm::boot(config).map_err(|e| format!("QEMU: {e}"))
 }
 

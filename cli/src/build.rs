@@ -1,5 +1,6 @@
-//! `keel build`: a host file becomes a bootable kernel + initramfs, with a manifest that
-//! records the kernel package and a digest of every input.
+//! `keel build`: a host file becomes a kernel, a small stage-1 initramfs and a read-only
+//! erofs root image (optionally dm-verity protected), with a manifest that records the
+//! kernel package, the command line and a digest of every input.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -8,15 +9,28 @@ use std::time::Instant;
 
 use keel_config::{HostConfig, ImageSource, LayerSpec, PullAt};
 use keel_image::archive::{copy_image, import_archive};
-use keel_image::cpio::Compression;
+use keel_image::cpio::{Compression, InitramfsBuilder};
+use keel_image::erofs;
 use keel_image::import::{LayerSource, import};
 use keel_image::kernel::fetch_kernel;
 use keel_image::layout::ImageLayout;
 use keel_image::modules::ModuleIndex;
+use keel_image::modules::ModuleRef;
+use keel_image::os;
+use keel_image::rootfs::Staging;
+use keel_image::verity::{HashTree, append_hash_tree};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use keel_image::os::{BASE_MODULES, CMDLINE};
+
+/// How the root image stores file data: uncompressed. Measured on examples/hello under TCG
+/// (a busybox guest mounting the image and reading every file, 6 boots each): lz4hc makes
+/// the image 41% smaller (8.9 MB instead of 15.1 MB) but reading it all takes 0.45 s
+/// instead of 0.25 s (median), as the emulated CPU decompresses slowly; with dm-verity the
+/// fewer blocks to hash win back only about half of that. Image layers are gzip already,
+/// so bigger hosts gain even less from it, and mkfs.erofs takes 0.02 s instead of 0.4-1 s.
+pub const ROOT_COMPRESSION: erofs::Compression = erofs::Compression::None;
 
 pub struct BuildOptions {
     pub init: PathBuf,
@@ -28,12 +42,28 @@ pub struct BuildOptions {
 pub struct Manifest {
     pub hostname: String,
     pub kernel: KernelInfo,
+    /// The whole kernel command line: [`CMDLINE`], `keel.root=UUID=<root_uuid>` and, with
+    /// dm-verity, the `keel.verity.*` parameters.
     pub cmdline: String,
+    /// Every module of the root image, in load order (its /lib/modules/keel.load).
     pub modules: Vec<String>,
+    /// The initramfs's modules, in load order: what stage 1 needs to mount the root.
+    pub stage1_modules: Vec<String>,
     /// sha256 of every input, by role.
     pub inputs: BTreeMap<String, String>,
     pub initramfs_sha256: String,
     pub initramfs_bytes: u64,
+    /// The root image's file name in the output directory (`root.img`).
+    pub root_image: String,
+    pub root_image_sha256: String,
+    /// With dm-verity, the hash tree included.
+    pub root_image_bytes: u64,
+    /// The erofs UUID, derived from the inputs.
+    pub root_uuid: String,
+    /// How mkfs.erofs stored the data (`none`, `lz4hc,LEVEL`).
+    pub root_compression: String,
+    /// The dm-verity hash tree after the erofs data, when the host file asks for one.
+    pub verity: Option<HashTree>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -67,7 +97,7 @@ fn sha256_file(path: &Path) -> Result<String, String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// Builds the host into `out` (vmlinuz, initramfs.img, manifest.json).
+/// Builds the host into `out`: vmlinuz, initramfs.img, root.img and manifest.json.
 pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<Manifest, String> {
     let started = Instant::now();
     let mut inputs = BTreeMap::new();
@@ -86,52 +116,76 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
         fetch_kernel(&options.cache_dir.join("kernel")).map_err(|e| format!("kernel: {e}"))?;
     let index =
         ModuleIndex::scan(&kernel.modules_dir).map_err(|e| format!("kernel modules: {e}"))?;
+    let mut stage1_wanted: Vec<&str> = os::STAGE1_MODULES.to_vec();
+    if config.verity {
+        stage1_wanted.extend(os::VERITY_MODULES);
+    }
+    let stage1_modules = index
+        .closure(&stage1_wanted)
+        .map_err(|e| format!("kernel modules: {e}"))?;
     // Bridges, veth pairs and NAT only for a host that has container networks.
     let network_modules = if config.networks.is_empty() {
         Vec::new()
     } else {
         keel_net::kernel_modules()
     };
+    // Stage 2 loads the whole list again: what stage 1 loaded is already there, and the
+    // root image's list stays complete on its own.
     let wanted: Vec<&str> = BASE_MODULES
         .iter()
         .copied()
         .chain(network_modules)
         .chain(config.modules.iter().map(String::as_str))
+        .chain(stage1_wanted.iter().copied())
         .collect();
     let modules = index
         .closure(&wanted)
         .map_err(|e| format!("kernel modules: {e}"))?;
-
-    let mut initramfs = keel_image::os::base_initramfs().map_err(|e| e.to_string())?;
-    initramfs
-        .add_dir("etc/keel", 0o755)
-        .map_err(|e| e.to_string())?;
-    initramfs
-        .add_file_from_bytes("init", 0o755, init)
-        .map_err(|e| e.to_string())?;
-    initramfs
-        .add_file_from_bytes("etc/keel/host.toml", 0o644, host_text)
-        .map_err(|e| e.to_string())?;
-
     let module_root = Path::new("lib/modules").join(&kernel.version);
-    let mut load_list = String::from("# written by keel build: dependencies first\n");
     for m in &modules {
-        let dest = module_root.join(&m.rel_path);
-        initramfs
-            .add_file_from_path(&dest, 0o644, &m.path)
-            .map_err(|e| format!("{}: {e}", m.path.display()))?;
         inputs.insert(format!("module:{}", m.name), sha256_file(&m.path)?);
-        load_list += &format!("/{}\n", dest.display());
     }
-    initramfs
-        .add_file_from_bytes("lib/modules/keel.load", 0o644, load_list.into_bytes())
-        .map_err(|e| e.to_string())?;
 
-    let staging = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
-    // Every image goes into one layout, so a layer shared by several is stored once.
-    let shared = staging.path().join("images");
-    let mut embedded = 0;
-    let mut boot_cas: Vec<PathBuf> = Vec::new();
+    let staging_dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let root = Staging::new(&staging_dir.path().join("root")).map_err(|e| e.to_string())?;
+    let staged = |e: keel_image::rootfs::StagingError| format!("staging the root image: {e}");
+    for dir in os::MOUNT_POINTS {
+        root.add_dir(dir).map_err(staged)?;
+    }
+    root.add_file_from_bytes(os::ROOT_INIT, 0o755, &init)
+        .map_err(staged)?;
+    root.add_file_from_bytes(os::BAKED_HOST_FILE, 0o644, &host_text)
+        .map_err(staged)?;
+    for m in &modules {
+        root.add_file_from_path(module_root.join(&m.rel_path), 0o644, &m.path)
+            .map_err(staged)?;
+    }
+    root.add_file_from_bytes(
+        os::MODULE_LOAD_LIST,
+        0o644,
+        load_list(&module_root, &modules).as_bytes(),
+    )
+    .map_err(staged)?;
+    // PID 1 formats and checks the /var disk with the build machine's e2fsprogs.
+    for (name, dest) in [("mke2fs", os::MKE2FS), ("e2fsck", os::E2FSCK)] {
+        let program = ["/sbin", "/usr/sbin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                format!(
+                    "{name} is missing on this machine: install e2fsprogs (scripts/install-deps)"
+                )
+            })?;
+        for (src, dest) in root.add_host_program(&program, dest).map_err(staged)? {
+            inputs.insert(format!("file:{dest}"), sha256_file(&src)?);
+        }
+    }
+
+    // Every image goes into one layout, right where the root image keeps it, so a layer
+    // shared by several is stored once.
+    let shared = root.add_dir(os::IMAGES_DIR).map_err(staged)?;
+    let mut boot_cas: Vec<String> = Vec::new();
     for (name, image) in &config.images {
         let digest = match &image.source {
             ImageSource::Layout(dir) => {
@@ -160,7 +214,7 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
                         }
                     })
                     .collect();
-                let dir = staging.path().join("imports").join(name);
+                let dir = staging_dir.path().join("imports").join(name);
                 import(&sources, &image.defaults, Some(name), &dir)
                     .map_err(|e| format!("image {name}: {e}"))?;
                 let layout = ImageLayout::open(&dir).map_err(|e| format!("image {name}: {e}"))?;
@@ -193,13 +247,15 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
                     .map_err(|e| format!("image {name}: {e}"))?;
                 let auth = crate::pull::auth_for(config, &parsed)?;
                 if let Some(pem) = auth.ca_pem {
-                    let path = Path::new(keel_config::REGISTRY_CA_DIR)
-                        .join(keel_config::registry_ca_file_name(&parsed.registry));
-                    let path = path.strip_prefix("/").unwrap_or(&path).to_path_buf();
+                    let path = format!(
+                        "{}/{}",
+                        keel_config::REGISTRY_CA_DIR,
+                        keel_config::registry_ca_file_name(&parsed.registry)
+                    );
                     if !boot_cas.contains(&path) {
-                        initramfs
-                            .add_file_from_bytes(&path, 0o644, pem)
+                        root.add_file_from_bytes(&path, 0o644, &pem)
                             .map_err(|e| format!("image {name}: registry CA: {e}"))?;
+                        inputs.insert(format!("file:{path}"), sha256_hex(&pem));
                         boot_cas.push(path);
                     }
                 }
@@ -211,15 +267,46 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
             }
         };
         inputs.insert(format!("image:{name}"), digest);
-        embedded += 1;
     }
-    if embedded > 0 {
-        initramfs
-            .add_tree("usr/share/keel/images", &shared)
-            .map_err(|e| format!("images: {e}"))?;
-    }
+    root.normalize_modes().map_err(staged)?;
+
+    let mkfs = erofs::mkfs_version().map_err(|e| e.to_string())?;
+    inputs.insert(
+        "root-image".to_string(),
+        format!("{mkfs}, erofs {ROOT_COMPRESSION}"),
+    );
+    // The UUID and the dm-verity salt come from the inputs, so the same inputs give the
+    // same root image, bit for bit.
+    let inputs_json = serde_json::to_vec(&inputs).map_err(|e| e.to_string())?;
+    let derive = |purpose: &str| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(purpose.as_bytes());
+        h.update([0]);
+        h.update(&inputs_json);
+        h.finalize().into()
+    };
+    let root_uuid = erofs::uuid_from_digest(&derive("keel root uuid"));
 
     fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let root_path = out.join(os::ROOT_IMAGE);
+    let root_tmp = out.join(format!(".{}.tmp", os::ROOT_IMAGE));
+    erofs::mkfs(root.root(), &root_tmp, &root_uuid, ROOT_COMPRESSION)
+        .map_err(|e| format!("making the root image: {e}"))?;
+    drop(staging_dir);
+    let verity = if config.verity {
+        let salt = derive("keel verity salt");
+        Some(append_hash_tree(&root_tmp, &salt).map_err(|e| format!("dm-verity hash tree: {e}"))?)
+    } else {
+        None
+    };
+    fs::rename(&root_tmp, &root_path).map_err(|e| format!("{}: {e}", root_path.display()))?;
+
+    // Stage 1: the init, and only what it needs to mount the root image.
+    let mut initramfs = os::base_initramfs().map_err(|e| e.to_string())?;
+    initramfs
+        .add_file_from_bytes("init", 0o755, init)
+        .map_err(|e| e.to_string())?;
+    add_modules(&mut initramfs, &module_root, &stage1_modules)?;
     let initramfs_path = out.join("initramfs.img");
     let tmp = out.join(".initramfs.img.tmp");
     let file = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -230,6 +317,16 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
     let vmlinuz = out.join("vmlinuz");
     fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
 
+    let mut cmdline = format!("{CMDLINE} {}UUID={root_uuid}", os::ROOT_PARAM);
+    if let Some(tree) = &verity {
+        cmdline.push(' ');
+        cmdline.push_str(&tree.params().cmdline());
+    }
+    let file_len = |p: &Path| {
+        fs::metadata(p)
+            .map(|m| m.len())
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
     let manifest = Manifest {
         hostname: config.hostname.clone(),
         kernel: KernelInfo {
@@ -238,27 +335,68 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
             release: kernel.version.clone(),
             deb_sha256: kernel.deb_sha256.clone(),
         },
-        cmdline: CMDLINE.to_string(),
+        cmdline,
         modules: modules.iter().map(|m| m.name.clone()).collect(),
+        stage1_modules: stage1_modules.iter().map(|m| m.name.clone()).collect(),
         inputs,
         initramfs_sha256: sha256_file(&initramfs_path)?,
-        initramfs_bytes: fs::metadata(&initramfs_path)
-            .map_err(|e| e.to_string())?
-            .len(),
+        initramfs_bytes: file_len(&initramfs_path)?,
+        root_image: os::ROOT_IMAGE.to_string(),
+        root_image_sha256: sha256_file(&root_path)?,
+        root_image_bytes: file_len(&root_path)?,
+        root_uuid,
+        root_compression: ROOT_COMPRESSION.to_string(),
+        verity,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
     fs::write(out.join("manifest.json"), json + "\n").map_err(|e| format!("manifest: {e}"))?;
     eprintln!(
-        "keel: built {} in {} ms: kernel {} ({}), {} modules, {} images, initramfs {} KiB",
+        "keel: built {} in {} ms: kernel {} ({}), {} modules ({} in the initramfs), {} images, initramfs {} KiB, root image {} KiB{}",
         out.display(),
         started.elapsed().as_millis(),
         kernel.version,
         kernel.package_version,
         modules.len(),
+        stage1_modules.len(),
         config.images.len(),
-        manifest.initramfs_bytes / 1024
+        manifest.initramfs_bytes / 1024,
+        manifest.root_image_bytes / 1024,
+        if manifest.verity.is_some() {
+            " (dm-verity)"
+        } else {
+            ""
+        }
     );
     Ok(manifest)
+}
+
+/// `/lib/modules/keel.load`: each module's absolute path, dependencies first.
+fn load_list(module_root: &Path, modules: &[ModuleRef]) -> String {
+    let mut list = String::from("# written by keel build: dependencies first\n");
+    for m in modules {
+        list += &format!("/{}\n", module_root.join(&m.rel_path).display());
+    }
+    list
+}
+
+fn add_modules(
+    initramfs: &mut InitramfsBuilder,
+    module_root: &Path,
+    modules: &[ModuleRef],
+) -> Result<(), String> {
+    for m in modules {
+        initramfs
+            .add_file_from_path(module_root.join(&m.rel_path), 0o644, &m.path)
+            .map_err(|e| format!("{}: {e}", m.path.display()))?;
+    }
+    initramfs
+        .add_file_from_bytes(
+            os::MODULE_LOAD_LIST.trim_start_matches('/'),
+            0o644,
+            load_list(module_root, modules).into_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// Reads a build directory's manifest.
@@ -270,5 +408,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
             path.display()
         )
     })?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{}: {e} (written by an older keel? build it again)",
+            path.display()
+        )
+    })
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keel_api::{ApiError, Client, ContainerStatus, ErrorCode, LogEntry, Request, Stats, Stream};
+use keel_api::{
+    ApiError, ApplyReport, Client, ContainerStatus, Envelope, ErrorCode, LogEntry,
+    MAX_REQUEST_LINE, Request, Stats, Stream,
+};
 
 /// Exit codes of the API commands.
 pub mod exit {
@@ -114,6 +117,10 @@ pub enum Action {
     },
     Reboot,
     Poweroff,
+    Apply {
+        host_file: PathBuf,
+        dry_run: bool,
+    },
 }
 
 enum Failure {
@@ -266,6 +273,33 @@ fn execute(target: &Target, action: Action) -> Result<u8, Failure> {
             })?;
             return Ok(u8::try_from(code).unwrap_or(255));
         }
+        Action::Apply { host_file, dry_run } => {
+            let text = read_host_file(&host_file)?;
+            // A dry run answers at once; an apply once its containers have stopped (their
+            // stop timeouts) and the new ones have started.
+            let mut client = if dry_run {
+                quick(target)?
+            } else {
+                target.connect()?
+            };
+            let report = client.apply(&text, dry_run).map_err(|mut e| {
+                if e.code == ErrorCode::BadRequest {
+                    // Refused whole: not a usage error of this command, but the file's.
+                    e.message = format!("{}: {}", host_file.display(), e.message);
+                }
+                e
+            })?;
+            print!("{}", apply_summary(&report));
+            for w in &report.warnings {
+                eprintln!("keel: warning: {w}");
+            }
+            for f in &report.failed {
+                eprintln!("keel: {}: could not start: {}", f.name, f.error);
+            }
+            if !report.failed.is_empty() {
+                return Ok(exit::ERROR);
+            }
+        }
         Action::Reboot => {
             quick(target)?.call(Request::Reboot)?;
         }
@@ -274,6 +308,86 @@ fn execute(target: &Target, action: Action) -> Result<u8, Failure> {
         }
     }
     Ok(exit::OK)
+}
+
+/// Reads and validates a host file here, as `keel check` does, so that its errors name the
+/// file, line and key without a round trip; the host validates it again.
+fn read_host_file(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?;
+    keel_config::HostConfig::parse(path, &text).map_err(|e| Failure::Usage(e.to_string()))?;
+    let line = Envelope::new(Request::Apply {
+        host_file: text.clone(),
+        dry_run: false,
+    })
+    .to_line();
+    if line.len() > MAX_REQUEST_LINE {
+        return Err(Failure::Usage(format!(
+            "{} is too large to send ({} bytes as a request, at most {MAX_REQUEST_LINE})",
+            path.display(),
+            line.len()
+        )));
+    }
+    Ok(text)
+}
+
+/// What `keel apply` did (or, for a dry run, would do), one container a line.
+pub fn apply_summary(report: &ApplyReport) -> String {
+    let mut rows: Vec<(String, &str)> = Vec::new();
+    let (added, removed, restarted, updated) = if report.dry_run {
+        (
+            "would be added",
+            "would be removed",
+            "would restart (changed)",
+            "would be updated in place",
+        )
+    } else {
+        (
+            "added",
+            "removed",
+            "restarted (changed)",
+            "updated in place",
+        )
+    };
+    for (names, what) in [
+        (&report.added, added),
+        (&report.removed, removed),
+        (&report.restarted, restarted),
+        (&report.updated, updated),
+        (&report.unchanged, "unchanged"),
+    ] {
+        rows.extend(names.iter().map(|n| (n.clone(), what)));
+    }
+    rows.sort();
+    let table: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|(name, what)| vec![name, what.to_owned()])
+        .collect();
+    let mut out = render_table(&["CONTAINER", "CHANGE"], &table);
+    for key in &report.settings {
+        out.push_str(&format!(
+            "{key}: {}\n",
+            if report.dry_run {
+                "would change"
+            } else {
+                "changed"
+            }
+        ));
+    }
+    out.push_str(&format!(
+        "{}: {} added, {} removed, {} restarted, {} updated in place, {} unchanged\n",
+        if report.dry_run {
+            "dry run, nothing changed"
+        } else {
+            "applied"
+        },
+        report.added.len(),
+        report.removed.len(),
+        report.restarted.len(),
+        report.updated.len(),
+        report.unchanged.len()
+    ));
+    out
 }
 
 fn now_ms() -> u64 {
@@ -671,6 +785,71 @@ a     -      -       -       -     -
             .err()
             .unwrap();
         assert!(err.message.contains("keel run /nonexistent"), "{err}");
+    }
+
+    #[test]
+    fn apply_reports_for_people() {
+        let mut report = ApplyReport {
+            dry_run: false,
+            added: vec!["d".into()],
+            removed: vec!["c".into()],
+            restarted: vec!["b".into()],
+            updated: vec![],
+            unchanged: vec!["a".into()],
+            settings: vec!["host.stop_timeout".into()],
+            ..ApplyReport::default()
+        };
+        assert_eq!(
+            apply_summary(&report),
+            "\
+CONTAINER  CHANGE
+a          unchanged
+b          restarted (changed)
+c          removed
+d          added
+host.stop_timeout: changed
+applied: 1 added, 1 removed, 1 restarted, 0 updated in place, 1 unchanged
+"
+        );
+        report.dry_run = true;
+        let dry = apply_summary(&report);
+        assert!(dry.contains("b          would restart (changed)"), "{dry}");
+        assert!(dry.ends_with("dry run, nothing changed: 1 added, 1 removed, 1 restarted, 0 updated in place, 1 unchanged\n"), "{dry}");
+    }
+
+    #[test]
+    fn apply_validates_the_file_before_sending_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        std::fs::write(&path, "[host]\nhostname = \"h\"\nbogus = 1\n").unwrap();
+        let Err(Failure::Usage(message)) = read_host_file(&path) else {
+            panic!("accepted an invalid file");
+        };
+        assert!(
+            message.contains("host.toml:3:1") && message.contains("bogus"),
+            "{message}"
+        );
+        std::fs::write(&path, "[host]\nhostname = \"h\"\n").unwrap();
+        assert!(read_host_file(&path).is_ok());
+        let big = format!(
+            "[host]\nhostname = \"h\"\n#{}\n",
+            "x".repeat(MAX_REQUEST_LINE)
+        );
+        std::fs::write(&path, big).unwrap();
+        let Err(Failure::Usage(message)) = read_host_file(&path) else {
+            panic!("accepted a file too large to send");
+        };
+        assert!(message.contains("too large"), "{message}");
+        // Nothing is sent (no host is reached) when the file is invalid.
+        let missing = dir.path().join("none.toml");
+        let code = run(
+            &Target::new(None, Some(dir.path().join("no.sock"))),
+            Action::Apply {
+                host_file: missing,
+                dry_run: false,
+            },
+        );
+        assert_eq!(code, ExitCode::from(exit::USAGE));
     }
 
     #[test]

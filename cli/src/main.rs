@@ -2,6 +2,7 @@
 
 mod build;
 mod control;
+mod disks;
 mod pull;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +36,8 @@ struct Cli {
 enum Command {
     /// Validate a host file and report the first error with its file, line and key.
     Check { host_file: PathBuf },
-    /// Build a bootable kernel + initramfs (and manifest.json) from a host file.
+    /// Build a bootable kernel, stage-1 initramfs and erofs root image (and manifest.json)
+    /// from a host file.
     Build {
         host_file: PathBuf,
         /// Output directory [default: out/<hostname>]
@@ -69,6 +71,13 @@ enum Command {
         /// the images it names.
         #[arg(long, value_name = "HOST.toml")]
         config: Option<PathBuf>,
+        /// Size of the data disk (DIR/data.img, the guest's /var) when it is created; an
+        /// existing one is kept as it is.
+        #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = disks::parse_size)]
+        data_size: u64,
+        /// No data disk: /var is a tmpfs, lost at power-off.
+        #[arg(long)]
+        no_data_disk: bool,
         #[command(flatten)]
         inputs: Inputs,
     },
@@ -160,6 +169,15 @@ enum Command {
             value_name = "CMD"
         )]
         command: Vec<String>,
+    },
+    /// Make a running host follow a new host file, without a reboot: only containers whose
+    /// definition changed are restarted; an invalid file, or one changing what needs a
+    /// reboot, is refused whole.
+    Apply {
+        host_file: PathBuf,
+        /// Show what would change, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Reboot the host.
     Reboot,
@@ -286,6 +304,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Exec { env, name, command } => control::Action::Exec { name, command, env },
         Command::Reboot => control::Action::Reboot,
         Command::Poweroff => control::Action::Poweroff,
+        Command::Apply { host_file, dry_run } => control::Action::Apply { host_file, dry_run },
         other => return run_local(other),
     };
     Ok(control::run(&target, action))
@@ -322,6 +341,8 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
             out,
             shutdown_timeout,
             config,
+            data_size,
+            no_data_disk,
             inputs,
         } => {
             let options = inputs.options()?;
@@ -351,6 +372,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
                 out
             };
             let manifest = build::read_manifest(&dir)?;
+            let disks = disks::run_disks(&dir, &manifest, (!no_data_disk).then_some(data_size))?;
             for p in &publish {
                 eprintln!(
                     "keel: publishing 127.0.0.1:{} -> guest port {}",
@@ -373,6 +395,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
                 echo_console: console.is_none(),
                 console_log: console,
                 api_socket: Some(api_socket.clone()),
+                disks,
                 extra_args: delivered,
                 ..VmConfig::default()
             };

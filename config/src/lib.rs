@@ -77,6 +77,8 @@ pub struct HostConfig {
     pub stop_timeout_ms: u64,
     /// The whole shutdown (services, onshutdown tasks, unmount) must fit in this.
     pub shutdown_timeout_ms: u64,
+    /// `keel build` protects the root image with dm-verity (`[host] verity = true`).
+    pub verity: bool,
     pub interfaces: BTreeMap<String, Interface>,
     /// Registries by `HOST[:PORT]`.
     pub registries: BTreeMap<String, Registry>,
@@ -110,8 +112,9 @@ pub enum PullAt {
     Boot,
 }
 
-/// Where `keel build` puts, in the OS image, the CA file of a registry that boot pulls use.
-pub const REGISTRY_CA_DIR: &str = "/etc/keel/registry-ca";
+/// Where `keel build` puts, in the OS image, the CA file of a registry that boot pulls use:
+/// in the read-only root image (/etc is a tmpfs made at boot).
+pub const REGISTRY_CA_DIR: &str = "/usr/share/keel/registry-ca";
 
 /// The file name of registry `host`'s CA under [`REGISTRY_CA_DIR`].
 pub fn registry_ca_file_name(host: &str) -> String {
@@ -298,6 +301,8 @@ mod raw {
         pub modules: Vec<Spanned<String>>,
         pub stop_timeout: Option<Spanned<String>>,
         pub shutdown_timeout: Option<Spanned<String>>,
+        #[serde(default)]
+        pub verity: bool,
     }
 
     #[derive(Deserialize, Default)]
@@ -529,6 +534,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         modules,
         stop_timeout_ms,
         shutdown_timeout_ms,
+        verity: host.verity,
         interfaces,
         registries,
         networks,

@@ -118,6 +118,16 @@ fn defaults_apply() {
 }
 
 #[test]
+fn verity_is_off_unless_asked_for() {
+    assert!(!parse(&with_host("")).unwrap().verity);
+    assert!(parse(&with_host("verity = true\n")).unwrap().verity);
+    assert!(!parse(&with_host("verity = false\n")).unwrap().verity);
+    let e = error(&with_host("verity = \"yes\"\n"));
+    assert_eq!(e.key, "host.verity", "{e}");
+    assert_eq!(e.line, 3, "{e}");
+}
+
+#[test]
 fn an_unknown_key_names_file_line_and_key() {
     let e = error(&with_host(
         "[containers.web]\nimage = \"x\"\nmemroy = \"1G\"\n",

@@ -22,6 +22,12 @@
 //! - `archive` brings images made by other tools into a layout: oci-archive and
 //!   docker-archive tarballs, and images of other layouts, each blob verified and stored
 //!   once however many images share it.
+//! - `rootfs` stages the root image's tree (with host programs and their shared
+//!   libraries), `erofs` turns it into a reproducible erofs image with `mkfs.erofs`, and
+//!   `verity` appends a dm-verity hash tree to it.
+//!
+//! [`os`] (paths and constants both sides agree on) and [`verity::VerityParams`] (the
+//! dm-verity table stage 1 loads) are in the guest half.
 
 mod digest;
 mod error;
@@ -34,6 +40,8 @@ pub mod archive;
 #[cfg(feature = "builder")]
 pub mod cpio;
 #[cfg(feature = "builder")]
+pub mod erofs;
+#[cfg(feature = "builder")]
 pub mod import;
 #[cfg(feature = "builder")]
 pub mod kernel;
@@ -41,28 +49,36 @@ pub mod kernel;
 pub mod modules;
 #[cfg(feature = "pull")]
 pub mod registry;
-
-/// What every Keel host image has, whoever builds it (`keel build`, the benchmarks).
 #[cfg(feature = "builder")]
+pub mod rootfs;
+pub mod verity;
+
+/// What every Keel host image has, whoever builds it (`keel build`, the benchmarks), and
+/// where things are in it: the builder writes these paths and PID 1 reads them, so both
+/// sides take them from here (this module is compiled without the `builder` feature too).
 pub mod os {
     /// Modules every Keel host loads: the virtio NIC and its PCI transport, the
     /// virtio-serial port the control API is reached through from the host, overlayfs for
     /// container roots, the ACPI power button with the evdev interface it is read
-    /// through, QEMU's fw_cfg device, through which a host file may be delivered, the
-    /// virtio disk driver with ext4 for the /var data disk, and ISO 9660 for a KEEL-CONFIG
-    /// config disk (ext4 serves those too).
+    /// through, QEMU's fw_cfg device, through which a host file may be delivered, and ext4
+    /// for the /var data disk.
     pub const BASE_MODULES: &[&str] = &[
         "virtio_pci",
         "virtio_net",
         "virtio_console",
-        "virtio_blk",
         "overlay",
         "button",
         "evdev",
         "qemu_fw_cfg",
         "ext4",
-        "isofs",
     ];
+
+    /// What stage 1 (the initramfs) needs to reach the root image: the virtio disk and
+    /// its PCI transport, and erofs (whose lz4 decompressor Debian builds in).
+    pub const STAGE1_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "erofs"];
+
+    /// Added to [`STAGE1_MODULES`] when the root image is dm-verity protected.
+    pub const VERITY_MODULES: &[&str] = &["dm_mod", "dm_verity"];
 
     /// The kernel command line: serial console; only critical kernel messages on it (PID 1
     /// prints its own lines, which would otherwise show twice through /dev/kmsg); PID 1's
@@ -71,20 +87,57 @@ pub mod os {
     /// ("IO-APIC + timer doesn't work!", a panic before init) though the timer works.
     pub const CMDLINE: &str = "console=ttyS0 loglevel=3 panic=-1 printk.devkmsg=on no_timer_check";
 
+    /// The kernel command-line parameter naming the root image: `keel.root=UUID=<uuid>`,
+    /// the erofs superblock's UUID.
+    pub const ROOT_PARAM: &str = "keel.root=";
+
+    /// The file name of the root image in a `keel build` output directory.
+    pub const ROOT_IMAGE: &str = "root.img";
+
+    /// The virtio-blk serial of the root image's disk (at most 20 bytes).
+    pub const ROOT_DISK_SERIAL: &str = "keel-root";
+
+    /// The virtio-blk serial of the persistent data disk mounted on /var.
+    pub const DATA_DISK_SERIAL: &str = "KEEL-VAR";
+
+    /// The ext4 label PID 1 gives the data disk when it formats it.
+    pub const DATA_LABEL: &str = "KEEL-VAR";
+
+    /// What stage 1 execs in the root image once it is mounted and switched to.
+    pub const ROOT_INIT: &str = "/sbin/init";
+
+    /// The host file built into the root image. /etc is a tmpfs made at boot, so the
+    /// file lives under /usr, which is read-only.
+    pub const BAKED_HOST_FILE: &str = "/usr/share/keel/host.toml";
+
+    /// The OCI layout of the images built into the root image.
+    pub const IMAGES_DIR: &str = "/usr/share/keel/images";
+
+    /// The module load list, dependencies first, in both the initramfs and the root image.
+    pub const MODULE_LOAD_LIST: &str = "/lib/modules/keel.load";
+
+    /// e2fsprogs' mke2fs in the root image (with its shared libraries), for PID 1 to format
+    /// a blank data disk.
+    pub const MKE2FS: &str = "/usr/sbin/mke2fs";
+
+    /// e2fsprogs' e2fsck in the root image, for PID 1 to check the data disk before
+    /// mounting it.
+    pub const E2FSCK: &str = "/usr/sbin/e2fsck";
+
+    /// Directories of the root image that are only mount points: the root is mounted
+    /// read-only and everything that changes is mounted over these.
+    pub const MOUNT_POINTS: &[&str] = &["dev", "proc", "sys", "run", "tmp", "etc", "var"];
+
     /// The skeleton every Keel initramfs starts from: the mount points PID 1 uses and
     /// /dev/console, which the kernel opens as PID 1's stdio before any devtmpfs exists.
+    #[cfg(feature = "builder")]
     pub fn base_initramfs() -> Result<crate::cpio::InitramfsBuilder, crate::cpio::CpioError> {
         let mut initramfs = crate::cpio::InitramfsBuilder::new();
-        for dir in [
-            "dev",
-            "proc",
-            "sys",
-            "run",
-            "tmp",
-            "etc",
-            "var",
-            "usr/share/keel/images",
-        ] {
+        for dir in MOUNT_POINTS
+            .iter()
+            .copied()
+            .chain(["usr/share/keel/images"])
+        {
             initramfs.add_dir(dir, 0o755)?;
         }
         initramfs.add_char_device("dev/console", 0o600, 5, 1)?;

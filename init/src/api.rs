@@ -84,11 +84,17 @@ pub enum Command {
     },
     Reboot,
     Poweroff,
+    /// The text of a new host file, unparsed: the main loop parses and judges it.
+    Apply {
+        host_file: String,
+        dry_run: bool,
+    },
 }
 
 /// The main loop's answer. Expected per command: `Ps` → `Statuses`, `Inspect` → `Value`
 /// (an object with `name`, `status` and `config`, see docs/api.md), `Stats` → `Stats`,
-/// `Exec` → `Exec`, the others → `Done` (for `Reboot` and `Poweroff`, before shutting down).
+/// `Exec` → `Exec`, `Apply` → `Value` (a `keel_api::ApplyReport`, once the apply has
+/// finished), the others → `Done` (for `Reboot` and `Poweroff`, before shutting down).
 #[derive(Debug)]
 pub enum Reply {
     Statuses(Vec<ContainerStatus>),
@@ -812,6 +818,7 @@ fn check(request: Request) -> Result<Dispatch, ApiError> {
         }
         Request::Reboot => Command::Reboot,
         Request::Poweroff => Command::Poweroff,
+        Request::Apply { host_file, dry_run } => Command::Apply { host_file, dry_run },
     };
     Ok(Dispatch::Call(command))
 }
@@ -1372,6 +1379,16 @@ mod tests {
                 }))
             }
             Command::Exec { .. } => Ok(Reply::Done),
+            Command::Apply { host_file, dry_run } if host_file.contains("[host]") => {
+                let report = keel_api::ApplyReport {
+                    dry_run,
+                    restarted: vec!["b".into()],
+                    unchanged: vec!["a".into()],
+                    ..Default::default()
+                };
+                Ok(Reply::Value(serde_json::to_value(report).unwrap()))
+            }
+            Command::Apply { .. } => Err(ApiError::bad_request("apply:HOST.toml: invalid")),
             other => Err(ApiError::not_found(format!("{other:?}"))),
         });
         let ps = client.ps().unwrap();
@@ -1426,6 +1443,16 @@ mod tests {
         assert_eq!(e.code, ErrorCode::Internal);
         let e = client.exec("web", vec![], vec![], |_, _| {}).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+        // apply carries the file's text and dry_run there, and the report back.
+        let report = client.apply("[host]\nhostname = \"h\"\n", true).unwrap();
+        assert!(report.dry_run);
+        assert_eq!(
+            (report.restarted, report.unchanged),
+            (vec!["b".to_string()], vec!["a".to_string()])
+        );
+        let e = client.apply("nonsense", false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("apply:HOST.toml"), "{e}");
         let e = client
             .exec("web", vec!["x".into()], vec!["NOEQUALS".into()], |_, _| {})
             .unwrap_err();

@@ -297,7 +297,11 @@ mod tests {
     fn only_an_all_zero_disk_is_blank() {
         assert!(probe(image(4 << 20, &[]).path()).unwrap().blank);
         // A GPT or MBR at the start, or a backup header at the end, is somebody's data.
-        assert!(!probe(image(4 << 20, &[(510, b"\x55\xaa")]).path()).unwrap().blank);
+        assert!(
+            !probe(image(4 << 20, &[(510, b"\x55\xaa")]).path())
+                .unwrap()
+                .blank
+        );
         assert!(
             !probe(image(4 << 20, &[((4 << 20) - 512, b"EFI PART")]).path())
                 .unwrap()
@@ -340,7 +344,10 @@ mod tests {
             ("vda", vec![("size", "8192\n"), ("serial", "keel-root\n")]),
             (
                 "vdb1",
-                vec![("size", "2048\n"), ("uevent", "MAJOR=254\nPARTNAME=KEEL-VAR\n")],
+                vec![
+                    ("size", "2048\n"),
+                    ("uevent", "MAJOR=254\nPARTNAME=KEEL-VAR\n"),
+                ],
             ),
             ("loop0", vec![("size", "0\n")]),
         ] {

@@ -4,16 +4,22 @@
 
 use std::path::{Path, PathBuf};
 
-use keel_api::{ApiError, ContainerStatus, ErrorCode, Stats};
+use keel_api::{ApiError, ApplyFailure, ApplyReport, ContainerStatus, ErrorCode, Stats};
+use keel_config::HostConfig;
 use keel_init::api::{self, Call, Command, ExecHandle, Reply};
-use keel_supervisor::{ControlError, Supervisor};
+use keel_init::delivery;
+use keel_supervisor::state::{APPLIED, Applied, write_atomic};
+use keel_supervisor::{ApplyError, ApplyOutcome, ControlError, Supervisor};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::oneshot;
 
 use crate::Action;
 
 /// The API socket inside the guest.
 pub const API_SOCKET: &str = "/run/keel/api.sock";
 const LOGS_DIR: &str = "/var/log/keel";
+/// How errors name a host file sent with `keel apply`.
+const APPLY_LABEL: &str = "apply:HOST.toml";
 
 /// Starts both servers; a server that cannot start is logged and the host runs without it.
 pub fn start_servers(calls: UnboundedSender<Call>) {
@@ -59,9 +65,19 @@ fn status(s: keel_supervisor::Status) -> ContainerStatus {
 }
 
 /// Answers one call; a reboot or poweroff request is returned for the main loop to act on.
-pub fn handle(supervisor: &mut Supervisor, call: Call) -> Option<Action> {
+/// `base_sha256` is the hash of the host file delivered at boot, which an applied file is
+/// saved over (`None` when none was valid).
+pub fn handle(
+    supervisor: &mut Supervisor,
+    call: Call,
+    base_sha256: Option<&str>,
+) -> Option<Action> {
     let mut action = None;
     let result = match call.command {
+        Command::Apply { host_file, dry_run } => {
+            apply(supervisor, call.reply, host_file, dry_run, base_sha256);
+            return None;
+        }
         Command::Ps => Ok(Reply::Statuses(
             supervisor.statuses().into_iter().map(status).collect(),
         )),
@@ -128,4 +144,126 @@ pub fn handle(supervisor: &mut Supervisor, call: Call) -> Option<Action> {
     };
     let _ = call.reply.send(result);
     action
+}
+
+/// `keel apply`: parse, let the supervisor judge and start the change, save the file for
+/// helpers and for the next boot, and answer once the supervisor reports the apply done.
+fn apply(
+    supervisor: &mut Supervisor,
+    reply: oneshot::Sender<Result<Reply, ApiError>>,
+    text: String,
+    dry_run: bool,
+    base_sha256: Option<&str>,
+) {
+    let answer = |result| {
+        let _ = reply.send(result);
+    };
+    let new = match HostConfig::parse(Path::new(APPLY_LABEL), &text) {
+        Ok(config) => config,
+        Err(e) => {
+            return answer(Err(ApiError::bad_request(format!(
+                "{e}; nothing was changed"
+            ))));
+        }
+    };
+    let started = match supervisor.apply(&new, dry_run) {
+        Ok(started) => started,
+        Err(e @ ApplyError::Rejected(_)) => {
+            log::warn!("apply refused: {e}");
+            return answer(Err(ApiError::bad_request(format!(
+                "{e}\nnothing was changed"
+            ))));
+        }
+        Err(ApplyError::Conflict(why)) => return answer(Err(ApiError::conflict(why))),
+    };
+    let plan = started.plan;
+    let mut report = ApplyReport {
+        dry_run,
+        added: plan.added,
+        removed: plan.removed,
+        restarted: plan.restarted,
+        updated: plan.updated,
+        unchanged: plan.unchanged,
+        settings: plan.settings,
+        failed: Vec::new(),
+        warnings: started.warnings,
+    };
+    if !dry_run {
+        report.warnings.extend(save(&text, base_sha256));
+        for w in &report.warnings {
+            log::warn!("apply: {w}");
+        }
+    }
+    let Some(done) = started.done else {
+        return answer(to_value(&report));
+    };
+    // The stops take up to the containers' stop timeouts: answer from a task, so that the
+    // main loop goes on reaping the exits the apply waits for.
+    tokio::spawn(async move {
+        match done.await {
+            Ok(ApplyOutcome {
+                failed,
+                interrupted,
+            }) => {
+                report.failed = failed
+                    .into_iter()
+                    .map(|(name, error)| ApplyFailure { name, error })
+                    .collect();
+                report.warnings.extend(interrupted);
+            }
+            Err(_) => report
+                .warnings
+                .push("PID 1 stopped following the apply before it finished".into()),
+        }
+        answer(to_value(&report));
+    });
+}
+
+fn to_value(report: &ApplyReport) -> Result<Reply, ApiError> {
+    serde_json::to_value(report)
+        .map(Reply::Value)
+        .map_err(|e| ApiError::internal(format!("encoding the answer: {e}")))
+}
+
+/// Writes the applied file where PID 1's helpers read the host file in force, and beside its
+/// base for the next boot. The change is live either way: failures are warnings.
+fn save(text: &str, base_sha256: Option<&str>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    // Atomic: a boot pull starting now reads the old file or the new one, never half.
+    if let Err(e) = write_atomic(Path::new(delivery::EFFECTIVE), text.as_bytes(), 0o600) {
+        warnings.push(format!("writing {}: {e}", delivery::EFFECTIVE));
+    }
+    let Some(base) = base_sha256 else {
+        warnings.push(
+            "no host file was delivered at boot: the applied file is not kept for the next boot"
+                .into(),
+        );
+        return warnings;
+    };
+    let path = Path::new(APPLIED);
+    let saved = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| {
+            Applied {
+                base_sha256: base.to_string(),
+                text: text.to_string(),
+            }
+            .save(path)
+        });
+    match saved {
+        Err(e) => warnings.push(format!(
+            "not kept for the next boot: writing {APPLIED}: {e}"
+        )),
+        Ok(()) if on_tmpfs(path) => warnings.push(format!(
+            "not kept for the next boot: {APPLIED} is on a tmpfs (no data disk for /var)"
+        )),
+        Ok(()) => {}
+    }
+    warnings
+}
+
+fn on_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }

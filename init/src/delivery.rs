@@ -2,8 +2,10 @@
 //! Ignition config):
 //! 1. QEMU fw_cfg `opt/keel/config` (`keel run --config FILE`), so one built image serves
 //!    many hosts;
-//! 2. `keel.config=` on the kernel command line: the file zstd-compressed, then base64;
-//! 3. the file `keel build` baked into the image.
+//! 2. `host.toml` at the top of a disk or partition whose filesystem (ext4 or ISO 9660) is
+//!    labelled `KEEL-CONFIG`, mounted read-only just long enough to read it;
+//! 3. `keel.config=` on the kernel command line: the file zstd-compressed, then base64;
+//! 4. the file `keel build` baked into the image.
 //!
 //! A source that is present but invalid is rejected whole, with its errors logged, and the
 //! next one is used: a bad delivery never leaves the host without its baked configuration.
@@ -28,11 +30,66 @@ pub struct Delivered {
     pub config: HostConfig,
     pub text: String,
     pub source: &'static str,
+    /// The sha256 of the file as delivered, which a `keel apply` records as its base.
+    pub base_sha256: String,
+}
+
+/// The label of a config disk's filesystem.
+pub const CONFIG_LABEL: &str = "KEEL-CONFIG";
+/// The file read from a config disk.
+pub const CONFIG_DISK_FILE: &str = "host.toml";
+const CONFIG_DISK_MOUNT: &str = "/run/keel/config-disk";
+
+/// The host file on a disk labelled KEEL-CONFIG: `Ok(None)` without such a disk, an error
+/// for a disk that cannot be mounted or lacks the file.
+pub fn read_config_disk() -> Result<Option<String>, String> {
+    let Some((device, probe)) = crate::blockdev::find(|_, p| {
+        p.label.as_deref() == Some(CONFIG_LABEL) && matches!(p.fstype, Some("ext4" | "iso9660"))
+    }) else {
+        return Ok(None);
+    };
+    let fstype = probe.fstype.unwrap_or("ext4");
+    let target = Path::new(CONFIG_DISK_MOUNT);
+    std::fs::create_dir_all(target).map_err(|e| format!("mkdir {CONFIG_DISK_MOUNT}: {e}"))?;
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some(&device.node),
+        target,
+        Some(if fstype == "iso9660" {
+            "iso9660"
+        } else {
+            "ext4"
+        }),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        // ext4 would replay a dirty journal even read-only: the config disk is not ours to
+        // write.
+        (fstype == "ext4").then_some("noload"),
+    )
+    .map_err(|e| format!("mounting {} ({fstype}): {e}", device.node.display()))?;
+    let file = target.join(CONFIG_DISK_FILE);
+    let text = match read_optional(&file) {
+        Ok(Some(text)) => Ok(Some(text)),
+        Ok(None) => Err(format!(
+            "{} is labelled {CONFIG_LABEL} but has no /{CONFIG_DISK_FILE}",
+            device.node.display()
+        )),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+        log::warn!("unmounting {CONFIG_DISK_MOUNT}: {e}");
+    }
+    text
 }
 
 /// Picks the host file: the first present source that is valid. Returns it (or `None`
 /// when no source is valid) and one message per source that was present but rejected.
-pub fn choose(fw_cfg: &Path, cmdline: &str, baked: &Path) -> (Option<Delivered>, Vec<String>) {
+/// `config_disk` is what [`read_config_disk`] found.
+pub fn choose(
+    fw_cfg: &Path,
+    config_disk: Result<Option<String>, String>,
+    cmdline: &str,
+    baked: &Path,
+) -> (Option<Delivered>, Vec<String>) {
     let mut rejected = Vec::new();
     let mut try_text = |text: Result<Option<String>, String>,
                         label: &Path,
@@ -43,6 +100,7 @@ pub fn choose(fw_cfg: &Path, cmdline: &str, baked: &Path) -> (Option<Delivered>,
             Ok(Some(text)) => match HostConfig::parse(label, &text) {
                 Ok(config) => Some(Delivered {
                     config,
+                    base_sha256: keel_supervisor::state::sha256_hex(text.as_bytes()),
                     text,
                     source,
                 }),
@@ -59,6 +117,10 @@ pub fn choose(fw_cfg: &Path, cmdline: &str, baked: &Path) -> (Option<Delivered>,
     };
     let from_fw_cfg = read_optional(fw_cfg);
     if let Some(d) = try_text(from_fw_cfg, Path::new("fw_cfg:opt/keel/config"), "fw_cfg") {
+        return (Some(d), rejected);
+    }
+    let disk_label = format!("{CONFIG_LABEL}:/{CONFIG_DISK_FILE}");
+    if let Some(d) = try_text(config_disk, Path::new(&disk_label), "the config disk") {
         return (Some(d), rejected);
     }
     let from_cmdline = decode_cmdline(cmdline);
@@ -170,26 +232,64 @@ mod tests {
         std::fs::write(&baked, "[host]\nhostname = \"baked\"\n").unwrap();
         let cmdline = encode_cmdline(B).unwrap();
 
-        let (d, rejected) = choose(&fw, &cmdline, &baked);
+        let (d, rejected) = choose(&fw, Ok(None), &cmdline, &baked);
         assert_eq!(d.unwrap().config.hostname, "from-b");
         assert!(rejected.is_empty());
 
         std::fs::write(&fw, A).unwrap();
-        let (d, _) = choose(&fw, &cmdline, &baked);
+        let (d, _) = choose(&fw, Ok(None), &cmdline, &baked);
         let d = d.unwrap();
         assert_eq!((d.config.hostname.as_str(), d.source), ("from-a", "fw_cfg"));
 
         // An invalid delivery is rejected whole, named, and the next source is used.
         std::fs::write(&fw, "[host]\nhostname = \"x\"\nbogus = 1\n").unwrap();
-        let (d, rejected) = choose(&fw, "", &baked);
+        let (d, rejected) = choose(&fw, Ok(None), "", &baked);
         assert_eq!(d.unwrap().source, "the image");
         assert!(
             rejected[0].contains("fw_cfg") && rejected[0].contains("bogus"),
             "{rejected:?}"
         );
 
-        let (d, rejected) = choose(&dir.path().join("none"), "", &dir.path().join("none"));
+        let (d, rejected) = choose(
+            &dir.path().join("none"),
+            Ok(None),
+            "",
+            &dir.path().join("none"),
+        );
         assert!(d.is_none());
         assert!(rejected[0].contains("missing"), "{rejected:?}");
+    }
+
+    #[test]
+    fn the_config_disk_comes_after_fw_cfg_and_before_the_command_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = dir.path().join("fw");
+        let baked = dir.path().join("host.toml");
+        std::fs::write(&baked, "[host]\nhostname = \"baked\"\n").unwrap();
+        let cmdline = encode_cmdline(B).unwrap();
+        let disk = || Ok(Some("[host]\nhostname = \"from-disk\"\n".to_string()));
+
+        let (d, _) = choose(&fw, disk(), &cmdline, &baked);
+        let d = d.unwrap();
+        assert_eq!(
+            (d.config.hostname.as_str(), d.source),
+            ("from-disk", "the config disk")
+        );
+
+        std::fs::write(&fw, A).unwrap();
+        let (d, _) = choose(&fw, disk(), &cmdline, &baked);
+        assert_eq!(d.unwrap().source, "fw_cfg");
+
+        // A config disk that is there but unusable is reported, and the next source used.
+        std::fs::remove_file(&fw).unwrap();
+        let (d, rejected) = choose(&fw, Err("no /host.toml".into()), &cmdline, &baked);
+        assert_eq!(d.unwrap().config.hostname, "from-b");
+        assert!(rejected[0].contains("config disk"), "{rejected:?}");
+        let (d, rejected) = choose(&fw, Ok(Some("[host]\nnope = 1\n".into())), "", &baked);
+        assert_eq!(d.unwrap().source, "the image");
+        assert!(
+            rejected[0].contains("KEEL-CONFIG") && rejected[0].contains("nope"),
+            "{rejected:?}"
+        );
     }
 }

@@ -161,6 +161,10 @@ pub fn mount_kernel_filesystems() -> Vec<String> {
             errors.push(format!("mkdir {}: {e}", m.target));
             continue;
         }
+        // The stage-1 init moved /proc, /sys and /dev over from the initramfs.
+        if is_mount_point(Path::new(m.target)) {
+            continue;
+        }
         if let Err(e) = mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data) {
             // devtmpfs may already be mounted by the kernel (CONFIG_DEVTMPFS_MOUNT).
             if !(e == nix::errno::Errno::EBUSY && m.fstype == "devtmpfs") {
@@ -168,12 +172,19 @@ pub fn mount_kernel_filesystems() -> Vec<String> {
             }
         }
     }
-    for dir in ["/var/lib/keel", "/var/log/keel", "/etc"] {
-        if let Err(e) = fs::create_dir_all(dir) {
-            errors.push(format!("mkdir {dir}: {e}"));
-        }
-    }
     errors
+}
+
+/// Whether `path` is the root of a filesystem other than its parent's. (A bind mount of
+/// the same filesystem would not show, but nothing mounts those this early.)
+fn is_mount_point(path: &Path) -> bool {
+    let Some(parent) = path.parent() else {
+        return true;
+    };
+    match (fs::metadata(path), fs::metadata(parent)) {
+        (Ok(p), Ok(q)) => p.dev() != q.dev(),
+        _ => false,
+    }
 }
 
 /// Milliseconds since boot (CLOCK_BOOTTIME), for the ready line.
@@ -212,6 +223,15 @@ mod tests {
         assert!(pos("/dev") < pos("/dev/pts"));
         assert!(pos("/dev") < pos("/dev/shm"));
         assert!(pos("/sys") < pos("/sys/fs/cgroup"));
+    }
+
+    #[test]
+    fn mount_points_are_told_from_directories() {
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(is_mount_point(Path::new("/")));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("plain")).unwrap();
+        assert!(!is_mount_point(&dir.path().join("plain")));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! PID 1 must never exit or panic: the kernel would panic with it. Failures are logged and
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
-use keel_init::{delivery, early, logger, modules, net, power, puller, reaper};
+use keel_init::{delivery, early, etc, logger, modules, net, power, puller, reaper, var};
 
 mod control;
 
@@ -25,8 +25,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// The host file `keel build` puts in the initramfs.
-const HOST_FILE: &str = "/etc/keel/host.toml";
+/// The host file `keel build` bakes into the root image.
+const HOST_FILE: &str = "/usr/share/keel/host.toml";
 /// After the shutdown deadline and a cgroup kill, how long to wait for the kills to land.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -83,6 +83,44 @@ fn main() {
     give_up(&why);
 }
 
+/// The host file applied live with `keel apply` replaces the delivered one, as long as
+/// it was applied over this same delivered file: a new delivery (a new fw_cfg file, a
+/// rebuilt image) wins, and the old live change is dropped.
+fn with_applied_changes(delivered: delivery::Delivered) -> delivery::Delivered {
+    use keel_supervisor::state::{APPLIED, Applied, sha256_hex};
+    let path = Path::new(APPLIED);
+    let applied = match Applied::load(path) {
+        Ok(Some(a)) => a,
+        Ok(None) => return delivered,
+        Err(e) => {
+            log::error!("{APPLIED}: {e}; ignored");
+            return delivered;
+        }
+    };
+    if applied.base_sha256 != sha256_hex(delivered.text.as_bytes()) {
+        log::info!(
+            "the host file from {} is new since the last keel apply; the applied changes are dropped",
+            delivered.source
+        );
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("removing {APPLIED}: {e}");
+        }
+        return delivered;
+    }
+    match keel_config::HostConfig::parse(path, &applied.text) {
+        Ok(config) => delivery::Delivered {
+            config,
+            text: applied.text,
+            source: "keel apply (over the delivered host file)",
+            base_sha256: delivered.base_sha256,
+        },
+        Err(e) => {
+            log::error!("{e}; the applied host file is ignored");
+            delivered
+        }
+    }
+}
+
 /// The last resort: sync and reboot rather than let PID 1 exit.
 fn give_up(why: &str) -> ! {
     log::error!("fatal: {why}; syncing and rebooting");
@@ -95,8 +133,16 @@ fn give_up(why: &str) -> ! {
 }
 
 fn boot_and_serve() {
+    // Stage 1 (an initramfs whose command line names a root image) only reaches that
+    // image and execs its /sbin/init, this binary again; it never returns.
+    if let Some(cmdline) = keel_init::stage1::detect() {
+        keel_init::stage1::run(&cmdline);
+    }
     let switched = early::switch_to_tmpfs_root();
-    let mount_errors = early::mount_kernel_filesystems();
+    let mut mount_errors = early::mount_kernel_filesystems();
+    if let Err(e) = etc::mount_tmpfs(Path::new("/etc")) {
+        mount_errors.push(format!("tmpfs on /etc: {e}"));
+    }
     logger::init();
     std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
     match switched {
@@ -129,15 +175,42 @@ fn boot_and_serve() {
         }
     );
 
+    let var = var::setup();
+    match &var {
+        var::Var::Disk {
+            device,
+            uuid,
+            formatted,
+            check,
+        } => log::info!(
+            "/var on {} (ext4 {}, uuid {}): {}",
+            device.node.display(),
+            var::DATA_LABEL,
+            uuid.as_deref().unwrap_or("?"),
+            if *formatted {
+                "formatted on this first boot".to_string()
+            } else {
+                format!("checked, {check}")
+            }
+        ),
+        var::Var::Tmpfs { why } => {
+            log::warn!("/var is a tmpfs: {why}; nothing written to /var survives a reboot")
+        }
+    }
+
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (delivered, rejected) = delivery::choose(
         Path::new(delivery::FW_CFG_CONFIG),
+        delivery::read_config_disk(),
         &cmdline,
         Path::new(HOST_FILE),
     );
     for why in &rejected {
         log::error!("host file from {why}");
     }
+    let delivered = delivered.map(with_applied_changes);
+    // What `keel apply` saves its file over.
+    let base_sha256 = delivered.as_ref().map(|d| d.base_sha256.clone());
     let config = match delivered {
         Some(d) => {
             log::info!("host file from {}", d.source);
@@ -154,10 +227,69 @@ fn boot_and_serve() {
             None
         }
     };
-    if let Some(c) = &config
-        && let Err(e) = nix::unistd::sethostname(&c.hostname)
-    {
-        log::error!("sethostname {}: {e}", c.hostname);
+
+    let volumes: Vec<String> = config
+        .iter()
+        .flat_map(|c| c.containers.values())
+        .flat_map(|c| &c.isolation.volumes)
+        .filter_map(|v| match &v.source {
+            keel_config::VolumeSource::Named(name) => Some(name.clone()),
+            keel_config::VolumeSource::Host(_) => None,
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let disk_uuid = match &var {
+        var::Var::Disk { uuid, .. } => uuid.as_deref(),
+        var::Var::Tmpfs { .. } => None,
+    };
+    let machine_id = match var::provision(Path::new("/"), disk_uuid, &volumes) {
+        Ok(state) => {
+            for path in &state.swept {
+                log::warn!(
+                    "removed {}: a state write a crash interrupted",
+                    path.display()
+                );
+            }
+            if state.first_boot {
+                log::info!(
+                    "first boot: provisioned {} volumes, machine id {}; recorded in {}",
+                    state.provisioned.volumes.len(),
+                    state.machine_id,
+                    keel_supervisor::state::PROVISIONED
+                );
+            } else {
+                log::info!(
+                    "boot {} of machine {}; provisioned {} (boot id {})",
+                    state.boots,
+                    state.machine_id,
+                    keel_api::format_rfc3339_ms(state.provisioned.at.saturating_mul(1000)),
+                    state.provisioned.boot_id
+                );
+            }
+            state.machine_id
+        }
+        Err(e) => {
+            log::error!("provisioning /var: {e}");
+            String::new()
+        }
+    };
+
+    let hostname = config
+        .as_ref()
+        .map_or(keel_config::DEFAULT_HOSTNAME, |c| c.hostname.as_str());
+    if let Err(e) = etc::generate(
+        Path::new("/etc"),
+        &etc::Identity {
+            hostname,
+            machine_id: &machine_id,
+            effective_host_file: Path::new(delivery::EFFECTIVE),
+        },
+    ) {
+        log::error!("generating /etc: {e}");
+    }
+    if let Err(e) = nix::unistd::sethostname(hostname) {
+        log::error!("sethostname {hostname}: {e}");
     }
     let cgroups = match keel_supervisor::cgroup::setup_hierarchy(Path::new(CGROUP_ROOT)) {
         Ok(c) => c,
@@ -176,12 +308,17 @@ fn boot_and_serve() {
         Err(e) => give_up(&format!("cannot build the event loop: {e}")),
     };
     let stop_timeout = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.stop_timeout_ms));
-    let action = runtime.block_on(serve(config, cgroups, stop_timeout));
+    let action = runtime.block_on(serve(config, cgroups, stop_timeout, base_sha256));
     drop(runtime);
     finish(action);
 }
 
-async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Duration) -> Action {
+async fn serve(
+    config: Option<HostConfig>,
+    cgroups: Cgroup,
+    stop_timeout: Duration,
+    base_sha256: Option<String>,
+) -> Action {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let console = Console::open(Path::new("/dev/console"))
         .map_err(|e| log::warn!("container output will not be echoed: {e}"))
@@ -190,6 +327,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         path: HOST_FILE.into(),
         hostname: keel_config::DEFAULT_HOSTNAME.into(),
         hostname_from_network: true,
+        verity: false,
         modules: Vec::new(),
         stop_timeout_ms: stop_timeout.as_millis() as u64,
         shutdown_timeout_ms: 30_000,
@@ -224,7 +362,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         let requested = tokio::select! {
             _ = signals.child.recv() => { guarded("reaping", || reap(&mut supervisor)); None }
             Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
-            Some(call) = calls.recv() => control::handle(&mut supervisor, call),
+            Some(call) = calls.recv() => control::handle(&mut supervisor, call, base_sha256.as_deref()),
             Ok(()) = online_rx.changed() => {
                 let online = *online_rx.borrow_and_update();
                 guarded("network-online", || supervisor.set_network_online(online));
@@ -271,7 +409,8 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
 
     // The whole shutdown must fit in shutdown_timeout; keep a little of it for the end
     // (killing strays, unmounting).
-    let total = Duration::from_millis(config.shutdown_timeout_ms);
+    // The host file in force: `keel apply` may have changed it since boot.
+    let total = Duration::from_millis(supervisor.config().shutdown_timeout_ms);
     let deadline = tokio::time::Instant::now() + total.saturating_sub(KILL_GRACE);
     log::info!(
         "shutting down for {}: stopping containers, dependents first (deadline {} ms)",
@@ -283,7 +422,7 @@ async fn serve(config: Option<HostConfig>, cgroups: Cgroup, stop_timeout: Durati
         tokio::select! {
             _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
             Some(event) = events.recv() => guarded("a supervisor event", || supervisor.on_event(event)),
-            Some(call) = calls.recv() => { control::handle(&mut supervisor, call); }
+            Some(call) = calls.recv() => { control::handle(&mut supervisor, call, base_sha256.as_deref()); }
             _ = tokio::time::sleep_until(deadline) => {
                 log::warn!("shutdown deadline reached");
                 break;

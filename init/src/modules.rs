@@ -29,30 +29,60 @@ pub fn load_all(list: &Path) -> (usize, usize) {
     };
     let (mut loaded, mut failed) = (0, 0);
     for path in parse_load_list(&text) {
+        // The stage-1 init loaded some already: the kernel would read and unpack the whole
+        // file again before saying so.
+        if Path::new("/sys/module").join(module_name(path)).exists() {
+            loaded += 1;
+            continue;
+        }
         match load(Path::new(path)) {
             Ok(()) => loaded += 1,
+            // A driver for hardware or a CPU feature this machine lacks (crc32c-intel
+            // without SSE4.2): nothing is missing.
+            Err(nix::errno::Errno::ENODEV) => {
+                log::info!("module {path}: not for this machine (no such device)")
+            }
             Err(e) => {
                 failed += 1;
-                log::error!("module {path}: {e}");
+                log::error!("module {path}: {}", e.desc());
             }
         }
     }
     (loaded, failed)
 }
 
-fn load(path: &Path) -> Result<(), String> {
-    let file = File::open(path).map_err(|e| e.to_string())?;
+/// The kernel's name for the module in `path`: the file name without `.ko` (and a
+/// compression suffix), dashes as underscores.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+fn load(path: &Path) -> Result<(), nix::errno::Errno> {
+    let file = File::open(path).map_err(|e| {
+        e.raw_os_error()
+            .map_or(nix::errno::Errno::EIO, nix::errno::Errno::from_raw)
+    })?;
     match finit_module(&file, c"", ModuleInitFlags::empty()) {
-        Ok(()) => Ok(()),
         // Already loaded (or built in): what we wanted.
-        Err(nix::errno::Errno::EEXIST) => Ok(()),
-        Err(e) => Err(e.desc().to_string()),
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_names_are_the_kernels() {
+        assert_eq!(
+            module_name("/lib/modules/v/kernel/arch/x86/crypto/crc32c-intel.ko"),
+            "crc32c_intel"
+        );
+        assert_eq!(module_name("/lib/modules/v/virtio_blk.ko.xz"), "virtio_blk");
+    }
 
     #[test]
     fn the_list_keeps_order_and_skips_comments() {

@@ -96,6 +96,48 @@ impl ContainerNetworks {
         if let Err(e) = sysctl("net/ipv4/ip_forward", "1") {
             errors.push(e);
         }
+        errors.extend(self.write_hosts_files());
+        if let Err(e) = update_resolv_conf(host_resolv_conf) {
+            errors.push(e);
+        }
+        if let Err(e) = self.program() {
+            errors.push(e);
+        }
+        errors
+    }
+
+    /// Takes the bridged containers of `config` as the networks' members (`keel apply`; the
+    /// networks themselves must be the ones this was made with). Each network's hosts file
+    /// is rewritten in place, so running neighbours see the new names at once, and the NAT
+    /// table is reprogrammed once: a container that left, or whose attachment changed (it
+    /// is being restarted), loses its published ports now; its next start publishes the
+    /// new ones. Returns every error; one does not stop the rest.
+    pub fn set_members(&mut self, config: &HostConfig) -> Vec<NetError> {
+        let members: BTreeMap<String, Attachment> = config
+            .containers
+            .iter()
+            .filter_map(|(name, c)| match &c.isolation.network {
+                NetworkMode::Bridged(a) => Some((name.clone(), a.clone())),
+                _ => None,
+            })
+            .collect();
+        let old = std::mem::replace(&mut self.members, members);
+        self.published.retain(|name| {
+            old.get(name)
+                .is_some_and(|a| self.members.get(name) == Some(a))
+        });
+        let mut errors = self.write_hosts_files();
+        if !self.is_empty()
+            && let Err(e) = self.program()
+        {
+            errors.push(e);
+        }
+        errors
+    }
+
+    /// Every network's hosts file, naming its members.
+    fn write_hosts_files(&self) -> Vec<NetError> {
+        let mut errors = Vec::new();
         for network in self.networks.keys() {
             let members: Vec<(String, std::net::Ipv4Addr)> = self
                 .members
@@ -110,12 +152,6 @@ impl ContainerNetworks {
                     detail: e.to_string(),
                 });
             }
-        }
-        if let Err(e) = update_resolv_conf(host_resolv_conf) {
-            errors.push(e);
-        }
-        if let Err(e) = self.program() {
-            errors.push(e);
         }
         errors
     }

@@ -43,8 +43,48 @@ pub struct VmConfig {
     /// Extra options of the user-mode NIC, e.g. `hostname=NAME` (the name its DHCP server
     /// hands out) or `ipv6=off`.
     pub user_net: Vec<String>,
+    /// virtio-blk disks, in this order (the guest sees them as /dev/vda, vdb, ...).
+    pub disks: Vec<Disk>,
     /// Appended verbatim to the QEMU command line.
     pub extra_args: Vec<String>,
+}
+
+/// The longest virtio-blk serial: the guest reads it into a 20-byte field
+/// (`VIRTIO_BLK_ID_BYTES`), silently cut beyond that.
+pub const MAX_DISK_SERIAL: usize = 20;
+
+/// A raw disk image attached as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// QEMU opens the file read-only and the guest sees a read-only disk.
+    pub read_only: bool,
+    /// What the guest reads in /sys/block/vdX/serial, so it can tell its disks apart
+    /// whatever order they come in.
+    pub serial: Option<String>,
+}
+
+impl Disk {
+    /// Why the serial cannot be used, if it cannot: longer than [`MAX_DISK_SERIAL`] bytes,
+    /// or with characters other than ASCII letters, digits, `-`, `_` and `.` (anything
+    /// else would need QEMU's option escaping and the guest's sysfs reading to agree).
+    pub fn serial_problem(&self) -> Option<String> {
+        let serial = self.serial.as_deref()?;
+        if serial.is_empty() || serial.len() > MAX_DISK_SERIAL {
+            return Some(format!(
+                "disk serial {serial:?} must be 1 to {MAX_DISK_SERIAL} bytes"
+            ));
+        }
+        if !serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Some(format!(
+                "disk serial {serial:?} may only hold ASCII letters, digits, `-`, `_` and `.`"
+            ));
+        }
+        None
+    }
 }
 
 impl VmConfig {
@@ -59,7 +99,7 @@ impl VmConfig {
 
 impl Default for VmConfig {
     /// No kernel (it must be set), no initrd, `console=ttyS0 panic=-1 no_timer_check`, 512 MiB, one vCPU,
-    /// nothing published, no log, no echo, the API socket chosen at boot.
+    /// nothing published, no log, no echo, the API socket chosen at boot, no disks.
     ///
     /// `panic=-1` makes a panicking guest reboot at once, which `-no-reboot` turns into QEMU
     /// exiting, so a dead guest never leaves a hung QEMU behind.
@@ -75,6 +115,7 @@ impl Default for VmConfig {
             echo_console: false,
             api_socket: None,
             user_net: Vec::new(),
+            disks: Vec::new(),
             extra_args: Vec::new(),
         }
     }
@@ -134,8 +175,8 @@ impl fmt::Display for PortForward {
 ///
 /// Pure: it neither checks files nor picks ports, so forwards with `host == 0` must have been
 /// resolved before (as [`crate::Vm::boot`] does), and the API port is only added when
-/// `cfg.api_socket` is set (which `Vm::boot` always does). Paths are converted lossily; `Vm::boot`
-/// rejects non-UTF-8 paths first.
+/// `cfg.api_socket` is set (which `Vm::boot` always does). Paths are converted lossily and disk
+/// serials taken as they are; `Vm::boot` rejects non-UTF-8 paths and bad serials first.
 pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
@@ -188,6 +229,19 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String>
             "-device",
             &format!("virtserialport,chardev=keelapi,name={API_PORT_NAME}"),
         ]);
+    }
+    for (i, disk) in cfg.disks.iter().enumerate() {
+        let drive = format!(
+            "file={},if=none,id=disk{i},format=raw,readonly={}",
+            disk.path.to_string_lossy().replace(',', ",,"),
+            if disk.read_only { "on" } else { "off" }
+        );
+        let mut device = format!("virtio-blk-pci,drive=disk{i}");
+        if let Some(serial) = &disk.serial {
+            device.push_str(",serial=");
+            device.push_str(&serial.replace(',', ",,"));
+        }
+        push(&["-drive", &drive, "-device", &device]);
     }
     args.extend(cfg.extra_args.iter().cloned());
     args
@@ -322,6 +376,72 @@ mod tests {
         );
         // extra_args stay last, so that they can override.
         assert_eq!(args.last().map(String::as_str), Some("-snapshot"));
+    }
+
+    #[test]
+    fn disks_are_virtio_blk_devices_with_serials() {
+        let mut cfg = sample();
+        cfg.disks = vec![
+            Disk {
+                path: "/out/root.img".into(),
+                read_only: true,
+                serial: Some("keel-root".into()),
+            },
+            Disk {
+                path: "/data/a,b/data.img".into(),
+                read_only: false,
+                serial: None,
+            },
+        ];
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"));
+        let pairs: Vec<(&str, &str)> = args
+            .windows(2)
+            .filter(|w| w[0] == "-drive" || w[1].starts_with("virtio-blk"))
+            .map(|w| (w[0].as_str(), w[1].as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (
+                    "-drive",
+                    "file=/out/root.img,if=none,id=disk0,format=raw,readonly=on"
+                ),
+                ("-device", "virtio-blk-pci,drive=disk0,serial=keel-root"),
+                (
+                    "-drive",
+                    "file=/data/a,,b/data.img,if=none,id=disk1,format=raw,readonly=off"
+                ),
+                ("-device", "virtio-blk-pci,drive=disk1"),
+            ]
+        );
+        assert_eq!(args.last().map(String::as_str), Some("-snapshot"));
+        assert!(!qemu_args(&sample(), Accel::Tcg, Path::new("/q")).contains(&"-drive".into()));
+    }
+
+    #[test]
+    fn disk_serials_are_checked() {
+        let disk = |serial: Option<&str>| Disk {
+            path: "/d".into(),
+            read_only: false,
+            serial: serial.map(String::from),
+        };
+        for good in [
+            None,
+            Some("KEEL-VAR"),
+            Some("keel-root"),
+            Some("a_b.c-01234567890123"),
+        ] {
+            assert_eq!(disk(good).serial_problem(), None, "{good:?}");
+        }
+        for bad in [
+            Some(""),
+            Some("a23456789012345678901"),
+            Some("a,b"),
+            Some("a b"),
+            Some("é"),
+        ] {
+            assert!(disk(bad).serial_problem().is_some(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub enum QemuError {
     #[error("path is not valid UTF-8: {}", .0.display())]
     NonUtf8Path(PathBuf),
 
+    /// A disk of the configuration cannot be attached as given.
+    #[error("disk {}: {problem}", path.display())]
+    BadDisk { path: PathBuf, problem: String },
+
     /// `KEEL_ACCEL` holds something other than `kvm`, `tcg` or `auto`.
     #[error("KEEL_ACCEL={0:?} is not one of kvm, tcg, auto")]
     BadAccel(String),

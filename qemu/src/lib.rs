@@ -19,7 +19,7 @@ mod qmp;
 mod vm;
 
 pub use accel::{ACCEL_ENV, Accel, kvm_status, select_accel};
-pub use config::{ParsePortForwardError, PortForward, VmConfig, qemu_args};
+pub use config::{Disk, MAX_DISK_SERIAL, ParsePortForwardError, PortForward, VmConfig, qemu_args};
 pub use error::QemuError;
 pub use interactive::{POWEROFF_CLEAN_LINE, run_interactive};
 pub use vm::{HttpResponse, Vm};

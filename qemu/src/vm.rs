@@ -96,6 +96,15 @@ impl Vm {
         if let Some(initrd) = &cfg.initrd {
             check_file("initrd", initrd)?;
         }
+        for disk in &cfg.disks {
+            check_file("disk image", &disk.path)?;
+            if let Some(problem) = disk.serial_problem() {
+                return Err(QemuError::BadDisk {
+                    path: disk.path.clone(),
+                    problem,
+                });
+            }
+        }
         let accel = select_accel()?;
         cfg.publish = resolve_ports(&cfg.publish)?;
         let dir = private_dir().map_err(QemuError::io("creating a private temporary directory"))?;

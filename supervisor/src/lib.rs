@@ -1,6 +1,7 @@
 //! Keel's container life cycle: a container definition and its image become an isolated
 //! process, which is watched, restarted with backoff, and stopped in order.
 //!
+//! - [`apply`]: what a new host file changes on a running host (`keel apply`);
 //! - [`container`]: pure logic from definition + image to the process and setup plan;
 //! - [`instance`]: one container prepared once and started any number of times;
 //! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
@@ -9,6 +10,7 @@
 //! - [`state`]: Keel's own state files, written atomically and durably;
 //! - [`Supervisor`]: the state machine PID 1 drives.
 
+pub mod apply;
 pub mod caps;
 pub mod cgroup;
 pub mod container;
@@ -25,6 +27,6 @@ pub mod user;
 
 pub use instance::{Instance, Runtime};
 pub use supervisor::{
-    Backoff, ControlError, Decision, Event, ExecStarted, ExitStatus, Paths, Phase, Stats, Status,
-    Supervisor, decide,
+    ApplyError, ApplyOutcome, ApplyStarted, Backoff, ControlError, Decision, Event, ExecStarted,
+    ExitStatus, Paths, Phase, Stats, Status, Supervisor, decide,
 };

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use keel_config::{
 use keel_net::ContainerNetworks;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::apply::{self, Plan, Refusal};
 use crate::cgroup::Cgroup;
 use crate::health::{Health, HealthState};
 use crate::instance::{Instance, Runtime};
@@ -175,7 +176,89 @@ struct Managed {
     /// Stop, then start again once it has exited (API restart, restart_on_unhealthy).
     restart_requested: bool,
     log: Option<Arc<ContainerLog>>,
+    /// `keel apply` removes it or replaces its definition once it has stopped.
+    retire: Option<Retire>,
 }
+
+impl Managed {
+    fn new(config: Container, userns: Option<IdMap>) -> Managed {
+        Managed {
+            config,
+            instance: None,
+            userns,
+            state: State::Waiting,
+            restarts: 0,
+            failures: 0,
+            last_delay: None,
+            generation: 0,
+            last_exit: None,
+            held: false,
+            restart_requested: false,
+            log: None,
+            retire: None,
+        }
+    }
+}
+
+/// What `keel apply` does with a container once its process is gone.
+enum Retire {
+    Remove,
+    /// Start again as this definition, with this user namespace range.
+    Replace(Box<Container>, Option<IdMap>),
+}
+
+/// A `keel apply` whose stops are still under way.
+struct Applying {
+    /// Added and restarted containers, to report those that could not start.
+    starting: Vec<String>,
+    done: tokio::sync::oneshot::Sender<ApplyOutcome>,
+}
+
+/// How an apply ended, once every container it stopped has stopped and the new ones have
+/// been started (or wait for their dependencies).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Added or restarted containers that could not start: name and why.
+    pub failed: Vec<(String, String)>,
+    /// Set when the host began shutting down first.
+    pub interrupted: Option<String>,
+}
+
+/// An apply that was accepted (a dry run changes nothing and has no `done`).
+#[derive(Debug)]
+pub struct ApplyStarted {
+    pub plan: Plan,
+    /// Parts of it that failed without undoing the rest (container network files).
+    pub warnings: Vec<String>,
+    /// Resolves when the apply has finished (see [`ApplyOutcome`]).
+    pub done: Option<tokio::sync::oneshot::Receiver<ApplyOutcome>>,
+}
+
+/// Why an apply was refused; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// Parts of the new file cannot take effect on a running host.
+    Rejected(Vec<Refusal>),
+    /// The host is not in a state to apply anything (booting, shutting down, applying).
+    Conflict(String),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Rejected(refusals) => {
+                f.write_str("cannot be applied to the running host")?;
+                for r in refusals {
+                    write!(f, "\n  {r}")?;
+                }
+                Ok(())
+            }
+            ApplyError::Conflict(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for ApplyError {}
 
 /// Where the host as a whole is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +394,9 @@ pub struct Supervisor {
     network_online: bool,
     /// `pull_at = "boot"` images by name: their containers wait until they are pulled.
     pulls: BTreeMap<String, Pull>,
+    /// The host file in force: the booted one, then the last one applied.
+    config: HostConfig,
+    applying: Option<Applying>,
 }
 
 /// A boot pull, run by a process of its own (`keel-init --pull IMAGE`).
@@ -348,20 +434,7 @@ impl Supervisor {
             .containers
             .iter()
             .map(|(name, c)| {
-                let managed = Managed {
-                    config: c.clone(),
-                    instance: None,
-                    userns: userns.get(name).copied(),
-                    state: State::Waiting,
-                    restarts: 0,
-                    failures: 0,
-                    last_delay: None,
-                    generation: 0,
-                    last_exit: None,
-                    held: false,
-                    restart_requested: false,
-                    log: None,
-                };
+                let managed = Managed::new(c.clone(), userns.get(name).copied());
                 (name.clone(), managed)
             })
             .collect();
@@ -405,6 +478,8 @@ impl Supervisor {
                     )
                 })
                 .collect(),
+            config: config.clone(),
+            applying: None,
         }
     }
 
@@ -480,6 +555,11 @@ impl Supervisor {
             log::info!("image {image}: pulled");
             pull.state = PullState::Done;
             self.advance();
+        } else if !self.config.images.contains_key(image.as_str()) {
+            // `keel apply` dropped the image meanwhile: nothing waits for it any more.
+            log::info!("image {image}: pull failed ({status}); no longer in the host file");
+            let image = image.clone();
+            self.pulls.remove(&image);
         } else {
             pull.failures += 1;
             pull.state = PullState::Waiting;
@@ -496,6 +576,12 @@ impl Supervisor {
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Unit tests drive the apply logic without starting anything (no root).
+    #[cfg(test)]
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
     }
 
     /// Starts the boot: onboot tasks in file order, then the services.
@@ -545,7 +631,10 @@ impl Supervisor {
             let before = self.snapshot();
             match self.phase {
                 Phase::Boot => self.advance_tasks(Kind::OnBoot),
-                Phase::Running => self.start_ready_services(),
+                Phase::Running => {
+                    self.advance_apply();
+                    self.start_ready_services();
+                }
                 Phase::Halted | Phase::Finished => {}
                 Phase::Stopping => self.advance_stop(),
                 Phase::ShutdownTasks => self.advance_tasks(Kind::OnShutdown),
@@ -554,6 +643,7 @@ impl Supervisor {
                 break;
             }
         }
+        self.finish_apply();
     }
 
     /// A cheap fingerprint of every state, to know when `advance` has settled.
@@ -666,7 +756,25 @@ impl Supervisor {
     /// Starts every waiting service whose dependencies are met; fails the ones whose
     /// dependencies never will be (loudly: nothing waits in silence).
     fn start_ready_services(&mut self) {
-        for name in self.in_order(Kind::Service) {
+        // An onboot task waits while services run only when `keel apply` added or changed
+        // it: such tasks run now, one at a time in file order, as at boot.
+        let task_busy = self.containers.values().any(|m| {
+            m.config.lifecycle.kind == Kind::OnBoot
+                && matches!(
+                    m.state,
+                    State::Running(_) | State::Stopping(_) | State::BackingOff { .. }
+                )
+        });
+        let next_task = if task_busy {
+            None
+        } else {
+            self.in_order(Kind::OnBoot).into_iter().find(|name| {
+                self.containers
+                    .get(name)
+                    .is_some_and(|m| matches!(m.state, State::Waiting) && !m.held)
+            })
+        };
+        for name in next_task.into_iter().chain(self.in_order(Kind::Service)) {
             let Some(m) = self.containers.get(&name) else {
                 continue;
             };
@@ -990,7 +1098,14 @@ impl Supervisor {
             self.phase,
             Phase::Stopping | Phase::ShutdownTasks | Phase::Finished
         ) && m.config.lifecycle.kind != Kind::OnShutdown;
-        if m.held || stopping_host {
+        if m.retire.is_some() && !stopping_host {
+            // The apply removes or replaces it (advance_apply), cgroup and all.
+            log::info!(
+                "{name}: {text} after {} ms (stopped for keel apply)",
+                ran_for.as_millis()
+            );
+            m.state = State::Stopped;
+        } else if m.held || stopping_host {
             log::info!("{name}: {text} after {} ms (stopped)", ran_for.as_millis());
             m.state = State::Stopped;
             remove_cgroup(&name, m);
@@ -1249,6 +1364,13 @@ impl Supervisor {
             return;
         }
         self.phase = Phase::Stopping;
+        if let Some(applying) = self.applying.take() {
+            log::warn!("apply: interrupted by the shutdown");
+            let _ = applying.done.send(ApplyOutcome {
+                failed: Vec::new(),
+                interrupted: Some("the host began shutting down before the apply finished".into()),
+            });
+        }
         // A task still running at shutdown (onboot) is stopped like a service.
         self.advance();
     }
@@ -1377,6 +1499,262 @@ impl Supervisor {
         Ok(())
     }
 
+    // ---- live apply (`keel apply`, see crate::apply) ----
+
+    /// The host file in force: the one booted with, or the last one applied.
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    /// Makes the running host follow `new`: removed containers stop (dependents first) and
+    /// are forgotten, changed ones stop and start again with their new definition, added
+    /// ones start when their dependencies allow, updated ones take their new supervision
+    /// settings, and the rest is not touched (same process). A file with anything that
+    /// cannot change live is refused whole, before anything changes; so is an apply while
+    /// the host boots, shuts down, or is still finishing the previous apply.
+    ///
+    /// Returns once the change has begun; `done` resolves when the stops have completed and
+    /// the new definitions have been started. With `dry_run`, only the plan.
+    pub fn apply(&mut self, new: &HostConfig, dry_run: bool) -> Result<ApplyStarted, ApplyError> {
+        match self.phase {
+            Phase::Running => {}
+            Phase::Boot => {
+                return Err(ApplyError::Conflict(
+                    "the host is still booting (its onboot tasks run): apply once it is ready"
+                        .into(),
+                ));
+            }
+            Phase::Halted => {
+                return Err(ApplyError::Conflict(
+                    "the boot halted (an onboot task with on_failure = \"halt\" failed) and no service runs: fix the host file and reboot".into(),
+                ));
+            }
+            Phase::Stopping | Phase::ShutdownTasks | Phase::Finished => {
+                return Err(ApplyError::Conflict("the host is shutting down".into()));
+            }
+        }
+        if self.applying.is_some() {
+            let pending: Vec<&str> = self
+                .containers
+                .iter()
+                .filter(|(_, m)| m.retire.is_some())
+                .map(|(n, _)| n.as_str())
+                .collect();
+            return Err(ApplyError::Conflict(format!(
+                "the previous apply is still stopping {}; try again once it has finished",
+                pending.join(", ")
+            )));
+        }
+        let plan = apply::plan(&self.config, new);
+        let mut refusals = apply::refusals(&self.config, new);
+        refusals.extend(apply::missing_images(&self.config, new, &plan, |image| {
+            // A boot pull of the running host file is known here, pulled or not yet: its
+            // containers wait for it as they would at boot.
+            if self.pulls.contains_key(image) {
+                Ok(())
+            } else {
+                self.runtime.paths.open_image(image).map(drop)
+            }
+        }));
+        if !refusals.is_empty() {
+            return Err(ApplyError::Rejected(refusals));
+        }
+        if dry_run {
+            return Ok(ApplyStarted {
+                plan,
+                warnings: Vec::new(),
+                done: None,
+            });
+        }
+        log::info!(
+            "apply: {} added, {} removed, {} restarted, {} updated in place, {} unchanged",
+            plan.added.len(),
+            plan.removed.len(),
+            plan.restarted.len(),
+            plan.updated.len(),
+            plan.unchanged.len()
+        );
+        let userns = self.userns_after(new, &plan);
+        for name in &plan.removed {
+            if let Some(m) = self.containers.get_mut(name) {
+                m.retire = Some(Retire::Remove);
+            }
+        }
+        for name in &plan.restarted {
+            if let (Some(m), Some(c)) = (self.containers.get_mut(name), new.containers.get(name)) {
+                m.retire = Some(Retire::Replace(
+                    Box::new(c.clone()),
+                    userns.get(name).copied(),
+                ));
+            }
+        }
+        // Only settings read later differ (or nothing but the file position): take them.
+        for name in plan.updated.iter().chain(&plan.unchanged) {
+            if let (Some(m), Some(c)) = (self.containers.get_mut(name), new.containers.get(name)) {
+                m.config = c.clone();
+            }
+        }
+        for name in &plan.added {
+            if let Some(c) = new.containers.get(name) {
+                self.containers.insert(
+                    name.clone(),
+                    Managed::new(c.clone(), userns.get(name).copied()),
+                );
+            }
+        }
+        // A boot pull of an image no longer named is not retried (a running one finishes).
+        self.pulls.retain(|image, pull| {
+            new.images.contains_key(image) || matches!(pull.state, PullState::Running { .. })
+        });
+        let mut warnings = Vec::new();
+        for e in self.networks.set_members(new) {
+            log::error!("container networks: {e}");
+            warnings.push(format!("container networks: {e}"));
+        }
+        self.config = new.clone();
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.applying = Some(Applying {
+            starting: plan.starting(),
+            done,
+        });
+        self.advance();
+        Ok(ApplyStarted {
+            plan,
+            warnings,
+            done: Some(outcome),
+        })
+    }
+
+    /// User namespace ranges under the new file: containers that run on keep theirs, a
+    /// replaced `auto` one keeps its own, and new ranges overlap none of those nor the
+    /// ranges of containers still stopping.
+    fn userns_after(&self, new: &HostConfig, plan: &Plan) -> BTreeMap<String, IdMap> {
+        use keel_config::UserNamespace;
+        let mut fixed = BTreeMap::new();
+        let mut taken = Vec::new();
+        for (name, m) in &self.containers {
+            let Some(map) = m.userns else { continue };
+            let still_auto = m.config.isolation.userns == Some(UserNamespace::Auto)
+                && new
+                    .containers
+                    .get(name)
+                    .is_some_and(|c| c.isolation.userns == Some(UserNamespace::Auto));
+            if plan.removed.contains(name) || (plan.restarted.contains(name) && !still_auto) {
+                taken.push(map);
+            } else {
+                fixed.insert(name.clone(), map);
+            }
+        }
+        allocate_userns_around(&new.containers, &fixed, &taken)
+    }
+
+    /// Stops the containers an apply retires, dependents first, and removes or replaces
+    /// each once its process is gone.
+    fn advance_apply(&mut self) {
+        let stopping: BTreeMap<String, Vec<String>> = self
+            .containers
+            .iter()
+            .filter(|(_, m)| m.retire.is_some() && m.state.run().is_some())
+            .map(|(name, m)| {
+                let deps = m.config.lifecycle.depends_on.iter();
+                (name.clone(), deps.map(|d| d.name.clone()).collect())
+            })
+            .collect();
+        for name in apply::stoppable(&stopping) {
+            if self
+                .containers
+                .get(&name)
+                .is_some_and(|m| matches!(m.state, State::Running(_)))
+            {
+                self.send_stop(&name, None);
+            }
+        }
+        let stopped: Vec<String> = self
+            .containers
+            .iter()
+            .filter(|(_, m)| m.retire.is_some() && m.state.run().is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stopped {
+            self.retire(&name);
+        }
+    }
+
+    /// Removes a stopped container for good, or gives it its new definition.
+    fn retire(&mut self, name: &str) {
+        let dir = self.runtime.paths.containers.join(name);
+        let Some(m) = self.containers.get_mut(name) else {
+            return;
+        };
+        match m.retire.take() {
+            None => {}
+            Some(Retire::Remove) => {
+                remove_cgroup(name, m);
+                self.containers.remove(name);
+                remove_container_dir(name, &dir);
+                log::info!("{name}: removed (keel apply)");
+            }
+            Some(Retire::Replace(config, userns)) => {
+                if let Some(instance) = m.instance.take() {
+                    let cgroup = instance.cgroup();
+                    if !cgroup.is_empty() {
+                        let _ = cgroup.kill_all();
+                    }
+                    // Removed now if it is empty, so the new definition's limits start from
+                    // scratch; one still emptying is reused, and its limits rewritten.
+                    if let Err(e) = cgroup.remove()
+                        && e.raw_os_error() != Some(libc::EBUSY)
+                    {
+                        log::warn!("{name}: removing cgroup {}: {e}", cgroup.path().display());
+                    }
+                }
+                // A new container: a fresh writable layer, logs and counters.
+                remove_container_dir(name, &dir);
+                m.config = *config;
+                m.userns = userns;
+                m.state = State::Waiting;
+                m.restarts = 0;
+                m.failures = 0;
+                m.last_delay = None;
+                m.last_exit = None;
+                m.held = false;
+                m.restart_requested = false;
+                m.log = None;
+                log::info!("{name}: starting with its new definition (keel apply)");
+            }
+        }
+    }
+
+    /// Reports the apply in progress once nothing is left for it to stop.
+    fn finish_apply(&mut self) {
+        if self.applying.is_none() || self.containers.values().any(|m| m.retire.is_some()) {
+            return;
+        }
+        let Some(applying) = self.applying.take() else {
+            return;
+        };
+        let failed: Vec<(String, String)> = applying
+            .starting
+            .iter()
+            .filter_map(|name| match &self.containers.get(name)?.state {
+                State::Failed(why) => Some((name.clone(), why.clone())),
+                _ => None,
+            })
+            .collect();
+        log::info!(
+            "apply: done{}",
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} could not start)", failed.len())
+            }
+        );
+        let _ = applying.done.send(ApplyOutcome {
+            failed,
+            interrupted: None,
+        });
+    }
+
     /// Sends a signal to a container's main process; its restart policy decides the rest.
     pub fn kill_container(&mut self, name: &str, signal: i32) -> Result<(), ControlError> {
         let m = self.managed(name)?;
@@ -1406,6 +1784,11 @@ impl Supervisor {
             "restarts": m.restarts,
             "health": status.as_ref().and_then(|s| s.health),
             "last_exit": m.last_exit,
+            "apply": match &m.retire {
+                Some(Retire::Remove) => Some("removing"),
+                Some(Retire::Replace(..)) => Some("replacing"),
+                None => None,
+            },
             "user_namespace": m.userns.map(|u| serde_json::json!({"uid": u.uid, "gid": u.gid, "size": u.size})),
             "cgroup": m.instance.as_ref().map(|i| i.cgroup().path().display().to_string()),
             "stats": stats.map(|s| serde_json::json!({
@@ -1652,6 +2035,29 @@ fn remove_cgroup(name: &str, managed: &Managed) {
     });
 }
 
+/// Deletes a finished container's directory (overlay upper and work, mount point, notify
+/// socket). Never through a mount: something still mounted on its root (not expected: the
+/// overlay lives in the container's own mount namespace) keeps the directory.
+fn remove_container_dir(name: &str, dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let rootfs = dir.join("rootfs");
+    if let (Ok(root), Ok(parent)) = (std::fs::metadata(&rootfs), std::fs::metadata(dir))
+        && root.dev() != parent.dev()
+    {
+        log::warn!(
+            "{name}: {} is still mounted; left in place",
+            rootfs.display()
+        );
+        return;
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            log::warn!("{name}: removing {}: {e}", dir.display());
+        }
+        _ => {}
+    }
+}
+
 /// Where automatically allocated user namespace ranges start (like /etc/subuid's usual
 /// first range), and how many ids each gets.
 pub const AUTO_USERNS_START: u32 = 100_000;
@@ -1662,10 +2068,36 @@ pub const AUTO_USERNS_SIZE: u32 = 65_536;
 /// other range. Containers are taken in name order, so a name keeps its range as long as
 /// the set of user-namespaced containers before it does not change.
 pub fn allocate_userns(containers: &BTreeMap<String, Container>) -> BTreeMap<String, IdMap> {
+    allocate_userns_around(containers, &BTreeMap::new(), &[])
+}
+
+/// [`allocate_userns`] on a running host: the containers in `fixed` keep the ranges they
+/// run with, and no new range overlaps those nor `taken` (ranges of containers still
+/// stopping).
+pub fn allocate_userns_around(
+    containers: &BTreeMap<String, Container>,
+    fixed: &BTreeMap<String, IdMap>,
+    taken: &[IdMap],
+) -> BTreeMap<String, IdMap> {
     use keel_config::UserNamespace;
     let mut out = BTreeMap::new();
-    let mut taken: Vec<(u64, u64)> = Vec::new();
+    let span = |m: &IdMap| {
+        [
+            (u64::from(m.uid), u64::from(m.uid) + u64::from(m.size)),
+            (u64::from(m.gid), u64::from(m.gid) + u64::from(m.size)),
+        ]
+    };
+    let mut taken: Vec<(u64, u64)> = taken.iter().flat_map(span).collect();
+    for (name, map) in fixed {
+        if containers.contains_key(name) {
+            out.insert(name.clone(), *map);
+            taken.extend(span(map));
+        }
+    }
     for (name, c) in containers {
+        if out.contains_key(name) {
+            continue;
+        }
         if let Some(UserNamespace::Map { uid, gid, size }) = c.isolation.userns {
             out.insert(name.clone(), IdMap { uid, gid, size });
             taken.push((u64::from(uid), u64::from(uid) + u64::from(size)));
@@ -1674,7 +2106,7 @@ pub fn allocate_userns(containers: &BTreeMap<String, Container>) -> BTreeMap<Str
     }
     let mut next = u64::from(AUTO_USERNS_START);
     for (name, c) in containers {
-        if c.isolation.userns != Some(UserNamespace::Auto) {
+        if c.isolation.userns != Some(UserNamespace::Auto) || out.contains_key(name) {
             continue;
         }
         let size = u64::from(AUTO_USERNS_SIZE);
@@ -1913,6 +2345,189 @@ mod tests {
         assert!(maps["d"].uid > 165_536 && maps["e"].uid > maps["d"].uid);
         // The same set gives the same ranges.
         assert_eq!(allocate_userns(&containers), maps);
+    }
+
+    #[test]
+    fn running_containers_keep_their_ranges_and_new_ones_avoid_every_range_in_use() {
+        use keel_config::UserNamespace::{Auto, Map};
+        let containers = with_userns(&[("a", Some(Auto)), ("b", Some(Auto)), ("c", Some(Auto))]);
+        let range = |uid| IdMap {
+            uid,
+            gid: uid,
+            size: AUTO_USERNS_SIZE,
+        };
+        // b runs with a range a fresh allocation would give a; a is new; a range of a
+        // container still stopping is taken too.
+        let fixed: BTreeMap<String, IdMap> = [("b".to_string(), range(100_000))].into();
+        let taken = [range(165_536)];
+        let maps = allocate_userns_around(&containers, &fixed, &taken);
+        assert_eq!(maps["b"], range(100_000));
+        // Past both, at the next aligned block.
+        assert_eq!(maps["a"], range(4 * AUTO_USERNS_SIZE));
+        assert_eq!(maps["c"], range(5 * AUTO_USERNS_SIZE));
+        // An explicit map is taken as written.
+        let explicit = with_userns(&[(
+            "e",
+            Some(Map {
+                uid: 500_000,
+                gid: 500_000,
+                size: 10,
+            }),
+        )]);
+        assert_eq!(
+            allocate_userns_around(&explicit, &BTreeMap::new(), &taken)["e"].uid,
+            500_000
+        );
+    }
+
+    const APPLY_BASE: &str = r#"
+[host]
+hostname = "h"
+
+[images.box]
+layout = "unused at run time"
+
+[containers.a]
+image = "box"
+command = ["sleep", "1000"]
+depends_on = ["network-online"]
+
+[containers.b]
+image = "box"
+command = ["sleep", "2000"]
+env = { MODE = "one" }
+depends_on = ["network-online"]
+
+[containers.c]
+image = "box"
+command = ["sleep", "3000"]
+depends_on = ["network-online"]
+"#;
+
+    /// A supervisor over APPLY_BASE whose image store holds `box`, its network offline so
+    /// that nothing starts.
+    fn idle_supervisor(dir: &Path) -> Supervisor {
+        // An OCI layout with one image, `box`, of no layers: enough for open_image.
+        let images = dir.join("images");
+        let blobs = images.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let blob = |bytes: &str| {
+            let digest = crate::state::sha256_hex(bytes.as_bytes());
+            std::fs::write(blobs.join(&digest), bytes).unwrap();
+            (format!("sha256:{digest}"), bytes.len())
+        };
+        let (config, config_size) = blob(
+            r#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+        );
+        let (manifest, manifest_size) = blob(&format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{config_size}}},"layers":[]}}"#
+        ));
+        std::fs::write(
+            images.join("index.json"),
+            format!(
+                r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest}","size":{manifest_size},"annotations":{{"org.opencontainers.image.ref.name":"box"}}}}]}}"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            images.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        let paths = Paths {
+            images,
+            pulled: dir.join("pulled"),
+            layers: dir.join("layers"),
+            containers: dir.join("containers"),
+            logs: dir.join("logs"),
+            volumes: dir.join("volumes"),
+        };
+        let config = HostConfig::parse(Path::new("h.toml"), APPLY_BASE).unwrap();
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        Supervisor::new(&config, paths, Cgroup::at(dir.join("cgroup")), events, None)
+    }
+
+    fn names_and_states(s: &Supervisor) -> Vec<(String, &'static str)> {
+        s.statuses()
+            .into_iter()
+            .map(|st| (st.name, st.state))
+            .collect()
+    }
+
+    #[test]
+    fn apply_refuses_whole_then_applies_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = idle_supervisor(dir.path());
+        let parse = |text: &str| HostConfig::parse(Path::new("apply:HOST.toml"), text).unwrap();
+        let good = parse(
+            &APPLY_BASE
+                .replace("MODE = \"one\"", "MODE = \"two\"")
+                .replace("[containers.c]", "[containers.d]"),
+        );
+        // Not while booting.
+        assert!(matches!(
+            s.apply(&good, true),
+            Err(ApplyError::Conflict(m)) if m.contains("booting")
+        ));
+        s.set_phase(Phase::Running);
+
+        // Refused whole: a boot-time setting, and an image the host does not have.
+        let bad = parse(
+            &APPLY_BASE.replace("hostname = \"h\"", "hostname = \"x\"").replace(
+                "[containers.c]\nimage = \"box\"",
+                "[images.ghost]\nlayout = \"/nonexistent\"\n\n[containers.c]\nimage = \"ghost\"",
+            ),
+        );
+        let Err(ApplyError::Rejected(refusals)) = s.apply(&bad, false) else {
+            panic!("accepted a file that cannot be applied");
+        };
+        let keys: Vec<&str> = refusals.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["host.hostname", "images.ghost"]);
+        let before = vec![
+            ("a".to_string(), "waiting"),
+            ("b".to_string(), "waiting"),
+            ("c".to_string(), "waiting"),
+        ];
+        assert_eq!(names_and_states(&s), before);
+        assert_eq!(s.config().hostname, "h");
+
+        // A dry run plans and changes nothing.
+        let dry = s.apply(&good, true).unwrap();
+        assert!(dry.done.is_none());
+        assert_eq!(
+            (
+                dry.plan.unchanged,
+                dry.plan.restarted,
+                dry.plan.removed,
+                dry.plan.added
+            ),
+            (
+                vec!["a".into()],
+                vec!["b".into()],
+                vec!["c".into()],
+                vec!["d".into()]
+            )
+        );
+        assert_eq!(names_and_states(&s), before);
+
+        // The real thing: nothing runs, so it is done at once.
+        let mut started = s.apply(&good, false).unwrap();
+        assert!(started.warnings.is_empty(), "{:?}", started.warnings);
+        let outcome = started.done.as_mut().unwrap().try_recv().unwrap();
+        assert_eq!(outcome, ApplyOutcome::default());
+        assert_eq!(
+            names_and_states(&s),
+            [
+                ("a".to_string(), "waiting"),
+                ("b".to_string(), "waiting"),
+                ("d".to_string(), "waiting")
+            ]
+        );
+        assert_eq!(s.containers["b"].config.env["MODE"], "two");
+        assert_eq!(s.config().containers.len(), 3);
+        // Applying the same file again changes nothing.
+        let again = s.apply(&good, false).unwrap();
+        assert_eq!(again.plan.unchanged, ["a", "b", "d"]);
     }
 
     #[test]

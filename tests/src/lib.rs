@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use keel_qemu::{PortForward, Vm, VmConfig};
+use keel_qemu::{Disk, PortForward, Vm, VmConfig};
+
+/// The virtio serials PID 1 finds its disks by (keel_image::os::ROOT_DISK_SERIAL and
+/// DATA_DISK_SERIAL).
+pub const ROOT_DISK_SERIAL: &str = "keel-root";
+pub const DATA_DISK_SERIAL: &str = "KEEL-VAR";
 
 /// Boots under TCG on a loaded 2-core machine take seconds; give every milestone room.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -60,8 +65,9 @@ pub fn build_host(host_file: &Path, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// The VM configuration for a `keel build` output, with the given guest ports published on
-/// free host ports and the console kept off the test's output.
+/// The VM configuration for a `keel build` output: its root image attached read-only, the
+/// given guest ports published on free host ports and the console kept off the test's
+/// output. No data disk: /var is a tmpfs unless the test adds one ([`attach_data_disk`]).
 pub fn vm_config(dir: &Path, guest_ports: &[u16]) -> VmConfig {
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json"),
@@ -73,12 +79,36 @@ pub fn vm_config(dir: &Path, guest_ports: &[u16]) -> VmConfig {
         .as_str()
         .expect("cmdline in manifest")
         .to_string();
+    let root_image = manifest["root_image"]
+        .as_str()
+        .expect("root_image in manifest");
+    config.disks.push(Disk {
+        path: dir.join(root_image),
+        read_only: true,
+        serial: Some(ROOT_DISK_SERIAL.to_string()),
+    });
     config.publish = guest_ports
         .iter()
         .map(|g| PortForward { host: 0, guest: *g })
         .collect();
     config.echo_console = false;
     config
+}
+
+/// Attaches a persistent data disk (the guest's /var) at `path`, first creating it as a
+/// blank sparse file of `size` bytes if it does not exist; the guest formats a blank disk.
+pub fn attach_data_disk(config: &mut VmConfig, path: &Path, size: u64) {
+    if !path.exists() {
+        let file = std::fs::File::create(path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        file.set_len(size)
+            .unwrap_or_else(|e| panic!("sizing {}: {e}", path.display()));
+    }
+    config.disks.push(Disk {
+        path: path.to_path_buf(),
+        read_only: false,
+        serial: Some(DATA_DISK_SERIAL.to_string()),
+    });
 }
 
 /// Boots a `keel build` output with the given guest ports published on free host ports.

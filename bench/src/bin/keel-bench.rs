@@ -422,13 +422,7 @@ fn boot(cli: &Cli, env: &Env, keel_dir: &Path, results: &mut Results) -> Result<
     // Alternating, so slow phases of the host hit both setups alike.
     for i in 0..cli.boots {
         let log = env.work.join(format!("console-boot-keel-{i}.log"));
-        let vm = host::boot(
-            &keel_dir.join("vmlinuz"),
-            &keel_dir.join("initramfs.img"),
-            &env.cmdline,
-            BOOT_MEMORY_MB,
-            &log,
-        )?;
+        let vm = host::boot_build(keel_dir, &env.cmdline, BOOT_MEMORY_MB, &log)?;
         results.accel = accel_name(&vm);
         let line = host::wait_line(&vm, "keel: ready", BOOT_TIMEOUT)?;
         let ms = lines::number(&line, "uptime_ms").ok_or(format!("no uptime in {line:?}"))?;
@@ -483,13 +477,12 @@ fn rss(cli: &Cli, env: &Env, results: &mut Results) -> Result<(), String> {
         let dir = env.work.join(format!("rss-{count}"));
         host::keel_build(&env.bin_dir.join("keel"), &host_file, &dir, &env.cache)?;
         let log = env.work.join(format!("console-rss-{count}.log"));
-        let vm = host::boot(
-            &dir.join("vmlinuz"),
-            &dir.join("initramfs.img"),
-            &env.cmdline,
-            BIG_MEMORY_MB,
-            &log,
-        )?;
+        // Each build has its own root image, so its own root UUID on the command line.
+        let cmdline = host::read_manifest(&dir)?["cmdline"]
+            .as_str()
+            .ok_or("manifest.json has no cmdline")?
+            .to_string();
+        let vm = host::boot_build(&dir, &cmdline, BIG_MEMORY_MB, &log)?;
         results.accel = accel_name(&vm);
         let line = host::wait_line(&vm, "keel: pid1 rss_kb=", BOOT_TIMEOUT)?;
         let kb = lines::number(&line, "rss_kb").ok_or(format!("no rss in {line:?}"))?;
@@ -617,13 +610,7 @@ fn network(cli: &Cli, env: &Env, results: &mut Results) -> Result<(), String> {
     let log = env.work.join("console-network.log");
     let with_log = |e: String| format!("{e} (console: {})", log.display());
     let booted = Instant::now();
-    let vm = host::boot(
-        &dir.join("vmlinuz"),
-        &dir.join("initramfs.img"),
-        cmdline,
-        BIG_MEMORY_MB,
-        &log,
-    )?;
+    let vm = host::boot_build(&dir, cmdline, BIG_MEMORY_MB, &log)?;
     net.accel = accel_name(&vm);
     host::wait_line(&vm, "keel: ready", BOOT_TIMEOUT).map_err(with_log)?;
     let mut guest = Guest::connect(&vm).map_err(with_log)?;
