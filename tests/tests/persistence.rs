@@ -166,7 +166,7 @@ env = ["PATH=/bin"]
 image = "bb"
 kind = "onboot"
 network = "none"
-command = ["sh", "-c", "echo who: $(hostname)"]
+command = ["sh", "-c", "echo who: {hostname}"]
 "#
     )
 }
