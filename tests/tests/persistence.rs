@@ -87,11 +87,15 @@ fn var_survives_a_power_cut_and_the_root_is_read_only() {
         console.contains("formatted on this first boot"),
         "{console}"
     );
-    assert!(console.contains("keel: first boot: provisioned"), "{console}");
+    assert!(
+        console.contains("keel: first boot: provisioned"),
+        "{console}"
+    );
     let first_id = machine_id(&console).expect("the machine id is logged");
     // / is the read-only root image: writing to it fails with EROFS, also through a bind
     // mount into a container.
-    vm.wait_for_line("[writer] root write:", STEP_TIMEOUT).unwrap();
+    vm.wait_for_line("[writer] root write:", STEP_TIMEOUT)
+        .unwrap();
     let line = vm
         .console()
         .lines()
@@ -113,9 +117,7 @@ fn var_survives_a_power_cut_and_the_root_is_read_only() {
     let mut config = vm_config(&dir, &[]);
     attach_data_disk(&mut config, &disk, 1 << 30);
     let vm = Vm::boot(config).expect("QEMU starts");
-    let found = vm
-        .wait_for_line("[writer] found: ", BOOT_TIMEOUT)
-        .unwrap();
+    let found = vm.wait_for_line("[writer] found: ", BOOT_TIMEOUT).unwrap();
     let found = found
         .split("[writer] found: ")
         .nth(1)
@@ -127,7 +129,10 @@ fn var_survives_a_power_cut_and_the_root_is_read_only() {
     assert!(found >= before, "committed {before}, found {found}");
     let console = vm.console();
     assert!(console.contains("checked, "), "{console}");
-    assert!(!console.contains("formatted on this first boot"), "{console}");
+    assert!(
+        !console.contains("formatted on this first boot"),
+        "{console}"
+    );
     assert!(!console.contains("first boot: provisioned"), "{console}");
     assert!(
         console.contains(&format!("boot 2 of machine {first_id}")),
@@ -188,7 +193,10 @@ fn a_config_disk_delivers_the_host_file_and_fw_cfg_still_wins() {
     let vm = Vm::boot(config).expect("QEMU starts");
     vm.wait_for_line("[who] who: from-disk", BOOT_TIMEOUT)
         .unwrap();
-    assert!(vm.console().contains("keel: host file from the config disk"));
+    assert!(
+        vm.console()
+            .contains("keel: host file from the config disk")
+    );
     drop(vm);
 
     let fw_cfg = work.path().join("fw.toml");
@@ -220,8 +228,7 @@ fn a_verified_root_boots_and_a_flipped_byte_stops_the_boot() {
     std::fs::write(&file, text).unwrap();
     let dir = build_host(&file, &work.path().join("out"));
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
     let data_blocks = manifest["verity"]["data_blocks"]
         .as_u64()
         .expect("the manifest records the verity data size");
