@@ -326,6 +326,8 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Where Keel's reaping init appears inside a container with `init = true`.
 pub const CONTAINER_INIT: &str = "/dev/init";
+/// Where the container's reaping init is bound from (see `build_plan`).
+const REAPER_SOURCE: &str = "/proc/self/exe";
 
 /// The argv that runs `process` under Keel's reaping init.
 pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
@@ -688,7 +690,10 @@ pub fn build_plan(
             path: at(CONTAINER_INIT)?,
             mode: 0o755,
         });
-        steps.push(bind("/init", CONTAINER_INIT, 0)?);
+        // The reaper is PID 1's own binary, which sits at /sbin/init in the root image but
+        // at /init on an initramfs-only host: the spawned child (still PID 1's image, not
+        // yet exec'd) names it by its own executable.
+        steps.push(bind(REAPER_SOURCE, CONTAINER_INIT, 0)?);
         steps.push(Step::RemountReadOnly {
             path: at(CONTAINER_INIT)?,
             keep_flags: MS_NOSUID | MS_NODEV,
@@ -1148,7 +1153,7 @@ mod tests {
         let names = names(&plan);
         assert!(position(&names, "pivot_root") < position(&names, "bring up lo"));
         assert!(
-            position(&names, "bind-mount /init on /c/n/rootfs/dev/init")
+            position(&names, "bind-mount /proc/self/exe on /c/n/rootfs/dev/init")
                 < position(&names, "pivot_root")
         );
         assert_eq!(
