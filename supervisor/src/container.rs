@@ -326,8 +326,21 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Where Keel's reaping init appears inside a container with `init = true`.
 pub const CONTAINER_INIT: &str = "/dev/init";
-/// Where the container's reaping init is bound from (see `build_plan`).
-const REAPER_SOURCE: &str = "/proc/self/exe";
+
+/// The container's reaping init: PID 1's own binary, at /sbin/init in the root image but
+/// at /init on an initramfs-only host. Resolved by path in PID 1's mount namespace, where
+/// the plan is built: a bind mount from /proc/self/exe in the child's new mount namespace
+/// would name a mount of the old one, which the kernel refuses (EINVAL).
+pub fn reaper_binary() -> String {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        std::fs::read_link("/proc/self/exe")
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+            .unwrap_or_else(|| "/sbin/init".to_string())
+    })
+    .clone()
+}
 
 /// The argv that runs `process` under Keel's reaping init.
 pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
@@ -690,10 +703,7 @@ pub fn build_plan(
             path: at(CONTAINER_INIT)?,
             mode: 0o755,
         });
-        // The reaper is PID 1's own binary, which sits at /sbin/init in the root image but
-        // at /init on an initramfs-only host: the spawned child (still PID 1's image, not
-        // yet exec'd) names it by its own executable.
-        steps.push(bind(REAPER_SOURCE, CONTAINER_INIT, 0)?);
+        steps.push(bind(&reaper_binary(), CONTAINER_INIT, 0)?);
         steps.push(Step::RemountReadOnly {
             path: at(CONTAINER_INIT)?,
             keep_flags: MS_NOSUID | MS_NODEV,
@@ -1153,8 +1163,10 @@ mod tests {
         let names = names(&plan);
         assert!(position(&names, "pivot_root") < position(&names, "bring up lo"));
         assert!(
-            position(&names, "bind-mount /proc/self/exe on /c/n/rootfs/dev/init")
-                < position(&names, "pivot_root")
+            position(
+                &names,
+                &format!("bind-mount {} on /c/n/rootfs/dev/init", reaper_binary())
+            ) < position(&names, "pivot_root")
         );
         assert_eq!(
             plan.namespaces,
