@@ -79,6 +79,13 @@ fn var_survives_a_power_cut_and_the_root_is_read_only() {
     // First boot: the blank disk is formatted, the writer starts from nothing.
     let mut config = vm_config(&dir, &[]);
     attach_data_disk(&mut config, &disk, 1 << 30);
+    // A unix socket path must fit in 108 bytes: $TMPDIR may be long, /tmp is not.
+    let sockets = tempfile::Builder::new()
+        .prefix("keel-persist-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let socket = sockets.path().join("api.sock");
+    config.api_socket = Some(socket.clone());
     let mut vm = Vm::boot(config).expect("QEMU starts");
     vm.wait_for_line("[writer] found: nothing", BOOT_TIMEOUT)
         .unwrap();
@@ -104,6 +111,19 @@ fn var_survives_a_power_cut_and_the_root_is_read_only() {
         .to_string();
     assert!(line.contains("Read-only file system"), "{line}");
 
+    // A live change, saved on /var: it must come back after the power cut.
+    let applied = format!(
+        "{}\n[containers.marker]\nimage = \"bb\"\nnetwork = \"none\"\ncommand = [\"sh\", \"-c\", \"echo marker: applied; exec sleep 1000000\"]\n",
+        host("persist", false)
+    );
+    let mut client = keel_api::Client::connect_unix(&socket).expect("the API answers");
+    let report = client
+        .apply(&applied, false)
+        .expect("the apply is accepted");
+    assert_eq!(report.added, ["marker"], "{report:?}");
+    vm.wait_for_line("[marker] marker: applied", STEP_TIMEOUT)
+        .unwrap();
+
     // Power cut in the middle of the writes.
     vm.wait_for_line("[writer] committed 5", STEP_TIMEOUT)
         .unwrap();
@@ -127,7 +147,15 @@ fn var_survives_a_power_cut_and_the_root_is_read_only() {
         .parse()
         .unwrap_or_else(|_| panic!("the counter is whole: {found:?}\n{}", vm.console()));
     assert!(found >= before, "committed {before}, found {found}");
+    // The applied host file came back with /var, whole (its container may have started
+    // before or after the writer's line).
+    vm.wait_for_line_anywhere("[marker] marker: applied", STEP_TIMEOUT)
+        .unwrap();
     let console = vm.console();
+    assert!(
+        console.contains("keel: host file from keel apply"),
+        "{console}"
+    );
     assert!(console.contains("checked, "), "{console}");
     assert!(
         !console.contains("formatted on this first boot"),
