@@ -11,6 +11,7 @@ use keel_image::import::{ImageConfigSpec, LayerSource, import};
 use keel_image::kernel::{Kernel, fetch_kernel};
 use keel_image::layout::ImageLayout;
 use keel_image::modules::{ModuleIndex, ModuleRef};
+use keel_image::rootfs::shared_libraries;
 use keel_qemu::{Disk, Vm, VmConfig};
 
 use crate::oci;
@@ -84,23 +85,6 @@ pub fn check_same_modules(parts: &KernelParts, manifest: &serde_json::Value) -> 
     Ok(())
 }
 
-/// The shared libraries (and dynamic loader) `ldd` lists for a binary.
-pub fn parse_ldd(output: &str) -> Vec<PathBuf> {
-    output
-        .lines()
-        .filter_map(|line| {
-            let line = line.trim();
-            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-            // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no file.
-            let path = match line.split_once("=>") {
-                Some((_, rest)) => rest.split_whitespace().next()?,
-                None => line.split_whitespace().next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect()
-}
-
 /// A dynamically linked program with everything it loads, to copy into an initramfs.
 pub struct DynamicBinary {
     pub path: PathBuf,
@@ -108,25 +92,10 @@ pub struct DynamicBinary {
 }
 
 impl DynamicBinary {
+    /// `path` and its shared libraries with the dynamic loader, as `ldd` resolves them
+    /// ([`shared_libraries`]).
     pub fn resolve(path: &Path) -> Result<DynamicBinary, String> {
-        let out = Command::new("ldd")
-            .arg(path)
-            .output()
-            .map_err(|e| format!("ldd {}: {e}", path.display()))?;
-        if !out.status.success() {
-            return Err(format!(
-                "ldd {} failed: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let libraries = parse_ldd(&String::from_utf8_lossy(&out.stdout));
-        if !libraries
-            .iter()
-            .any(|l| l.to_string_lossy().contains("ld-linux"))
-        {
-            return Err(format!("ldd {} names no dynamic loader", path.display()));
-        }
+        let libraries = shared_libraries(path).map_err(|e| e.to_string())?;
         Ok(DynamicBinary {
             path: path.to_path_buf(),
             libraries,
@@ -492,22 +461,6 @@ pub fn wait_line(vm: &Vm, needle: &str, timeout: Duration) -> Result<String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ldd_output_is_parsed() {
-        let out = "\tlinux-vdso.so.1 (0x00007ffc)\n\
-                   \tlibseccomp.so.2 => /lib/x86_64-linux-gnu/libseccomp.so.2 (0x00007f83)\n\
-                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f83)\n\
-                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f83)\n";
-        assert_eq!(
-            parse_ldd(out),
-            [
-                PathBuf::from("/lib/x86_64-linux-gnu/libseccomp.so.2"),
-                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
-            ]
-        );
-    }
 
     #[test]
     fn host_files_parse_as_keel_hosts() {

@@ -50,6 +50,18 @@ pub fn sysctl(path: &str, value: &str) -> Result<(), NetError> {
     })
 }
 
+/// The containers of `config` on a bridged network, with their attachments.
+fn bridged_members(config: &HostConfig) -> BTreeMap<String, Attachment> {
+    config
+        .containers
+        .iter()
+        .filter_map(|(name, c)| match &c.isolation.network {
+            NetworkMode::Bridged(a) => Some((name.clone(), a.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The bridged networks of a host and which containers' ports are published right now.
 pub struct ContainerNetworks {
     networks: BTreeMap<String, BridgeNetwork>,
@@ -61,17 +73,9 @@ pub struct ContainerNetworks {
 
 impl ContainerNetworks {
     pub fn new(config: &HostConfig) -> ContainerNetworks {
-        let members = config
-            .containers
-            .iter()
-            .filter_map(|(name, c)| match &c.isolation.network {
-                NetworkMode::Bridged(a) => Some((name.clone(), a.clone())),
-                _ => None,
-            })
-            .collect();
         ContainerNetworks {
             networks: config.networks.clone(),
-            members,
+            members: bridged_members(config),
             published: BTreeSet::new(),
             links: None,
         }
@@ -113,15 +117,7 @@ impl ContainerNetworks {
     /// is being restarted), loses its published ports now; its next start publishes the
     /// new ones. Returns every error; one does not stop the rest.
     pub fn set_members(&mut self, config: &HostConfig) -> Vec<NetError> {
-        let members: BTreeMap<String, Attachment> = config
-            .containers
-            .iter()
-            .filter_map(|(name, c)| match &c.isolation.network {
-                NetworkMode::Bridged(a) => Some((name.clone(), a.clone())),
-                _ => None,
-            })
-            .collect();
-        let old = std::mem::replace(&mut self.members, members);
+        let old = std::mem::replace(&mut self.members, bridged_members(config));
         self.published.retain(|name| {
             old.get(name)
                 .is_some_and(|a| self.members.get(name) == Some(a))

@@ -5,10 +5,11 @@
 //! --release --bins` before `cargo test --release`, which `scripts/test` does).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use keel_qemu::{Disk, PortForward, Vm, VmConfig};
+use serde_json::Value;
 
 /// The virtio serials PID 1 finds its disks by (keel_image::os::ROOT_DISK_SERIAL and
 /// DATA_DISK_SERIAL).
@@ -111,7 +112,133 @@ pub fn attach_data_disk(config: &mut VmConfig, path: &Path, size: u64) {
     });
 }
 
+/// Boots a `keel build` output with no published ports and its control port on
+/// `api_socket`.
+pub fn boot_with_api(dir: &Path, api_socket: &Path) -> Vm {
+    let mut config = vm_config(dir, &[]);
+    config.api_socket = Some(api_socket.to_path_buf());
+    let vm = Vm::boot(config).expect("QEMU starts");
+    assert_eq!(vm.api_socket(), api_socket);
+    vm
+}
+
 /// Boots a `keel build` output with the given guest ports published on free host ports.
 pub fn boot(dir: &Path, guest_ports: &[u16]) -> Vm {
     Vm::boot(vm_config(dir, guest_ports)).expect("QEMU starts")
+}
+
+/// The `keel` CLI driving a booted VM's control API through its socket (what `keel --vm
+/// DIR` does, with the socket given directly by `--api-socket`).
+pub struct KeelCli {
+    binary: PathBuf,
+    socket: PathBuf,
+}
+
+impl KeelCli {
+    /// The `keel` of this test binary's profile ([`bin_dir`]), talking to `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        KeelCli {
+            binary: bin_dir().join("keel"),
+            socket: socket.into(),
+        }
+    }
+
+    /// Runs `keel --api-socket SOCKET ARGS...`, killing it if it takes longer than
+    /// STEP_TIMEOUT.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut child = Command::new(&self.binary)
+            .arg("--api-socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running keel");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while child.try_wait().expect("waiting for keel").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let output = child.wait_with_output().expect("keel output");
+                panic!(
+                    "keel {args:?} did not finish within {STEP_TIMEOUT:?}; stderr:\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("keel output")
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "keel {args:?} exited with {:?}:\n{}{}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Runs a command that must fail with exit status `code`; returns its stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let output = self.run(args);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "keel {args:?}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    /// Every container's status, from `keel ps --json`.
+    pub fn ps(&self) -> Vec<Value> {
+        let text = self.ok(&["ps", "--json"]);
+        match serde_json::from_str(&text) {
+            Ok(Value::Array(statuses)) => statuses,
+            other => panic!("ps --json is not a list: {other:?}\n{text}"),
+        }
+    }
+
+    /// The containers' names, in `ps` order.
+    pub fn names(&self) -> Vec<String> {
+        self.ps()
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// `name`'s status from `ps`; panics if it is not there.
+    pub fn status(&self, name: &str) -> Value {
+        self.ps()
+            .into_iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not in ps"))
+    }
+
+    /// Polls `ps` until `done` holds for `name`'s status, and returns that status.
+    pub fn wait_for(&self, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let status = self.status(name);
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never got {what}; last status: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Whether a `ps --json` status is a running container with a process.
+pub fn running(status: &Value) -> bool {
+    status["state"] == "running" && status["pid"].is_i64()
 }

@@ -2,13 +2,11 @@
 //! whose definition changed are touched: the others keep their process and uptime. A file
 //! that is invalid or cannot be applied live is refused whole and nothing changes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use keel_api::ErrorCode;
-use keel_qemu::Vm;
-use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, bin_dir, build_host};
+use keel_tests::{BOOT_TIMEOUT, KeelCli, STEP_TIMEOUT, boot_with_api, build_host, running};
 use serde_json::Value;
 
 const HOST: &str = r#"
@@ -42,108 +40,6 @@ fn changed() -> String {
     )
 }
 
-struct Keel {
-    binary: PathBuf,
-    socket: PathBuf,
-}
-
-impl Keel {
-    /// Runs `keel --api-socket SOCKET ARGS...`, killing it if it takes longer than
-    /// STEP_TIMEOUT.
-    fn run(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(&self.binary)
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running keel");
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        while child.try_wait().expect("waiting for keel").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let output = child.wait_with_output().expect("keel output");
-                panic!(
-                    "keel {args:?} did not finish within {STEP_TIMEOUT:?}; stderr:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().expect("keel output")
-    }
-
-    /// Runs a command that must succeed and returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(
-            output.status.success(),
-            "keel {args:?} exited with {:?}:\n{}{}",
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("UTF-8 output")
-    }
-
-    /// Runs a command that must fail with `code`; returns its stderr.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let output = self.run(args);
-        assert_eq!(
-            output.status.code(),
-            Some(code),
-            "keel {args:?}:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    }
-
-    fn ps(&self) -> Vec<Value> {
-        let text = self.ok(&["ps", "--json"]);
-        match serde_json::from_str(&text) {
-            Ok(Value::Array(statuses)) => statuses,
-            other => panic!("ps --json is not a list: {other:?}\n{text}"),
-        }
-    }
-
-    fn names(&self) -> Vec<String> {
-        self.ps()
-            .iter()
-            .filter_map(|s| s["name"].as_str().map(str::to_string))
-            .collect()
-    }
-
-    fn status(&self, name: &str) -> Value {
-        self.ps()
-            .into_iter()
-            .find(|s| s["name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not in ps"))
-    }
-
-    /// Polls `ps` until `done` holds for `name`'s status, and returns that status.
-    fn wait_for(&self, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let status = self.status(name);
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never got {what}; last status: {status}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-fn running(s: &Value) -> bool {
-    s["state"] == "running" && s["pid"].is_i64()
-}
-
 /// The same process, still running, never restarted, and older than before.
 fn untouched(before: &Value, after: &Value) {
     assert!(running(after), "{after}");
@@ -173,15 +69,10 @@ fn apply_changes_one_container_and_leaves_the_others_running() {
         .tempdir_in("/tmp")
         .unwrap();
     let socket = sockets.path().join("api.sock");
-    let mut config = keel_tests::vm_config(&dir, &[]);
-    config.api_socket = Some(socket.clone());
-    let mut vm = Vm::boot(config).expect("QEMU starts");
+    let mut vm = boot_with_api(&dir, &socket);
     vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
         .unwrap();
-    let keel = Keel {
-        binary: bin_dir().join("keel"),
-        socket: socket.clone(),
-    };
+    let keel = KeelCli::new(&socket);
     for name in ["a", "b", "c"] {
         keel.wait_for(name, "running", running);
     }

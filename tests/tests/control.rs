@@ -2,12 +2,12 @@
 //! through the VM's virtio-serial port (what `keel --vm DIR` does, with the socket given
 //! directly by `--api-socket`).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use keel_qemu::Vm;
-use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, bin_dir, build_host};
+use keel_tests::{
+    BOOT_TIMEOUT, KeelCli, STEP_TIMEOUT, bin_dir, boot_with_api, build_host, running,
+};
 use serde_json::Value;
 
 const HOST: &str = r#"
@@ -30,110 +30,6 @@ entrypoint = ["/bin/sh", "-c", "echo one; echo two; exec sleep 3600"]
 restart = "always"
 "#;
 
-/// Boots a `keel build` output with its control port on `api_socket`.
-fn boot_with_api(dir: &Path, api_socket: &Path) -> Vm {
-    let mut config = keel_tests::vm_config(dir, &[]);
-    config.api_socket = Some(api_socket.to_path_buf());
-    let vm = Vm::boot(config).expect("QEMU starts");
-    assert_eq!(vm.api_socket(), api_socket);
-    vm
-}
-
-struct Keel {
-    binary: PathBuf,
-    socket: PathBuf,
-}
-
-impl Keel {
-    /// Runs `keel --api-socket SOCKET ARGS...`, killing it if it takes longer than
-    /// STEP_TIMEOUT.
-    fn run(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(&self.binary)
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running keel");
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        while child.try_wait().expect("waiting for keel").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let output = child.wait_with_output().expect("keel output");
-                panic!(
-                    "keel {args:?} did not finish within {STEP_TIMEOUT:?}; stderr:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child.wait_with_output().expect("keel output")
-    }
-
-    /// Runs a command that must succeed and returns its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(
-            output.status.success(),
-            "keel {args:?} exited with {:?}:\n{}{}",
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("UTF-8 output")
-    }
-
-    /// Runs a command that must fail with `code`.
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        let output = self.run(args);
-        assert_eq!(
-            output.status.code(),
-            Some(code),
-            "keel {args:?}:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    }
-
-    fn ps(&self) -> Vec<Value> {
-        let text = self.ok(&["ps", "--json"]);
-        match serde_json::from_str(&text) {
-            Ok(Value::Array(statuses)) => statuses,
-            other => panic!("ps --json is not a list: {other:?}\n{text}"),
-        }
-    }
-
-    fn status(&self, name: &str) -> Value {
-        self.ps()
-            .into_iter()
-            .find(|s| s["name"] == name)
-            .unwrap_or_else(|| panic!("{name} is not in ps"))
-    }
-
-    /// Polls `ps` until `done` holds for `name`'s status, and returns that status.
-    fn wait_for(&self, name: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let status = self.status(name);
-            if done(&status) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never got {what}; last status: {status}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-fn running(s: &Value) -> bool {
-    s["state"] == "running" && s["pid"].is_i64()
-}
-
 #[test]
 fn every_verb_works_from_the_host() {
     let work = tempfile::tempdir().unwrap();
@@ -148,10 +44,7 @@ fn every_verb_works_from_the_host() {
     let mut vm = boot_with_api(&dir, &socket);
     vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
         .unwrap();
-    let keel = Keel {
-        binary: bin_dir().join("keel"),
-        socket,
-    };
+    let keel = KeelCli::new(socket);
 
     // ps: both services run; the table has the documented columns.
     let web = keel.wait_for("web", "running", running);
