@@ -242,3 +242,23 @@ impl KeelCli {
 pub fn running(status: &Value) -> bool {
     status["state"] == "running" && status["pid"].is_i64()
 }
+
+/// A host named `hostname` whose one onboot task, `who`, prints `who: WHO` on the console:
+/// the delivery tests tell which host file a boot used by it.
+pub fn who_host(hostname: &str, who: &str) -> String {
+    format!(
+        r#"[host]
+hostname = "{hostname}"
+
+[images.bb]
+layers = ["busybox:/bin/busybox"]
+env = ["PATH=/bin"]
+
+[containers.who]
+image = "bb"
+kind = "onboot"
+network = "none"
+command = ["sh", "-c", "echo who: {who}"]
+"#
+    )
+}

@@ -5,24 +5,10 @@
 use std::path::Path;
 
 use keel_qemu::Vm;
-use keel_tests::{BOOT_TIMEOUT, build_host, vm_config};
+use keel_tests::{BOOT_TIMEOUT, build_host, vm_config, who_host};
 
 fn host(hostname: &str, who: &str) -> String {
-    format!(
-        r#"[host]
-hostname = "{hostname}"
-
-[images.bb]
-layers = ["busybox:/bin/busybox"]
-env = ["PATH=/bin"]
-
-[containers.who]
-image = "bb"
-kind = "onboot"
-network = "none"
-command = ["sh", "-c", "echo who: {who}"]
-"#
-    )
+    who_host(hostname, who)
 }
 
 fn boot(dir: &Path, fw_cfg: Option<&Path>, cmdline_config: Option<&str>) -> Vm {

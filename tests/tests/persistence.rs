@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use keel_qemu::Vm;
-use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, attach_data_disk, build_host, vm_config};
+use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, attach_data_disk, build_host, vm_config, who_host};
 
 /// The writer commits a counter the way a careful program does (write a temporary file,
 /// fsync it, rename it, fsync the directory) while another file is being written without
@@ -206,21 +206,7 @@ fn config_disk(work: &Path, text: &str) -> std::path::PathBuf {
 }
 
 fn who(hostname: &str) -> String {
-    format!(
-        r#"[host]
-hostname = "{hostname}"
-
-[images.bb]
-layers = ["busybox:/bin/busybox"]
-env = ["PATH=/bin"]
-
-[containers.who]
-image = "bb"
-kind = "onboot"
-network = "none"
-command = ["sh", "-c", "echo who: {hostname}"]
-"#
-    )
+    who_host(hostname, hostname)
 }
 
 #[test]
