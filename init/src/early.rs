@@ -18,9 +18,7 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// (LinuxKit does the same), so containers can pivot_root later. The old files are deleted
 /// as they are copied, so memory is not held twice.
 pub fn switch_to_tmpfs_root() -> io::Result<bool> {
-    let stat = nix::sys::statfs::statfs("/")?;
-    let magic = stat.filesystem_type().0;
-    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+    if !root_is_initramfs() {
         return Ok(false);
     }
     // A tmpfs root that is already a mount of its own (we switched before) shows up in
@@ -52,6 +50,14 @@ pub fn switch_to_tmpfs_root() -> io::Result<bool> {
     nix::unistd::chroot(".")?;
     std::env::set_current_dir("/")?;
     Ok(true)
+}
+
+/// Whether `/` is the filesystem the kernel unpacked the initramfs into (ramfs, or tmpfs).
+pub fn root_is_initramfs() -> bool {
+    nix::sys::statfs::statfs("/").is_ok_and(|s| {
+        let magic = s.filesystem_type().0;
+        magic == RAMFS_MAGIC || magic == TMPFS_MAGIC
+    })
 }
 
 /// Copies `from` to `to` keeping type, mode and ownership, then deletes `from`.

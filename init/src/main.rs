@@ -14,7 +14,7 @@ use keel_init::{delivery, early, etc, logger, modules, net, power, puller, reape
 mod control;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_config::HostConfig;
 use keel_supervisor::cgroup::{CGROUP_ROOT, Cgroup};
@@ -163,17 +163,7 @@ fn boot_and_serve() {
         log::warn!("cannot take over Ctrl-Alt-Del: {e}");
     }
 
-    let started = Instant::now();
-    let (loaded, failed) = modules::load_all(Path::new(modules::LOAD_LIST));
-    log::info!(
-        "loaded {loaded} kernel modules in {} ms{}",
-        started.elapsed().as_millis(),
-        if failed > 0 {
-            format!(" ({failed} failed)")
-        } else {
-            String::new()
-        }
-    );
+    modules::load_all_logged(Path::new(modules::LOAD_LIST), "");
 
     let var = var::setup();
     match &var {

@@ -51,6 +51,21 @@ pub fn load_all(list: &Path) -> (usize, usize) {
     (loaded, failed)
 }
 
+/// [`load_all`], then one log line: `{what}loaded N kernel modules in M ms (F failed)`.
+pub fn load_all_logged(list: &Path, what: &str) {
+    let started = std::time::Instant::now();
+    let (loaded, failed) = load_all(list);
+    log::info!(
+        "{what}loaded {loaded} kernel modules in {} ms{}",
+        started.elapsed().as_millis(),
+        if failed > 0 {
+            format!(" ({failed} failed)")
+        } else {
+            String::new()
+        }
+    );
+}
+
 /// The kernel's name for the module in `path`: the file name without `.ko` (and a
 /// compression suffix), dashes as underscores.
 fn module_name(path: &str) -> String {

@@ -36,11 +36,6 @@ const ROOT_WAIT: Duration = Duration::from_secs(30);
 const VERIFY_CHUNK: usize = 1 << 20;
 const BLOCK: u64 = 4096;
 
-/// statfs magic numbers of the filesystems the kernel unpacks an initramfs into (as in
-/// early.rs).
-const RAMFS_MAGIC: i64 = 0x8584_58f6;
-const TMPFS_MAGIC: i64 = 0x0102_1994;
-
 /// What `keel.root=` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootSpec {
@@ -139,7 +134,7 @@ pub enum Stage1Error {
 /// two-stage boot. An initramfs without `keel.root=` is a whole system (the single-stage
 /// boot) and goes on as before.
 pub fn is_stage1(cmdline: &str) -> bool {
-    root_value(cmdline).is_some() && std::process::id() == 1 && root_is_initramfs()
+    root_value(cmdline).is_some() && std::process::id() == 1 && early::root_is_initramfs()
 }
 
 /// At the very start of PID 1: the kernel command line if this is stage 1. /proc is not
@@ -148,7 +143,7 @@ pub fn is_stage1(cmdline: &str) -> bool {
 /// again unless stage 1 goes on (the single-stage boot copies `/` to a tmpfs and must not
 /// find a mount in it).
 pub fn detect() -> Option<String> {
-    if std::process::id() != 1 || !root_is_initramfs() {
+    if std::process::id() != 1 || !early::root_is_initramfs() {
         return None;
     }
     let mounted_here = !Path::new("/proc/self").exists()
@@ -167,13 +162,6 @@ pub fn detect() -> Option<String> {
         let _ = umount2("/proc", MntFlags::MNT_DETACH);
     }
     stage1.then_some(cmdline)
-}
-
-fn root_is_initramfs() -> bool {
-    nix::sys::statfs::statfs("/").is_ok_and(|s| {
-        let magic = s.filesystem_type().0;
-        magic == RAMFS_MAGIC || magic == TMPFS_MAGIC
-    })
 }
 
 /// The last `keel.root=` (the kernel's own rule for repeated arguments).
@@ -237,17 +225,7 @@ fn boot(cmdline: &str) -> Result<Infallible, Stage1Error> {
     let wanted = parse_root(cmdline)?.ok_or_else(|| Stage1Error::RootArg(String::new()))?;
     let verity = VerityParams::from_cmdline(cmdline).map_err(Stage1Error::VerityArgs)?;
 
-    let t = Instant::now();
-    let (loaded, failed) = modules::load_all(Path::new(modules::LOAD_LIST));
-    log::info!(
-        "stage 1: loaded {loaded} modules in {} ms{}",
-        t.elapsed().as_millis(),
-        if failed > 0 {
-            format!(" ({failed} failed)")
-        } else {
-            String::new()
-        }
-    );
+    modules::load_all_logged(Path::new(modules::LOAD_LIST), "stage 1: ");
 
     let t = Instant::now();
     let (disk, probe) = find_root(&wanted)?;
