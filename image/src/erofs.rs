@@ -151,15 +151,7 @@ pub fn uuid_from_digest(digest: &[u8; 32]) -> String {
     let mut b: [u8; 16] = digest[..16].try_into().expect("16 of 32 bytes");
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    crate::os::format_uuid(&b)
 }
 
 /// Offset of the erofs superblock in the image, and of its fields stage 1 reads.
@@ -176,15 +168,7 @@ pub fn superblock_uuid(superblock: &[u8]) -> Option<String> {
         return None;
     }
     let raw = superblock.get(UUID_OFFSET_IN_SUPERBLOCK..UUID_OFFSET_IN_SUPERBLOCK + 16)?;
-    let hex: String = raw.iter().map(|x| format!("{x:02x}")).collect();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    ))
+    Some(crate::os::format_uuid(raw.try_into().ok()?))
 }
 
 #[cfg(test)]

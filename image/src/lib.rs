@@ -57,6 +57,20 @@ pub mod verity;
 /// where things are in it: the builder writes these paths and PID 1 reads them, so both
 /// sides take them from here (this module is compiled without the `builder` feature too).
 pub mod os {
+    /// A 16-byte UUID in its canonical text form (lowercase, 8-4-4-4-12), as `mkfs.erofs
+    /// -U` takes it, `keel.root=UUID=` names it and stage 1 reads it back.
+    pub fn format_uuid(bytes: &[u8; 16]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
+
     /// Modules every Keel host loads: the virtio NIC and its PCI transport, the
     /// virtio-serial port the control API is reached through from the host, overlayfs for
     /// container roots, the ACPI power button with the evdev interface it is read

@@ -155,19 +155,12 @@ fn text_field(bytes: &[u8], pad: u8) -> Option<String> {
     (!text.is_empty()).then(|| text.to_string())
 }
 
+/// An all-zero UUID is no UUID (mkfs without one).
 fn uuid_string(bytes: &[u8]) -> Option<String> {
     if bytes.iter().all(|b| *b == 0) {
         return None;
     }
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    Some(keel_image::os::format_uuid(bytes.try_into().ok()?))
 }
 
 /// Polls until a device `want`s appears or `timeout` passes: disks show up asynchronously
