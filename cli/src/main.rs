@@ -373,7 +373,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
             };
             let manifest = build::read_manifest(&dir)?;
             let disks = disks::run_disks(&dir, &manifest, (!no_data_disk).then_some(data_size))?;
-            for p in &publish {
+            for p in publish.iter().filter(|p| p.host != 0) {
                 eprintln!(
                     "keel: publishing 127.0.0.1:{} -> guest port {}",
                     p.host, p.guest

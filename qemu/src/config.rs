@@ -16,6 +16,8 @@ pub(crate) const MACHINE: &str = "q35";
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
+    /// The QEMU binary; `None` is `KEEL_QEMU`, else `qemu-system-x86_64` from `PATH`.
+    pub qemu: Option<PathBuf>,
     /// The kernel image (`-kernel`).
     pub kernel: PathBuf,
     /// The initramfs (`-initrd`); `None` boots the kernel alone, which is only useful to test
@@ -105,6 +107,7 @@ impl Default for VmConfig {
     /// exiting, so a dead guest never leaves a hung QEMU behind.
     fn default() -> Self {
         VmConfig {
+            qemu: None,
             kernel: PathBuf::new(),
             initrd: None,
             cmdline: "console=ttyS0 panic=-1 no_timer_check".to_owned(),

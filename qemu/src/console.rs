@@ -104,6 +104,27 @@ pub(crate) struct ConsoleState {
     pub(crate) err: LineBuf,
     /// Where `wait_for_line` resumes: one past the last line it matched.
     pub(crate) cursor: usize,
+    /// When the guest last wrote to its console: the sign of life a boot is watched for.
+    pub(crate) last_output: Option<Instant>,
+}
+
+impl ConsoleState {
+    /// Bytes from the guest's console.
+    pub(crate) fn push_out(&mut self, bytes: &[u8]) {
+        self.out.push(bytes);
+        self.last_output = Some(Instant::now());
+    }
+}
+
+/// What became of a boot while [`Console::wait_first_output`] watched it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FirstOutput {
+    /// The guest wrote to its console.
+    Seen,
+    /// QEMU closed the console (it exited) before the guest wrote anything.
+    Closed,
+    /// Nothing within the time allowed.
+    Silent,
 }
 
 /// Why [`Console::wait_for`] returned without a line.
@@ -195,6 +216,18 @@ impl Console {
     }
 
     /// Waits until both QEMU output streams have reached end of file; false on timeout.
+    /// Waits up to `timeout` for the guest's first console byte.
+    pub(crate) fn wait_first_output(&self, timeout: Duration) -> FirstOutput {
+        let waited = self.wait_until(timeout, |state| {
+            if state.last_output.is_some() {
+                Some(FirstOutput::Seen)
+            } else {
+                state.out.is_closed().then_some(FirstOutput::Closed)
+            }
+        });
+        waited.unwrap_or(FirstOutput::Silent)
+    }
+
     pub(crate) fn wait_closed(&self, timeout: Duration) -> bool {
         self.wait_until(timeout, |s| {
             (s.out.is_closed() && s.err.is_closed()).then_some(())

@@ -13,15 +13,19 @@ use std::time::Duration;
 /// lines rather than one escaped string.
 #[derive(thiserror::Error)]
 pub enum QemuError {
-    /// `qemu-system-x86_64` is not on `PATH`.
+    /// The QEMU binary (`qemu-system-x86_64` on `PATH`, or `KEEL_QEMU`) does not exist.
     #[error(
-        "qemu-system-x86_64 was not found in PATH; install it (Debian/Ubuntu: apt-get install qemu-system-x86)"
+        "{} was not found; install QEMU (Debian/Ubuntu: apt-get install qemu-system-x86) or point KEEL_QEMU at it", .0.display()
     )]
-    NotInstalled,
+    NotInstalled(PathBuf),
 
     /// QEMU is there but could not be started.
-    #[error("could not start qemu-system-x86_64: {0}")]
-    Spawn(#[source] io::Error),
+    #[error("could not start {}: {source}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
     /// A file the VM needs does not exist or is not a regular file.
     #[error("{what} {} does not exist or is not a file", path.display())]
@@ -38,6 +42,12 @@ pub enum QemuError {
     /// `KEEL_ACCEL` holds something other than `kvm`, `tcg` or `auto`.
     #[error("KEEL_ACCEL={0:?} is not one of kvm, tcg, auto")]
     BadAccel(String),
+
+    /// `KEEL_ACCEL=kvm` forced KVM, and the guest showed no sign of life.
+    #[error(
+        "KEEL_ACCEL=kvm forced KVM, but the guest printed nothing within {waited:?}: KVM does not run guests here ({detail}); unset KEEL_ACCEL to fall back to TCG automatically, or set KEEL_ACCEL=tcg"
+    )]
+    KvmNoLifeSign { waited: Duration, detail: String },
 
     /// QEMU exited before the VM was up (before its QMP socket accepted a connection).
     #[error("QEMU exited during startup ({status}); its stderr:\n{stderr}")]

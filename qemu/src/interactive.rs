@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::accel::{ACCEL_ENV, kvm_status};
 use crate::config::VmConfig;
 use crate::error::QemuError;
+use crate::progress::BootProgress;
 use crate::vm::Vm;
 
 /// The console line the guest's init prints right before `reboot(2)` on an orderly shutdown.
@@ -21,8 +21,14 @@ enum Event {
     Exited,
 }
 
+/// How often the loop looks at the console for progress to report.
+const PROGRESS_TICK: Duration = Duration::from_millis(250);
+
 /// Boots `cfg` and runs until QEMU exits. `keel run` sets `cfg.echo_console` to show the
-/// console on the terminal (or `console_log` to send it to a file instead).
+/// console on the terminal (or `console_log` to send it to a file instead, and then stderr
+/// gets a compact progress line per boot milestone). Either way stderr says when the guest is
+/// ready, with the address of each published port, and reports a boot that has printed
+/// nothing for a while as stuck.
 ///
 /// The first SIGINT or SIGTERM presses the guest's ACPI power button; a second one, or
 /// `shutdown_deadline` passing without QEMU exiting, kills QEMU. Returns the exit code for
@@ -61,12 +67,10 @@ fn drive(
     tx: mpsc::Sender<Event>,
     rx: &mpsc::Receiver<Event>,
 ) -> Result<i32, QemuError> {
-    if std::env::var_os(ACCEL_ENV).is_none()
-        && let Err(reason) = kvm_status()
-    {
-        eprintln!("keel: KVM is not usable here ({reason}); emulating with TCG, which is slower");
-    }
+    let compact = !cfg.echo_console;
     let mut vm = Vm::boot(cfg)?;
+    let mut progress = BootProgress::new(compact, vm.published(), vm.accel(), Instant::now());
+    let mut next_line = 0;
     let watch = vm.watch();
     thread::Builder::new()
         .name("keel-exit".into())
@@ -79,12 +83,20 @@ fn drive(
     let mut shutdown: Option<(i32, Instant)> = None;
     let mut killed_by = None;
     loop {
-        let event = match shutdown {
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some((_, deadline)) => {
-                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            }
+        let wait = match shutdown {
+            None => PROGRESS_TICK,
+            Some((_, deadline)) => deadline
+                .saturating_duration_since(Instant::now())
+                .min(PROGRESS_TICK),
         };
+        let event = rx.recv_timeout(wait);
+        if shutdown.is_none() {
+            let (lines, next) = vm.lines_from(next_line);
+            next_line = next;
+            for report in progress.update(&lines, vm.last_output(), Instant::now()) {
+                eprintln!("{report}");
+            }
+        }
         match event {
             Ok(Event::Exited) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Ok(Event::Signal(signal)) => match shutdown {
@@ -108,6 +120,8 @@ fn drive(
                     break;
                 }
             },
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if shutdown.is_none_or(|(_, deadline)| Instant::now() < deadline) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 eprintln!(
                     "keel: the guest did not power off within {} s; killing QEMU",

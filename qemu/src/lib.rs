@@ -6,19 +6,25 @@
 //! [`Vm::wait_for_line`] for milestones, [`Vm::http_get`] a published service and
 //! [`Vm::powerdown`] the guest. [`run_interactive`] is `keel run`'s loop around the same.
 //!
-//! KVM is used only if a probe shows it really runs guests here (see [`kvm_status`]);
-//! otherwise QEMU emulates with TCG. `KEEL_ACCEL=kvm|tcg` forces either.
+//! KVM is used only where it really runs guests: a probe rules it out cheaply, and every KVM
+//! boot must show a sign of life within seconds or is booted again under TCG, with the
+//! verdict remembered for the machine's uptime (see [`choose_accel`]). `KEEL_ACCEL=kvm|tcg`
+//! forces either; `KEEL_QEMU` names another QEMU binary.
 
 mod accel;
+mod binary;
 mod child;
 mod config;
 mod console;
 mod error;
 mod interactive;
+mod kvm_verdict;
+mod progress;
 mod qmp;
 mod vm;
 
-pub use accel::{ACCEL_ENV, Accel, kvm_status, select_accel};
+pub use accel::{ACCEL_ENV, Accel, AccelChoice, KVM_LIFE_SIGN_TIMEOUT, choose_accel, kvm_status};
+pub use binary::{DEFAULT_QEMU, QEMU_ENV};
 pub use config::{Disk, MAX_DISK_SERIAL, ParsePortForwardError, PortForward, VmConfig, qemu_args};
 pub use error::QemuError;
 pub use interactive::{POWEROFF_CLEAN_LINE, run_interactive};

@@ -15,15 +15,13 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::accel::{Accel, select_accel};
+use crate::accel::{Accel, KVM_LIFE_SIGN_TIMEOUT, announce_tcg, choose_accel, record_kvm_boot};
+use crate::binary::{private_dir, qemu_binary};
 use crate::child::ChildWatch;
 use crate::config::{PortForward, VmConfig, qemu_args};
-use crate::console::{Console, TAIL_LINES, WaitError};
+use crate::console::{Console, FirstOutput, TAIL_LINES, WaitError};
 use crate::error::QemuError;
 use crate::qmp::QmpClient;
-
-/// The QEMU binary, looked up in `PATH`.
-pub(crate) const QEMU_BINARY: &str = "qemu-system-x86_64";
 
 /// How long QEMU may take to open its QMP socket. It does so before running any guest code,
 /// normally within a few hundred milliseconds; the margin is for loaded CI machines.
@@ -34,18 +32,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pause between HTTP attempts while the guest is not listening yet.
 const HTTP_RETRY_BACKOFF: Duration = Duration::from_millis(100);
-
-/// A fresh mode-0700 directory for sockets and scratch files, removed on drop.
-pub(crate) fn private_dir() -> io::Result<TempDir> {
-    let dir = tempfile::Builder::new().prefix("keel-qemu-").tempdir()?;
-    // A unix socket path must fit in sun_path (108 bytes); a long $TMPDIR would break QMP.
-    if dir.path().as_os_str().len() > 80 {
-        return tempfile::Builder::new()
-            .prefix("keel-qemu-")
-            .tempdir_in("/tmp");
-    }
-    Ok(dir)
-}
 
 /// A response to [`Vm::http_get`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,13 +65,21 @@ pub struct Vm {
     forwards: Vec<PortForward>,
     api_socket: PathBuf,
     accel: Accel,
+    kvm_refused: Option<String>,
     echo: Option<JoinHandle<()>>,
     // Last: removed only after Drop::drop has killed QEMU.
     _dir: TempDir,
 }
 
 impl Vm {
-    /// Starts QEMU and returns once its QMP socket answers (before the guest has done much).
+    /// Starts QEMU and returns once its QMP socket answers and, under KVM, the guest has shown
+    /// a sign of life.
+    ///
+    /// The accelerator is [`choose_accel`]'s. A KVM boot is watched: a guest that writes
+    /// nothing to its console within [`KVM_LIFE_SIGN_TIMEOUT`] (or whose QEMU dies first) is
+    /// killed, the machine remembers that KVM does not run guests here, one line says so on
+    /// stderr, and the same configuration boots again under TCG. When `KEEL_ACCEL=kvm` forced
+    /// KVM, that is [`QemuError::KvmNoLifeSign`] instead.
     ///
     /// QEMU runs in its own process group, so a Ctrl-C at the terminal reaches only us, with
     /// the console on its stdout (stdin is `/dev/null`). Host ports given as 0 are picked here:
@@ -105,10 +99,54 @@ impl Vm {
                 });
             }
         }
-        let accel = select_accel()?;
+        let qemu = qemu_binary(cfg.qemu.as_deref());
+        let choice = choose_accel(&qemu)?;
         cfg.publish = resolve_ports(&cfg.publish)?;
+        if let Some(why) = &choice.kvm_refused {
+            announce_tcg(why);
+        }
+        let mut vm = Vm::launch(&cfg, &qemu, choice.accel)?;
+        vm.kvm_refused = choice.kvm_refused;
+        if vm.accel != Accel::Kvm {
+            return Ok(vm);
+        }
+        let why = match vm.console.wait_first_output(KVM_LIFE_SIGN_TIMEOUT) {
+            FirstOutput::Seen => {
+                record_kvm_boot(&qemu, Ok(()));
+                return Ok(vm);
+            }
+            FirstOutput::Silent => format!(
+                "a Linux guest under KVM printed nothing within {} s although the KVM probe passed",
+                KVM_LIFE_SIGN_TIMEOUT.as_secs()
+            ),
+            FirstOutput::Closed => {
+                let status = vm.watch.wait_timeout(Duration::from_secs(2));
+                let stderr = vm.console.lock().err.tail(1);
+                let status = status.map_or_else(|| "still running".to_owned(), |s| s.to_string());
+                format!(
+                    "QEMU under KVM exited ({status}) before the guest printed anything: {stderr}"
+                )
+            }
+        };
+        drop(vm);
+        record_kvm_boot(&qemu, Err(why.clone()));
+        if choice.forced {
+            return Err(QemuError::KvmNoLifeSign {
+                waited: KVM_LIFE_SIGN_TIMEOUT,
+                detail: why,
+            });
+        }
+        announce_tcg(&why);
+        let mut vm = Vm::launch(&cfg, &qemu, Accel::Tcg)?;
+        vm.kvm_refused = Some(why);
+        Ok(vm)
+    }
+
+    /// Starts `qemu` for `cfg` under `accel` and waits for its QMP socket.
+    fn launch(cfg: &VmConfig, qemu: &Path, accel: Accel) -> Result<Vm, QemuError> {
         let dir = private_dir().map_err(QemuError::io("creating a private temporary directory"))?;
         let qmp_path = dir.path().join("qmp.sock");
+        let mut cfg = cfg.clone();
         let api_socket = cfg
             .api_socket
             .get_or_insert_with(|| dir.path().join("api.sock"))
@@ -123,7 +161,7 @@ impl Vm {
             None => None,
         };
 
-        let mut child = Command::new(QEMU_BINARY)
+        let mut child = Command::new(qemu)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -131,8 +169,11 @@ impl Vm {
             .process_group(0)
             .spawn()
             .map_err(|e| match e.kind() {
-                io::ErrorKind::NotFound => QemuError::NotInstalled,
-                _ => QemuError::Spawn(e),
+                io::ErrorKind::NotFound => QemuError::NotInstalled(qemu.to_owned()),
+                _ => QemuError::Spawn {
+                    binary: qemu.to_owned(),
+                    source: e,
+                },
             })?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -147,6 +188,7 @@ impl Vm {
             forwards: cfg.publish.clone(),
             api_socket,
             accel,
+            kvm_refused: None,
             echo: None,
             _dir: dir,
         };
@@ -196,6 +238,31 @@ impl Vm {
     /// slower, which timeouts may want to allow for.
     pub fn accel(&self) -> Accel {
         self.accel
+    }
+
+    /// Why this boot runs under TCG although KVM was not ruled out by `KEEL_ACCEL`: the probe
+    /// failed, an earlier boot on this machine showed KVM cannot run guests, or this very boot
+    /// did and was restarted under TCG.
+    pub fn kvm_refused(&self) -> Option<&str> {
+        self.kvm_refused.as_deref()
+    }
+
+    /// When the guest last wrote to its console (`None`: not yet).
+    pub fn last_output(&self) -> Option<Instant> {
+        self.console.lock().last_output
+    }
+
+    /// The console's complete lines from index `from` on, and the index to continue from.
+    pub fn lines_from(&self, from: usize) -> (Vec<String>, usize) {
+        let state = self.console.lock();
+        let lines = state.out.lines();
+        let from = from.min(lines.len());
+        (lines[from..].to_vec(), lines.len())
+    }
+
+    /// The ports published, with automatic host ports resolved.
+    pub fn published(&self) -> &[PortForward] {
+        &self.forwards
     }
 
     /// The host port forwarded to guest TCP port `guest`, if it is published.
@@ -511,7 +578,7 @@ fn read_console(
             // The echo thread only goes away if stdout broke; nothing to do about that.
             let _ = tx.send(chunk.to_vec());
         }
-        console.update(|s| s.out.push(chunk));
+        console.update(|s| s.push_out(chunk));
     }
     console.update(|s| s.out.close());
 }

@@ -26,7 +26,7 @@ fn kernel() -> Option<&'static Path> {
 fn boot(cfg: VmConfig) -> Option<Vm> {
     match Vm::boot(cfg) {
         Ok(vm) => Some(vm),
-        Err(QemuError::NotInstalled) => {
+        Err(QemuError::NotInstalled(_)) => {
             eprintln!("skipping: qemu-system-x86_64 is not installed");
             None
         }
@@ -108,7 +108,7 @@ fn qemu_startup_failure_shows_its_stderr() {
         Err(QemuError::EarlyExit { stderr, .. }) => {
             assert!(stderr.contains("no-such-option"), "{stderr}")
         }
-        Err(QemuError::NotInstalled) => eprintln!("skipping: QEMU is not installed"),
+        Err(QemuError::NotInstalled(_)) => eprintln!("skipping: QEMU is not installed"),
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("QEMU accepted a bogus option"),
     }
