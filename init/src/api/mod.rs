@@ -27,6 +27,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+mod port;
+use port::PortConn;
+
 pub use keel_api::{
     ApiError, ContainerStatus, ErrorCode, LogEntry, Stats, VIRTIO_PORT_NAME, parse_log_line,
 };
@@ -52,9 +55,6 @@ const MAX_ROTATED: u32 = 1000;
 const MAX_EXEC_DRAIN: usize = 1 << 20;
 /// How long [`serve_virtio`] waits for its port to appear at boot.
 const PORT_WAIT: Duration = Duration::from_secs(30);
-/// While no host client is connected, the port is re-read this often in case a SIGIO that
-/// announces a connection was missed.
-const PORT_RECHECK: Duration = Duration::from_secs(2);
 
 /// What the main loop is asked to do. Names are checked to be syntactically valid container
 /// names; whether such a container exists is for the main loop to say (`not_found`).
@@ -286,8 +286,8 @@ async fn serve_port(
     use tokio::signal::unix::{SignalKind, signal};
 
     // Installed before O_ASYNC is set: SIGIO's default action would kill any process but
-    // PID 1.
-    let mut sigio = signal(SignalKind::io())?;
+    // PID 1. The port's waits subscribe to it (port.rs).
+    let _sigio = signal(SignalKind::io())?;
     let mut waited = Duration::ZERO;
     let device = loop {
         if let Some(device) = resolve_port(path) {
@@ -302,7 +302,7 @@ async fn serve_port(
         tokio::time::sleep(Duration::from_millis(250)).await;
         waited += Duration::from_millis(250);
     };
-    let mut fd: OwnedFd = rustix::fs::open(
+    let fd: OwnedFd = rustix::fs::open(
         &device,
         OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
         Mode::empty(),
@@ -310,38 +310,26 @@ async fn serve_port(
     enable_sigio(&fd)?;
     log::info!("api: serving on virtio-serial port {}", device.display());
 
+    let mut conn = Conn::Port(PortConn::new(fd));
     let mut buf = vec![0u8; 4096];
     loop {
-        // Whether a host client is connected shows only in read(2): 0 means none. The port is
-        // not registered with tokio meanwhile, because epoll then reports a hangup, which
-        // tokio keeps as final; the driver raises SIGIO when the host end connects.
-        let first = match rustix::io::read(&fd, &mut buf[..]) {
-            Ok(0) => {
-                tokio::select! {
-                    _ = sigio.recv() => {}
-                    _ = tokio::time::sleep(PORT_RECHECK) => {}
-                }
-                continue;
-            }
-            Ok(n) => buf.get(..n).unwrap_or_default().to_vec(),
-            Err(rustix::io::Errno::AGAIN) => Vec::new(),
-            Err(rustix::io::Errno::INTR) => continue,
+        let Conn::Port(port) = &conn else {
+            return Ok(());
+        };
+        let first = match port.next_client(&mut buf).await {
+            Ok(first) => first,
             Err(e) => {
                 log::warn!("api: reading {}: {e}", device.display());
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 continue;
             }
         };
-        // SAFETY: an OwnedFd is a valid descriptor that stays open, and keeps returning the
-        // same number, for as long as it is owned; the AsyncFd owns it until into_inner.
-        let conn = match unsafe { AsyncFd::register(fd) } {
-            Ok(async_fd) => Conn::Port(async_fd),
-            Err(e) => return Err(e.into_parts().1),
-        };
+        port.begin_session();
         Session::new(&conn, first, calls, logs_dir).run().await;
-        fd = match conn {
-            Conn::Port(async_fd) => async_fd.into_inner(),
-            Conn::Unix(_) => return Ok(()),
+        // The session's state goes with it; the open port stays.
+        conn = match conn {
+            Conn::Port(port) => Conn::Port(PortConn::new(port.into_fd())),
+            unix @ Conn::Unix(_) => unix,
         };
     }
 }
@@ -363,7 +351,7 @@ fn enable_sigio(fd: &OwnedFd) -> io::Result<()> {
 /// is only taken from the kernel inside a synchronous non-blocking call.
 enum Conn {
     Unix(UnixStream),
-    Port(AsyncFd<OwnedFd>),
+    Port(PortConn),
 }
 
 impl Conn {
@@ -375,16 +363,7 @@ impl Conn {
                     stream.readable().await?;
                     stream.try_read(buf)
                 }
-                Conn::Port(fd) => {
-                    let mut guard = fd.readable().await?;
-                    match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref(), &mut *buf)?)) {
-                        Ok(result) => result,
-                        // A hangup seen once stays set in tokio, so readable() would keep
-                        // returning at once: the host end closed since, the client is gone.
-                        Err(_) if guard.ready().is_read_closed() => return Ok(0),
-                        Err(_) => continue,
-                    }
-                }
+                Conn::Port(port) => return port.read(buf).await,
             };
             match result {
                 Err(e)
@@ -404,17 +383,7 @@ impl Conn {
                     stream.writable().await?;
                     stream.try_write(data)
                 }
-                Conn::Port(fd) => {
-                    let mut guard = fd.writable().await?;
-                    match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref(), data)?)) {
-                        Ok(result) => result,
-                        // The driver blocks writes while the host end is closed.
-                        Err(_) if guard.ready().is_write_closed() => {
-                            return Err(io::ErrorKind::BrokenPipe.into());
-                        }
-                        Err(_) => continue,
-                    }
-                }
+                Conn::Port(port) => return port.write_all(data).await,
             };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
