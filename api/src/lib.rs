@@ -46,6 +46,20 @@ pub const DEFAULT_SOCKET: &str = "/run/keel/api.sock";
 /// where udev runs; Keel has no udev, so PID 1 finds it through `/sys/class/virtio-ports`).
 pub const VIRTIO_PORT_NAME: &str = "keel.api";
 
+/// How many API ports `keel run` gives the guest: [`VIRTIO_PORT_NAME`], then `keel.api.1`,
+/// `keel.api.2`, ... A port is one byte stream that serves one host client at a time, so the
+/// runner hands each client connecting to its API socket a free port of its own: that many
+/// `keel --vm` commands run at once (a `logs -f` or a long `exec` does not hold up a `ps`).
+pub const VIRTIO_PORT_COUNT: usize = 4;
+
+/// The name of API port `index` (0 is [`VIRTIO_PORT_NAME`]).
+pub fn virtio_port_name(index: usize) -> String {
+    match index {
+        0 => VIRTIO_PORT_NAME.to_owned(),
+        n => format!("{VIRTIO_PORT_NAME}.{n}"),
+    }
+}
+
 /// The longest request line a server accepts, newline included.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
 

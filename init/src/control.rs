@@ -29,13 +29,18 @@ pub fn start_servers(calls: UnboundedSender<Call>) {
         }
         Err(e) => log::error!("control API on {API_SOCKET}: {e}"),
     }
-    // serve_virtio finds the port by its name in /sys/class/virtio-ports (there is no udev
-    // to make the /dev/virtio-ports link) and waits for it to appear.
-    tokio::spawn(api::serve_virtio(
-        Path::new(api::VIRTIO_PORT_PATH),
-        calls,
-        PathBuf::from(LOGS_DIR),
-    ));
+    // serve_virtio finds each port by its name in /sys/class/virtio-ports (there is no udev
+    // to make the /dev/virtio-ports links) and waits for it to appear. Each port serves one
+    // host client at a time; the runner spreads its clients over them.
+    for index in 0..api::VIRTIO_PORT_COUNT {
+        let path = Path::new("/dev/virtio-ports").join(api::virtio_port_name(index));
+        tokio::spawn(api::serve_virtio(
+            &path,
+            calls.clone(),
+            PathBuf::from(LOGS_DIR),
+            index == 0,
+        ));
+    }
 }
 
 fn error(e: ControlError) -> ApiError {

@@ -6,8 +6,20 @@ use std::str::FromStr;
 
 use crate::accel::Accel;
 
-/// The name of the virtio-serial port of the control API (keel_api::VIRTIO_PORT_NAME).
+/// The name of the first virtio-serial port of the control API (keel_api::VIRTIO_PORT_NAME).
 pub const API_PORT_NAME: &str = "keel.api";
+
+/// How many API ports a guest gets (keel_api::VIRTIO_PORT_COUNT): that many API clients are
+/// served at once.
+pub const API_PORT_COUNT: usize = 4;
+
+/// The name of API port `index` (keel_api::virtio_port_name).
+fn keel_api_port_name(index: usize) -> String {
+    match index {
+        0 => API_PORT_NAME.to_owned(),
+        n => format!("{API_PORT_NAME}.{n}"),
+    }
+}
 
 /// The machine type used for every boot (and for the KVM probe, so that the probe exercises the
 /// same vCPU setup as a real boot).
@@ -177,10 +189,15 @@ impl fmt::Display for PortForward {
 /// The full QEMU argument list (without the program name) for `cfg`.
 ///
 /// Pure: it neither checks files nor picks ports, so forwards with `host == 0` must have been
-/// resolved before (as [`crate::Vm::boot`] does), and the API port is only added when
-/// `cfg.api_socket` is set (which `Vm::boot` always does). Paths are converted lossily and disk
+/// resolved before (as [`crate::Vm::boot`] does). `api_ports` are the chardev sockets of the
+/// guest's API ports, in order (`Vm::boot` always gives [`API_PORT_COUNT`]). Paths are converted lossily and disk
 /// serials taken as they are; `Vm::boot` rejects non-UTF-8 paths and bad serials first.
-pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String> {
+pub fn qemu_args(
+    cfg: &VmConfig,
+    accel: Accel,
+    qmp_socket: &Path,
+    api_ports: &[PathBuf],
+) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
     // -nodefaults: no default NIC, VGA, floppy or monitor; everything the guest gets is below.
@@ -219,18 +236,24 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, qmp_socket: &Path) -> Vec<String>
     }
     push(&["-nic", &nic]);
     push(&["-device", "virtio-rng-pci"]);
-    if let Some(socket) = &cfg.api_socket {
+    if !api_ports.is_empty() {
+        push(&["-device", "virtio-serial-pci"]);
+    }
+    for (index, socket) in api_ports.iter().enumerate() {
         // A socket chardev is a listener QEMU accepts one client at a time on, relayed to a
-        // named port the guest opens as /dev/vportNpM (its sysfs name: keel.api).
+        // named port the guest opens as /dev/vportNpM (its sysfs name: keel.api, keel.api.1,
+        // ...). The API socket clients use is served by crate::api_mux in front of these.
         let chardev = format!(
-            "socket,id=keelapi,path={},server=on,wait=off",
+            "socket,id=keelapi{index},path={},server=on,wait=off",
             socket.to_string_lossy().replace(',', ",,")
         );
-        push(&["-device", "virtio-serial-pci"]);
         push(&["-chardev", &chardev]);
         push(&[
             "-device",
-            &format!("virtserialport,chardev=keelapi,name={API_PORT_NAME}"),
+            &format!(
+                "virtserialport,chardev=keelapi{index},name={}",
+                keel_api_port_name(index)
+            ),
         ]);
     }
     for (i, disk) in cfg.disks.iter().enumerate() {
@@ -326,7 +349,7 @@ mod tests {
 
     #[test]
     fn builds_qemu_args() {
-        let args = qemu_args(&sample(), Accel::Tcg, Path::new("/tmp/d/qmp.sock"));
+        let args = qemu_args(&sample(), Accel::Tcg, Path::new("/tmp/d/qmp.sock"), &[]);
         assert_eq!(value(&args, "-accel"), "tcg");
         assert_eq!(value(&args, "-cpu"), "max");
         assert_eq!(value(&args, "-machine"), "q35");
@@ -350,19 +373,27 @@ mod tests {
         assert!(args.contains(&"-nodefaults".to_owned()));
         assert_eq!(args.last().map(String::as_str), Some("-snapshot"));
 
-        let kvm = qemu_args(&sample(), Accel::Kvm, Path::new("/q"));
+        let kvm = qemu_args(&sample(), Accel::Kvm, Path::new("/q"), &[]);
         assert_eq!(value(&kvm, "-accel"), "kvm");
         assert_eq!(value(&kvm, "-cpu"), "host");
     }
 
     #[test]
-    fn the_api_port_is_a_virtio_serial_port_on_a_unix_socket() {
-        let mut cfg = sample();
-        cfg.api_socket = Some("/run/a,b/api.sock".into());
-        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"));
+    fn the_api_ports_are_virtio_serial_ports_on_unix_sockets() {
+        let cfg = sample();
+        let ports = ["/run/a,b/p0.sock".into(), "/run/p1.sock".into()];
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"), &ports);
+        let chardevs: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-chardev")
+            .map(|w| w[1].as_str())
+            .collect();
         assert_eq!(
-            value(&args, "-chardev"),
-            "socket,id=keelapi,path=/run/a,,b/api.sock,server=on,wait=off"
+            chardevs,
+            [
+                "socket,id=keelapi0,path=/run/a,,b/p0.sock,server=on,wait=off",
+                "socket,id=keelapi1,path=/run/p1.sock,server=on,wait=off"
+            ]
         );
         let devices: Vec<&str> = args
             .windows(2)
@@ -374,7 +405,8 @@ mod tests {
             [
                 "virtio-rng-pci",
                 "virtio-serial-pci",
-                "virtserialport,chardev=keelapi,name=keel.api"
+                "virtserialport,chardev=keelapi0,name=keel.api",
+                "virtserialport,chardev=keelapi1,name=keel.api.1"
             ]
         );
         // extra_args stay last, so that they can override.
@@ -396,7 +428,7 @@ mod tests {
                 serial: None,
             },
         ];
-        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"));
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"), &[]);
         let pairs: Vec<(&str, &str)> = args
             .windows(2)
             .filter(|w| w[0] == "-drive" || w[1].starts_with("virtio-blk"))
@@ -418,7 +450,7 @@ mod tests {
             ]
         );
         assert_eq!(args.last().map(String::as_str), Some("-snapshot"));
-        assert!(!qemu_args(&sample(), Accel::Tcg, Path::new("/q")).contains(&"-drive".into()));
+        assert!(!qemu_args(&sample(), Accel::Tcg, Path::new("/q"), &[]).contains(&"-drive".into()));
     }
 
     #[test]
@@ -450,7 +482,7 @@ mod tests {
     #[test]
     fn minimal_args_and_escaping() {
         let cfg = VmConfig::new("/k");
-        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/tmp/a,b/qmp"));
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/tmp/a,b/qmp"), &[]);
         assert!(!args.contains(&"-initrd".to_owned()));
         assert_eq!(value(&args, "-m"), "512");
         assert_eq!(value(&args, "-smp"), "1");

@@ -12,6 +12,7 @@
 //! forces either; `KEEL_QEMU` names another QEMU binary.
 
 mod accel;
+mod api_mux;
 mod binary;
 mod child;
 mod config;

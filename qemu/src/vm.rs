@@ -16,9 +16,10 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::accel::{Accel, KVM_LIFE_SIGN_TIMEOUT, announce_tcg, choose_accel, record_kvm_boot};
+use crate::api_mux::ApiMux;
 use crate::binary::{private_dir, qemu_binary};
 use crate::child::ChildWatch;
-use crate::config::{PortForward, VmConfig, qemu_args};
+use crate::config::{API_PORT_COUNT, PortForward, VmConfig, qemu_args};
 use crate::console::{Console, FirstOutput, TAIL_LINES, WaitError};
 use crate::error::QemuError;
 use crate::qmp::QmpClient;
@@ -67,6 +68,8 @@ pub struct Vm {
     accel: Accel,
     kvm_refused: Option<String>,
     echo: Option<JoinHandle<()>>,
+    /// Serves `api_socket`; stopped after Drop::drop has killed QEMU.
+    _api: ApiMux,
     // Last: removed only after Drop::drop has killed QEMU.
     _dir: TempDir,
 }
@@ -152,7 +155,10 @@ impl Vm {
             .get_or_insert_with(|| dir.path().join("api.sock"))
             .clone();
         check_socket_path(&api_socket)?;
-        let args = qemu_args(&cfg, accel, &qmp_path);
+        let api_ports: Vec<PathBuf> = (0..API_PORT_COUNT)
+            .map(|i| dir.path().join(format!("api-port{i}.sock")))
+            .collect();
+        let args = qemu_args(&cfg, accel, &qmp_path, &api_ports);
         let log = match &cfg.console_log {
             Some(path) => Some(File::create(path).map_err(QemuError::io(format!(
                 "creating console log {}",
@@ -178,6 +184,16 @@ impl Vm {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let watch = ChildWatch::spawn(child).map_err(QemuError::io("starting a thread"))?;
+        let api = match ApiMux::start(&api_socket, api_ports) {
+            Ok(api) => api,
+            Err(e) => {
+                watch.kill();
+                return Err(QemuError::Io {
+                    context: format!("serving the API socket {}", api_socket.display()),
+                    source: e,
+                });
+            }
+        };
 
         // From here on, an early return drops `vm`, which kills QEMU.
         let mut vm = Vm {
@@ -190,6 +206,7 @@ impl Vm {
             accel,
             kvm_refused: None,
             echo: None,
+            _api: api,
             _dir: dir,
         };
         let echo = if cfg.echo_console {
@@ -274,7 +291,7 @@ impl Vm {
     }
 
     /// The unix socket QEMU listens on for the guest's control API (the host end of its
-    /// `keel.api` virtio-serial port): [`VmConfig::api_socket`], or a socket in this VM's
+    /// virtio-serial ports, one free port per client): [`VmConfig::api_socket`], or a socket in this VM's
     /// private directory. Connect with `keel_api::Client::connect_unix` or `keel
     /// --api-socket PATH`.
     pub fn api_socket(&self) -> &Path {

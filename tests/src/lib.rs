@@ -155,19 +155,39 @@ impl KeelCli {
             .stderr(Stdio::piped())
             .spawn()
             .expect("running keel");
+        // Read while it runs: a command printing more than a pipe holds would block on it.
+        let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
         let deadline = Instant::now() + STEP_TIMEOUT;
-        while child.try_wait().expect("waiting for keel").is_none() {
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for keel") {
+                break status;
+            }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                let output = child.wait_with_output().expect("keel output");
+                let _ = child.wait();
+                let stderr = stderr.join().unwrap_or_default();
                 panic!(
                     "keel {args:?} did not finish within {STEP_TIMEOUT:?}; stderr:\n{}",
-                    String::from_utf8_lossy(&output.stderr)
+                    String::from_utf8_lossy(&stderr)
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        };
+        Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
         }
-        child.wait_with_output().expect("keel output")
     }
 
     /// Runs a command that must succeed and returns its stdout.

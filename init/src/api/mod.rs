@@ -31,7 +31,8 @@ mod port;
 use port::PortConn;
 
 pub use keel_api::{
-    ApiError, ContainerStatus, ErrorCode, LogEntry, Stats, VIRTIO_PORT_NAME, parse_log_line,
+    ApiError, ContainerStatus, ErrorCode, LogEntry, Stats, VIRTIO_PORT_COUNT, VIRTIO_PORT_NAME,
+    parse_log_line, virtio_port_name,
 };
 
 /// Where PID 1 listens.
@@ -239,18 +240,23 @@ async fn connection(
 /// clients share: requests are served one after the other, and a client going away (the
 /// host end closing) ends whatever was being streamed to it. Whoever can open the host end
 /// is trusted as root. Returns only if the port cannot be used (logged).
+///
+/// Only a `required` port's absence is worth a warning: a runner may give fewer ports than
+/// [`VIRTIO_PORT_COUNT`].
 pub fn serve_virtio(
     path: &Path,
     calls: mpsc::UnboundedSender<Call>,
     logs_dir: PathBuf,
+    required: bool,
 ) -> impl Future<Output = ()> + Send + 'static {
     let path = path.to_owned();
     async move {
-        if let Err(e) = serve_port(&path, &calls, &logs_dir).await {
-            log::warn!(
+        match serve_port(&path, &calls, &logs_dir).await {
+            Err(e) if required || e.kind() != io::ErrorKind::NotFound => log::warn!(
                 "api: virtio-serial port {}: {e}; the API is not reachable from the host",
                 path.display()
-            );
+            ),
+            _ => {}
         }
     }
 }
