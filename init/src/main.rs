@@ -289,6 +289,12 @@ fn boot_and_serve() {
         }
     };
 
+    // Before anything holds descriptors per container: the boot default of 1024 would end
+    // container starts at a few hundred.
+    match keel_supervisor::fds::raise_limit() {
+        Ok(limit) => log::info!("pid1: open files limit {limit}"),
+        Err(e) => log::warn!("pid1: cannot raise the open files limit: {e}"),
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -373,6 +379,11 @@ async fn serve(
             _ = signals.pwr.recv() => Some(Action::PowerOff),
             _ = signals.int.recv() => Some(Action::Reboot),
             _ = signals.usr1.recv() => {
+                log::info!(
+                    "stats pid1 rss_kb={} fds={}",
+                    early::rss_kb().unwrap_or(0),
+                    keel_supervisor::fds::open_count().unwrap_or(0)
+                );
                 for (name, stats) in supervisor.stats() {
                     log::info!("stats {name} {stats}");
                 }
@@ -387,9 +398,10 @@ async fn serve(
             ready_reported = true;
             log::info!("ready uptime_ms={}", early::uptime_ms());
             log::info!(
-                "pid1 rss_kb={} containers={}",
+                "pid1 rss_kb={} containers={} fds={}",
                 early::rss_kb().unwrap_or(0),
-                config.containers.len()
+                config.containers.len(),
+                keel_supervisor::fds::open_count().unwrap_or(0)
             );
         }
         if let Some(action) = requested {

@@ -353,6 +353,97 @@ pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
     wrapped
 }
 
+/// A container's open-files limit when its host file sets none: the kernel's boot default,
+/// what containers had before PID 1 raised its own (see crate::fds) and what they would
+/// otherwise inherit.
+const DEFAULT_NOFILE: (u64, u64) = (1024, 4096);
+
+/// The container's resource limits, for its main process and its execs alike.
+fn rlimit_steps(iso: &Isolation) -> io::Result<Vec<Step>> {
+    let mut steps = Vec::new();
+    if !iso.rlimits.contains_key("nofile") {
+        steps.push(Step::Rlimit {
+            resource: libc::RLIMIT_NOFILE as libc::c_int,
+            soft: DEFAULT_NOFILE.0,
+            hard: DEFAULT_NOFILE.1,
+        });
+    }
+    for (limit, value) in &iso.rlimits {
+        let resource = rlimit_resource(limit).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown rlimit {limit}"),
+            )
+        })?;
+        steps.push(Step::Rlimit {
+            resource,
+            soft: value.soft,
+            hard: value.hard,
+        });
+    }
+    Ok(steps)
+}
+
+/// What of the host's /dev a privileged container's /dev copies: everything but what every
+/// container's /dev gets of its own (devpts and its ptmx, shm, mqueue, the fd links).
+const OWN_DEV_ENTRIES: &[&str] = &[
+    "pts", "shm", "mqueue", "ptmx", "fd", "stdin", "stdout", "stderr",
+];
+
+/// Steps that recreate the device tree under `host_dev` (directories, device nodes with
+/// their modes and owners, symlinks) in the container's /dev, read now in PID 1: the plan
+/// runs in the child, which may not allocate.
+fn host_device_steps(host_dev: &Path, root: &Path) -> io::Result<Vec<Step>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut steps = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(host_dev.join(&relative))?
+            .filter_map(Result::ok)
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name();
+            if relative.as_os_str().is_empty()
+                && OWN_DEV_ENTRIES
+                    .iter()
+                    .any(|own| name == std::ffi::OsStr::new(own))
+            {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue; // gone since read_dir
+            };
+            let rel = relative.join(&name);
+            let inside = path_cstring(&root.join("dev").join(&rel))?;
+            let kind = meta.file_type();
+            if kind.is_dir() {
+                steps.push(Step::Mkdir {
+                    path: inside,
+                    mode: meta.mode() & 0o7777,
+                });
+                pending.push(rel);
+            } else if kind.is_char_device() || kind.is_block_device() {
+                steps.push(Step::DeviceNode {
+                    path: inside,
+                    mode: meta.mode(),
+                    rdev: meta.rdev(),
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                });
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(entry.path())?;
+                steps.push(Step::Symlink {
+                    target: path_cstring(&target)?,
+                    link: inside,
+                });
+            }
+            // Sockets and fifos in the host's /dev belong to host services, not to copies.
+        }
+    }
+    Ok(steps)
+}
+
 /// setrlimit resource numbers by the names the host file uses.
 fn rlimit_resource(name: &str) -> Option<libc::c_int> {
     Some(match name {
@@ -475,6 +566,7 @@ pub fn build_exec_plan(
         },
         Step::ForkAndWait,
     ];
+    steps.extend(rlimit_steps(&security.isolation)?);
     steps.extend(privilege_steps(workdir, security)?);
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
     Ok(Plan {
@@ -631,22 +723,20 @@ pub fn build_plan(
         )?,
         mkdir("dev", 0o755)?,
     ]);
+    // A /dev of the container's own, like Docker's: what the set-up and the container create
+    // there never reaches the host's devtmpfs. A privileged container gets copies of the
+    // host's device nodes as they are at its start (no `nodev`); the others get the few
+    // harmless ones, bound from the host.
+    steps.push(mount(
+        "tmpfs",
+        "dev",
+        "tmpfs",
+        MS_NOSUID | MS_STRICTATIME | if privileged { 0 } else { MS_NODEV },
+        Some("mode=755,size=65536k"),
+    )?);
     if privileged {
-        steps.push(mount(
-            "devtmpfs",
-            "dev",
-            "devtmpfs",
-            MS_NOSUID,
-            Some("mode=755"),
-        )?);
+        steps.extend(host_device_steps(Path::new("/dev"), root)?);
     } else {
-        steps.push(mount(
-            "tmpfs",
-            "dev",
-            "tmpfs",
-            MS_NOSUID | MS_NODEV | MS_STRICTATIME,
-            Some("mode=755,size=65536k"),
-        )?);
         for node in DEVICES {
             let target = format!("dev/{node}");
             steps.push(Step::Touch {
@@ -690,9 +780,6 @@ pub fn build_plan(
         ("dev/stdout", "/proc/self/fd/1"),
         ("dev/stderr", "/proc/self/fd/2"),
     ] {
-        if privileged && link == "dev/ptmx" {
-            continue; // devtmpfs has its own ptmx node.
-        }
         steps.push(Step::Symlink {
             target: c(target)?,
             link: at(link)?,
@@ -793,19 +880,7 @@ pub fn build_plan(
             steps.push(Step::ReadOnly { path: c(path)? });
         }
     }
-    for (limit, value) in &iso.rlimits {
-        let resource = rlimit_resource(limit).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("unknown rlimit {limit}"),
-            )
-        })?;
-        steps.push(Step::Rlimit {
-            resource,
-            soft: value.soft,
-            hard: value.hard,
-        });
-    }
+    steps.extend(rlimit_steps(iso)?);
     steps.extend(privilege_steps(&process.workdir, security)?);
 
     let argv = if iso.init {
@@ -1133,11 +1208,30 @@ mod tests {
         sec.seccomp = None;
         let plan = build_plan("p", &p, "lowerdir=/a", &dirs, &sec).unwrap();
         let names = names(&plan);
+        // A /dev of its own (never the host's devtmpfs, which its links would change), not
+        // nodev, holding copies of the host's device nodes.
+        assert!(!names.iter().any(|n| n.contains("devtmpfs")), "{names:#?}");
+        let dev_mount = plan.steps.iter().find_map(|s| match s {
+            Step::Mount {
+                fstype: Some(t),
+                target,
+                flags,
+                ..
+            } if t.as_bytes() == b"tmpfs" && target.as_bytes() == b"/c/p/rootfs/dev" => {
+                Some(*flags)
+            }
+            _ => None,
+        });
+        assert_eq!(dev_mount.map(|f| f & libc::MS_NODEV), Some(0), "{names:#?}");
         assert!(
-            names
-                .iter()
-                .any(|n| n.contains("mount devtmpfs on /c/p/rootfs/dev")),
+            names.iter().any(|n| n == "mknod /c/p/rootfs/dev/null"),
             "{names:#?}"
+        );
+        assert!(
+            !names
+                .iter()
+                .any(|n| n == "mknod /c/p/rootfs/dev/pts" || n.ends_with("/dev/pts/ptmx")),
+            "devpts is the container's own: {names:#?}"
         );
         assert!(
             !names.iter().any(|n| n.starts_with("mask ")

@@ -59,7 +59,6 @@ pub struct Instance {
     /// The overlay upper, then the image layers from the top down.
     layers_top_first: Vec<PathBuf>,
     cgroup: Cgroup,
-    cgroup_fd: OwnedFd,
     userns: Option<IdMap>,
     /// The host side of the container's sd_notify socket, when it has one.
     notify_socket: Option<PathBuf>,
@@ -118,9 +117,6 @@ impl Instance {
             .cgroups
             .child(name, &config.resources)
             .map_err(|e| format!("cgroup: {e}"))?;
-        let cgroup_fd = cgroup
-            .open_dir()
-            .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
         let layers_top_first = std::iter::once(dirs.upper.clone())
             .chain(lowers.iter().rev().cloned())
             .collect();
@@ -140,7 +136,6 @@ impl Instance {
             dirs,
             layers_top_first,
             cgroup,
-            cgroup_fd,
             userns,
             notify_socket: None,
         })
@@ -161,11 +156,23 @@ impl Instance {
             .cgroups
             .child(&self.name, &self.config.resources)
             .map_err(|e| format!("cgroup: {e}"))?;
-        self.cgroup_fd = cgroup
-            .open_dir()
-            .map_err(|e| format!("opening cgroup {}: {e}", cgroup.path().display()))?;
         self.cgroup = cgroup;
         Ok(())
+    }
+
+    /// The cgroup directory to clone into, opened for the moment of the clone: held open per
+    /// container it would cost PID 1 a descriptor for each (see crate::fds).
+    fn cgroup_dir(&self) -> std::io::Result<OwnedFd> {
+        self.cgroup.open_dir().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "opening cgroup {}: {}",
+                    self.cgroup.path().display(),
+                    crate::fds::explain(&e)
+                ),
+            )
+        })
     }
 
     /// The host file's stop signal, else the image's StopSignal, else SIGTERM.
@@ -196,7 +203,7 @@ impl Instance {
     /// Starts the container's process; `stdio` become its fds 0, 1 and 2.
     pub fn spawn(&self, plan: &Plan, stdio: [RawFd; 3]) -> std::io::Result<Spawned> {
         if plan.userns.is_none() {
-            return spawn(plan, &self.cgroup_fd, stdio);
+            return spawn(plan, &self.cgroup_dir()?, stdio);
         }
         // The child's mount namespace is a copy of ours taken at clone3: mount the overlay
         // here, clone, and take it away again from PID 1's namespace.
@@ -220,7 +227,7 @@ impl Instance {
                 format!("mounting the overlay on {}: {e}", root.display()),
             )
         })?;
-        let spawned = spawn(plan, &self.cgroup_fd, stdio);
+        let spawned = self.cgroup_dir().and_then(|dir| spawn(plan, &dir, stdio));
         if let Err(e) = nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH) {
             log::warn!(
                 "{}: unmounting {} in PID 1's namespace: {e}",
@@ -274,7 +281,8 @@ impl Instance {
             &security,
         )
         .map_err(|e| e.to_string())?;
-        spawn(&plan, &self.cgroup_fd, stdio).map_err(|e| format!("clone3: {e}"))
+        let cgroup_dir = self.cgroup_dir().map_err(|e| e.to_string())?;
+        spawn(&plan, &cgroup_dir, stdio).map_err(|e| format!("clone3: {}", crate::fds::explain(&e)))
     }
 
     /// The user from the container's own /etc files, the capabilities, the cached seccomp

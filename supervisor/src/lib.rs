@@ -14,6 +14,7 @@ pub mod apply;
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod fds;
 pub mod health;
 pub mod instance;
 pub mod logs;

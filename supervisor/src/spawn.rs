@@ -89,12 +89,14 @@ pub enum Step {
         path: CString,
         mode: libc::mode_t,
     },
-    /// A character device node (privileged containers and nothing else).
-    CharDevice {
+    /// A copy of one of the host's device nodes: mknod with the node's type and permission
+    /// bits in `mode` (S_IFCHR or S_IFBLK), then its owner. Privileged containers only.
+    DeviceNode {
         path: CString,
         mode: libc::mode_t,
-        major: u32,
-        minor: u32,
+        rdev: libc::dev_t,
+        uid: libc::uid_t,
+        gid: libc::gid_t,
     },
     /// An empty regular file, to bind-mount something over.
     Touch {
@@ -190,7 +192,7 @@ impl Step {
                 },
             },
             Step::Mkdir { path, .. } => format!("mkdir {}", s(path)),
-            Step::CharDevice { path, .. } => format!("mknod {}", s(path)),
+            Step::DeviceNode { path, .. } => format!("mknod {}", s(path)),
             Step::Touch { path, .. } => format!("create {}", s(path)),
             Step::Symlink { link, .. } => format!("symlink {}", s(link)),
             Step::PivotRoot { new_root } => format!("pivot_root into {}", s(new_root)),
@@ -439,17 +441,15 @@ unsafe fn run_step(step: &Step) -> bool {
             Step::Mkdir { path, mode } => {
                 libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST
             }
-            Step::CharDevice {
+            Step::DeviceNode {
                 path,
                 mode,
-                major,
-                minor,
+                rdev,
+                uid,
+                gid,
             } => {
-                libc::mknod(
-                    path.as_ptr(),
-                    libc::S_IFCHR | *mode,
-                    libc::makedev(*major, *minor),
-                ) == 0
+                libc::mknod(path.as_ptr(), *mode, *rdev) == 0
+                    && libc::lchown(path.as_ptr(), *uid, *gid) == 0
             }
             Step::Touch { path, mode } => {
                 let fd = libc::open(

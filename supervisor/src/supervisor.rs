@@ -914,7 +914,10 @@ impl Supervisor {
         let ((out_read, out_write), (err_read, err_write)) = match pipes {
             Ok(p) => p,
             Err(e) => {
-                log::error!("{name}: cannot create output pipes: {e}");
+                log::error!(
+                    "{name}: cannot create output pipes: {}",
+                    crate::fds::explain(&e.into())
+                );
                 self.after_exit_decision(name, ExitStatus::Code(127), Duration::ZERO);
                 return;
             }
@@ -970,7 +973,7 @@ impl Supervisor {
                 });
             }
             Err(e) => {
-                log::error!("{name}: clone3 failed: {e}");
+                log::error!("{name}: clone3 failed: {}", crate::fds::explain(&e));
                 self.after_exit_decision(name, ExitStatus::Code(127), Duration::ZERO);
             }
         }

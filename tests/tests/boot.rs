@@ -45,6 +45,19 @@ fn the_example_serves_its_page_and_powers_off_cleanly() {
         .unwrap();
     let status = vm.wait_exit(STEP_TIMEOUT).unwrap();
     assert!(status.success(), "QEMU exited with {status:?}");
+    // The web server honoured its stop signal: nothing had to be killed.
+    let console = vm.console();
+    let stopped = console
+        .lines()
+        .find(|l| l.contains("keel: web: ") && l.ends_with("(stopped)"));
+    assert!(
+        stopped.is_some(),
+        "no stop of web in the console:\n{console}"
+    );
+    assert!(
+        !console.contains("did not stop within") && !console.contains("killing"),
+        "the example did not stop cleanly:\n{console}"
+    );
 }
 
 /// The deeper checks, from inside the guest through the probe container's CGI scripts.
