@@ -14,9 +14,9 @@ use crate::container::{
     ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
     overlay_options, resolve_process, short_lowers,
 };
+use crate::paths::Paths;
 use crate::seccomp::ProgramCache;
 use crate::spawn::{IdMap, Plan, Spawned, spawn};
-use crate::supervisor::Paths;
 use crate::user;
 
 /// What every start shares: where things live, the compiled seccomp programs, kernel facts.

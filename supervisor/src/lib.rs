@@ -8,17 +8,21 @@
 //! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
 //! - [`logs`]: output to per-container log files and the console;
 //! - [`state`]: Keel's own state files, written atomically and durably;
+//! - [`paths`], [`events`]: where images and state live, and the supervisor's event type;
+//! - [`fds`]: PID 1's descriptor limit and count;
 //! - [`Supervisor`]: the state machine PID 1 drives.
 
 pub mod apply;
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod events;
 pub mod fds;
 pub mod health;
 pub mod instance;
 pub mod logs;
 pub mod notify;
+pub mod paths;
 pub mod seccomp;
 pub mod spawn;
 pub mod state;
@@ -26,8 +30,10 @@ pub mod store;
 mod supervisor;
 pub mod user;
 
+pub use events::Event;
 pub use instance::{Instance, Runtime};
+pub use paths::Paths;
 pub use supervisor::{
-    ApplyError, ApplyOutcome, ApplyStarted, Backoff, ControlError, Decision, Event, ExecStarted,
-    ExitStatus, Paths, Phase, Stats, Status, Supervisor, decide,
+    ApplyError, ApplyOutcome, ApplyStarted, Backoff, ControlError, Decision, ExecStarted,
+    ExitStatus, Phase, Stats, Status, Supervisor, decide,
 };

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::supervisor::Event;
+use crate::events::Event;
 
 /// Where the socket appears inside the container.
 pub const CONTAINER_SOCKET: &str = "/dev/notify.sock";
