@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use sha2::{Digest as _, Sha256};
 use ureq::http::{Response, StatusCode};
 use ureq::{Agent, Body};
@@ -1340,7 +1341,7 @@ impl Client {
         let pass = self.auth.password.as_deref().unwrap_or("");
         Some(format!(
             "Basic {}",
-            base64(format!("{user}:{pass}").as_bytes())
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
         ))
     }
 
@@ -1663,28 +1664,6 @@ fn url_encode(s: &str) -> String {
     out
 }
 
-/// Standard base64 with padding (for basic credentials).
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1824,10 +1803,6 @@ mod tests {
             url_encode("repository:a/b:pull"),
             "repository%3Aa%2Fb%3Apull"
         );
-        assert_eq!(base64(b"u:p"), "dTpw");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"ab"), "YWI=");
-        assert_eq!(base64(b""), "");
         assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
         assert_eq!(content_range_start("bytes */200"), None);
     }

@@ -8,7 +8,7 @@ use keel_api::{ApiError, ApplyFailure, ApplyReport, ContainerStatus, ErrorCode, 
 use keel_config::HostConfig;
 use keel_init::api::{self, Call, Command, ExecHandle, Reply};
 use keel_init::delivery;
-use keel_supervisor::state::{APPLIED, Applied, write_atomic};
+use keel_init::state::{APPLIED, Applied, write_atomic};
 use keel_supervisor::{ApplyError, ApplyOutcome, ControlError, Supervisor};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;

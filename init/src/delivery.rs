@@ -100,7 +100,7 @@ pub fn choose(
             Ok(Some(text)) => match HostConfig::parse(label, &text) {
                 Ok(config) => Some(Delivered {
                     config,
-                    base_sha256: keel_supervisor::state::sha256_hex(text.as_bytes()),
+                    base_sha256: crate::state::sha256_hex(text.as_bytes()),
                     text,
                     source,
                 }),

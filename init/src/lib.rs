@@ -15,4 +15,5 @@ pub mod power;
 pub mod puller;
 pub mod reaper;
 pub mod stage1;
+pub mod state;
 pub mod var;

@@ -87,7 +87,7 @@ fn main() {
 /// it was applied over this same delivered file: a new delivery (a new fw_cfg file, a
 /// rebuilt image) wins, and the old live change is dropped.
 fn with_applied_changes(delivered: delivery::Delivered) -> delivery::Delivered {
-    use keel_supervisor::state::{APPLIED, Applied, sha256_hex};
+    use keel_init::state::{APPLIED, Applied, sha256_hex};
     let path = Path::new(APPLIED);
     let applied = match Applied::load(path) {
         Ok(Some(a)) => a,
@@ -246,7 +246,7 @@ fn boot_and_serve() {
                     "first boot: provisioned {} volumes, machine id {}; recorded in {}",
                     state.provisioned.volumes.len(),
                     state.machine_id,
-                    keel_supervisor::state::PROVISIONED
+                    keel_init::state::PROVISIONED
                 );
             } else {
                 log::info!(

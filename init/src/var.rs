@@ -8,13 +8,13 @@
 //! and /var falls back to a tmpfs with a loud error rather than risk the data.
 //!
 //! Then first-boot provisioning runs once per disk and is recorded
-//! ([`keel_supervisor::state::PROVISIONED`]); every boot is counted.
+//! ([`crate::state::PROVISIONED`]); every boot is counted.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keel_supervisor::state;
+use crate::state;
 use nix::mount::{MsFlags, mount};
 
 use serde::{Deserialize, Serialize};

@@ -7,7 +7,6 @@
 //! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
 //! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
 //! - [`logs`]: output to per-container log files and the console;
-//! - [`state`]: Keel's own state files, written atomically and durably;
 //! - [`paths`], [`events`]: where images and state live, and the supervisor's event type;
 //! - [`fds`]: PID 1's descriptor limit and count;
 //! - [`Supervisor`]: the state machine PID 1 drives.
@@ -25,7 +24,6 @@ pub mod notify;
 pub mod paths;
 pub mod seccomp;
 pub mod spawn;
-pub mod state;
 pub mod store;
 mod supervisor;
 pub mod user;

@@ -127,6 +127,38 @@ pub fn boot(dir: &Path, guest_ports: &[u16]) -> Vm {
     Vm::boot(vm_config(dir, guest_ports)).expect("QEMU starts")
 }
 
+/// A host file built and booted, ready, with the CLI on its API socket; the build output and
+/// the socket's directory live as long as it does.
+pub struct ReadyHost {
+    pub vm: Vm,
+    pub keel: KeelCli,
+    _work: tempfile::TempDir,
+    _sockets: tempfile::TempDir,
+}
+
+/// Writes `host_file` (the text of a host file), builds it, boots it with its API on a
+/// socket of its own and waits for `keel: ready`.
+pub fn boot_ready(host_file: &str) -> ReadyHost {
+    let work = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(work.path().join("host.toml"), host_file).expect("writing host.toml");
+    let dir = build_host(&work.path().join("host.toml"), &work.path().join("out"));
+    // A unix socket path must fit in 108 bytes: $TMPDIR may be long, /tmp is not.
+    let sockets = tempfile::Builder::new()
+        .prefix("keel-api-")
+        .tempdir_in("/tmp")
+        .expect("a directory in /tmp");
+    let socket = sockets.path().join("api.sock");
+    let vm = boot_with_api(&dir, &socket);
+    vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
+        .unwrap();
+    ReadyHost {
+        vm,
+        keel: KeelCli::new(socket),
+        _work: work,
+        _sockets: sockets,
+    }
+}
+
 /// The `keel` CLI driving a booted VM's control API through its socket (what `keel --vm
 /// DIR` does, with the socket given directly by `--api-socket`).
 pub struct KeelCli {

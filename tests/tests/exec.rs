@@ -4,7 +4,7 @@
 //! guest's driver had not announced yet), exec probes at a short interval never miss, and a
 //! slow exec does not hold up another client's `ps`.
 
-use keel_tests::{BOOT_TIMEOUT, KeelCli, boot_with_api, build_host, running};
+use keel_tests::{boot_ready, running};
 
 const HOST: &str = r#"
 [host]
@@ -41,18 +41,8 @@ const FAST_EXECS: usize = 200;
 
 #[test]
 fn execs_beside_a_busy_container_all_return() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::write(work.path().join("host.toml"), HOST).unwrap();
-    let dir = build_host(&work.path().join("host.toml"), &work.path().join("out"));
-    let sockets = tempfile::Builder::new()
-        .prefix("keel-exec-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let socket = sockets.path().join("api.sock");
-    let vm = boot_with_api(&dir, &socket);
-    vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
-        .unwrap();
-    let keel = KeelCli::new(socket);
+    let host = boot_ready(HOST);
+    let keel = &host.keel;
     keel.wait_for("busy", "running", running);
     keel.wait_for("idle", "running", running);
 

@@ -3,7 +3,7 @@
 //! (before, they shared the host's devtmpfs: the first one's /dev/fd link landed in it and
 //! every later start failed with "File exists").
 
-use keel_tests::{BOOT_TIMEOUT, KeelCli, boot_with_api, build_host, running};
+use keel_tests::{boot_ready, running};
 use serde_json::Value;
 
 const HOST: &str = r#"
@@ -41,18 +41,8 @@ command = ["sleep", "1000000"]
 
 #[test]
 fn privileged_containers_restart_and_leave_the_host_dev_alone() {
-    let work = tempfile::tempdir().unwrap();
-    std::fs::write(work.path().join("host.toml"), HOST).unwrap();
-    let dir = build_host(&work.path().join("host.toml"), &work.path().join("out"));
-    let sockets = tempfile::Builder::new()
-        .prefix("keel-priv-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let socket = sockets.path().join("api.sock");
-    let vm = boot_with_api(&dir, &socket);
-    vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
-        .unwrap();
-    let keel = KeelCli::new(socket);
+    let host = boot_ready(HOST);
+    let keel = &host.keel;
     for name in ["p1", "p2", "observer"] {
         keel.wait_for(name, "running", running);
     }

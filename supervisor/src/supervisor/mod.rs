@@ -403,7 +403,11 @@ depends_on = ["network-online"]
         let blobs = images.join("blobs/sha256");
         std::fs::create_dir_all(&blobs).unwrap();
         let blob = |bytes: &str| {
-            let digest = crate::state::sha256_hex(bytes.as_bytes());
+            let digest: String =
+                sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(bytes))
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
             std::fs::write(blobs.join(&digest), bytes).unwrap();
             (format!("sha256:{digest}"), bytes.len())
         };
