@@ -50,14 +50,14 @@ pub enum Var {
 /// What to do with the disks present, decided from their probes alone (no side effects,
 /// so it is unit-tested).
 #[derive(Debug, PartialEq, Eq)]
-enum Plan {
+enum VarDiskPlan {
     CheckAndMount(usize),
     FormatAndMount(usize),
     Refuse(String),
     NoDisk,
 }
 
-fn plan(disks: &[(BlockDevice, Probe)]) -> Plan {
+fn plan(disks: &[(BlockDevice, Probe)]) -> VarDiskPlan {
     let labelled: Vec<usize> = disks
         .iter()
         .enumerate()
@@ -65,10 +65,10 @@ fn plan(disks: &[(BlockDevice, Probe)]) -> Plan {
         .map(|(i, _)| i)
         .collect();
     match labelled.as_slice() {
-        [one] => return Plan::CheckAndMount(*one),
+        [one] => return VarDiskPlan::CheckAndMount(*one),
         [_, _, ..] => {
             let names: Vec<&str> = labelled.iter().map(|i| disks[*i].0.name.as_str()).collect();
-            return Plan::Refuse(format!(
+            return VarDiskPlan::Refuse(format!(
                 "{} filesystems are labelled {DATA_LABEL} ({}); remove all but one",
                 names.len(),
                 names.join(", ")
@@ -82,14 +82,14 @@ fn plan(disks: &[(BlockDevice, Probe)]) -> Plan {
     let designated: Vec<(usize, &(BlockDevice, Probe))> =
         disks.iter().enumerate().filter(|(_, d)| named(d)).collect();
     match designated.as_slice() {
-        [] => Plan::NoDisk,
-        [(i, (_, probe))] if probe.blank => Plan::FormatAndMount(*i),
-        [(_, (device, probe))] => Plan::Refuse(format!(
+        [] => VarDiskPlan::NoDisk,
+        [(i, (_, probe))] if probe.blank => VarDiskPlan::FormatAndMount(*i),
+        [(_, (device, probe))] => VarDiskPlan::Refuse(format!(
             "{} is designated {DATA_LABEL} but holds {} and no ext4 filesystem labelled {DATA_LABEL}; it is not formatted, in case that is data",
             device.node.display(),
             probe.fstype.unwrap_or("something that is not blank")
         )),
-        more => Plan::Refuse(format!(
+        more => VarDiskPlan::Refuse(format!(
             "{} disks are designated {DATA_LABEL}; remove all but one",
             more.len()
         )),
@@ -106,11 +106,11 @@ pub fn setup() -> Var {
         })
         .collect();
     let outcome = match plan(&disks) {
-        Plan::NoDisk => Err(format!(
+        VarDiskPlan::NoDisk => Err(format!(
             "no data disk (an ext4 filesystem labelled {DATA_LABEL}, or a blank disk with serial or partition name {DATA_LABEL})"
         )),
-        Plan::Refuse(why) => Err(why),
-        Plan::CheckAndMount(i) => {
+        VarDiskPlan::Refuse(why) => Err(why),
+        VarDiskPlan::CheckAndMount(i) => {
             let (device, probe) = &disks[i];
             check(&device.node).and_then(|check| {
                 mount_ext4(&device.node).map(|()| Var::Disk {
@@ -121,7 +121,7 @@ pub fn setup() -> Var {
                 })
             })
         }
-        Plan::FormatAndMount(i) => {
+        VarDiskPlan::FormatAndMount(i) => {
             let device = &disks[i].0;
             format(&device.node)
                 .and_then(|()| mount_ext4(&device.node))
@@ -251,7 +251,7 @@ pub struct Boots {
 
 /// What [`provision`] found and did.
 #[derive(Debug)]
-pub struct State {
+pub struct ProvisionReport {
     pub provisioned: Provisioned,
     /// Provisioning ran on this boot.
     pub first_boot: bool,
@@ -277,7 +277,7 @@ pub fn provision(
     root: &Path,
     disk_uuid: Option<&str>,
     volumes: &[String],
-) -> Result<State, String> {
+) -> Result<ProvisionReport, String> {
     let at = |p: &str| root.join(p.trim_start_matches('/'));
     for dir in DIRECTORIES {
         fs::create_dir_all(at(dir)).map_err(|e| format!("mkdir {dir}: {e}"))?;
@@ -350,7 +350,7 @@ pub fn provision(
     let json = serde_json::to_vec(&boots).map_err(|e| e.to_string())?;
     state::write_atomic(&at(BOOTS), &json, 0o644).map_err(|e| format!("writing {BOOTS}: {e}"))?;
 
-    Ok(State {
+    Ok(ProvisionReport {
         provisioned,
         first_boot,
         boots: boots.count,
@@ -412,35 +412,35 @@ mod tests {
         let root = disk("vda", Some("keel-root"), Probe::default());
         assert_eq!(
             plan(&[root.clone(), disk("vdb", None, ext4(DATA_LABEL))]),
-            Plan::CheckAndMount(1)
+            VarDiskPlan::CheckAndMount(1)
         );
         assert_eq!(
             plan(&[root.clone(), disk("vdb", Some(DATA_LABEL), blank())]),
-            Plan::FormatAndMount(1)
+            VarDiskPlan::FormatAndMount(1)
         );
         // A blank disk nobody designated is left alone.
         assert_eq!(
             plan(&[root.clone(), disk("vdb", None, blank())]),
-            Plan::NoDisk
+            VarDiskPlan::NoDisk
         );
-        assert_eq!(plan(&[]), Plan::NoDisk);
+        assert_eq!(plan(&[]), VarDiskPlan::NoDisk);
     }
 
     #[test]
     fn a_designated_disk_holding_anything_else_is_never_formatted() {
         let p = plan(&[disk("vdb", Some(DATA_LABEL), ext4("OTHER"))]);
         assert!(
-            matches!(&p, Plan::Refuse(why) if why.contains("not formatted")),
+            matches!(&p, VarDiskPlan::Refuse(why) if why.contains("not formatted")),
             "{p:?}"
         );
         let p = plan(&[disk("vdb", Some(DATA_LABEL), Probe::default())]);
-        assert!(matches!(&p, Plan::Refuse(_)), "{p:?}");
+        assert!(matches!(&p, VarDiskPlan::Refuse(_)), "{p:?}");
         let p = plan(&[
             disk("vdb", None, ext4(DATA_LABEL)),
             disk("vdc", None, ext4(DATA_LABEL)),
         ]);
         assert!(
-            matches!(&p, Plan::Refuse(why) if why.contains("vdb, vdc")),
+            matches!(&p, VarDiskPlan::Refuse(why) if why.contains("vdb, vdc")),
             "{p:?}"
         );
     }

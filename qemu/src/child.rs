@@ -19,11 +19,11 @@ use nix::unistd::Pid;
 /// unreaped, so the PID it signals is always still ours (a zombie PID is not reused).
 pub(crate) struct ChildWatch {
     pid: u32,
-    state: Mutex<State>,
+    state: Mutex<ChildState>,
     exited: Condvar,
 }
 
-struct State {
+struct ChildState {
     child: Child,
     status: Option<ExitStatus>,
 }
@@ -34,7 +34,7 @@ impl ChildWatch {
     pub(crate) fn spawn(child: Child) -> io::Result<Arc<ChildWatch>> {
         let watch = Arc::new(ChildWatch {
             pid: child.id(),
-            state: Mutex::new(State {
+            state: Mutex::new(ChildState {
                 child,
                 status: None,
             }),
@@ -57,8 +57,8 @@ impl ChildWatch {
         self.pid
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave State inconsistent (it is two plain
+    fn lock(&self) -> MutexGuard<'_, ChildState> {
+        // A panic while holding the lock cannot leave ChildState inconsistent (it is two plain
         // fields written together), so poisoning is ignored.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

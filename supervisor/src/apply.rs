@@ -61,7 +61,7 @@ pub enum Change {
 
 /// What an apply does, container by container (names sorted in each list).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct ApplyPlan {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     /// Definition changed: stopped, then started with the new one.
@@ -73,7 +73,7 @@ pub struct Plan {
     pub settings: Vec<String>,
 }
 
-impl Plan {
+impl ApplyPlan {
     /// Containers that get a new process: added and restarted, sorted.
     pub fn starting(&self) -> Vec<String> {
         let mut names: Vec<String> = self.added.iter().chain(&self.restarted).cloned().collect();
@@ -116,8 +116,8 @@ pub fn classify(old: &Container, new: &Container) -> Change {
 }
 
 /// The plan from the running host's file to the new one.
-pub fn plan(old: &HostConfig, new: &HostConfig) -> Plan {
-    let mut plan = Plan::default();
+pub fn plan(old: &HostConfig, new: &HostConfig) -> ApplyPlan {
+    let mut plan = ApplyPlan::default();
     for (name, c) in &new.containers {
         match old.containers.get(name) {
             None => plan.added.push(name.clone()),
@@ -277,7 +277,7 @@ fn same_boot_settings(old: &HostConfig, new: &HostConfig) -> bool {
 pub fn missing_images(
     old: &HostConfig,
     new: &HostConfig,
-    plan: &Plan,
+    plan: &ApplyPlan,
     has_image: impl Fn(&str) -> Result<(), String>,
 ) -> Vec<Refusal> {
     let mut needed: BTreeMap<&str, String> = BTreeMap::new();

@@ -1,4 +1,4 @@
-//! From a container definition and its image to a [`Plan`]: pure logic, testable without root.
+//! From a container definition and its image to a [`SetupPlan`]: pure logic, testable without root.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -11,7 +11,9 @@ use keel_config::{Container, Isolation, NetworkMode};
 
 use crate::caps::CapSet;
 use crate::seccomp::Program;
-use crate::spawn::{IdMap, Namespaces, Plan, Step, cstring, exec_candidates, path_cstring};
+use crate::spawn::{
+    IdMap, Namespaces, SetupPlan, SetupStep, cstring, exec_candidates, path_cstring,
+};
 use crate::user::ResolvedUser;
 
 /// The parts of an OCI image configuration that decide how the process starts.
@@ -359,10 +361,10 @@ pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
 const DEFAULT_NOFILE: (u64, u64) = (1024, 4096);
 
 /// The container's resource limits, for its main process and its execs alike.
-fn rlimit_steps(iso: &Isolation) -> io::Result<Vec<Step>> {
+fn rlimit_steps(iso: &Isolation) -> io::Result<Vec<SetupStep>> {
     let mut steps = Vec::new();
     if !iso.rlimits.contains_key("nofile") {
-        steps.push(Step::Rlimit {
+        steps.push(SetupStep::Rlimit {
             resource: libc::RLIMIT_NOFILE as libc::c_int,
             soft: DEFAULT_NOFILE.0,
             hard: DEFAULT_NOFILE.1,
@@ -375,7 +377,7 @@ fn rlimit_steps(iso: &Isolation) -> io::Result<Vec<Step>> {
                 format!("unknown rlimit {limit}"),
             )
         })?;
-        steps.push(Step::Rlimit {
+        steps.push(SetupStep::Rlimit {
             resource,
             soft: value.soft,
             hard: value.hard,
@@ -393,7 +395,7 @@ const OWN_DEV_ENTRIES: &[&str] = &[
 /// Steps that recreate the device tree under `host_dev` (directories, device nodes with
 /// their modes and owners, symlinks) in the container's /dev, read now in PID 1: the plan
 /// runs in the child, which may not allocate.
-fn host_device_steps(host_dev: &Path, root: &Path) -> io::Result<Vec<Step>> {
+fn host_device_steps(host_dev: &Path, root: &Path) -> io::Result<Vec<SetupStep>> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut steps = Vec::new();
     let mut pending = vec![PathBuf::new()];
@@ -418,13 +420,13 @@ fn host_device_steps(host_dev: &Path, root: &Path) -> io::Result<Vec<Step>> {
             let inside = path_cstring(&root.join("dev").join(&rel))?;
             let kind = meta.file_type();
             if kind.is_dir() {
-                steps.push(Step::Mkdir {
+                steps.push(SetupStep::Mkdir {
                     path: inside,
                     mode: meta.mode() & 0o7777,
                 });
                 pending.push(rel);
             } else if kind.is_char_device() || kind.is_block_device() {
-                steps.push(Step::DeviceNode {
+                steps.push(SetupStep::DeviceNode {
                     path: inside,
                     mode: meta.mode(),
                     rdev: meta.rdev(),
@@ -433,7 +435,7 @@ fn host_device_steps(host_dev: &Path, root: &Path) -> io::Result<Vec<Step>> {
                 });
             } else if kind.is_symlink() {
                 let target = std::fs::read_link(entry.path())?;
-                steps.push(Step::Symlink {
+                steps.push(SetupStep::Symlink {
                     target: path_cstring(&target)?,
                     link: inside,
                 });
@@ -503,39 +505,39 @@ pub fn check_mount_target(layers_top_first: &[PathBuf], target: &str) -> Result<
 
 /// The tail every process started in a container shares (its main process and every exec):
 /// working directory, then runc's order of privilege drops.
-fn privilege_steps(workdir: &str, security: &Security) -> io::Result<Vec<Step>> {
+fn privilege_steps(workdir: &str, security: &Security) -> io::Result<Vec<SetupStep>> {
     let iso = &security.isolation;
     let mut steps = vec![
-        Step::Chdir {
+        SetupStep::Chdir {
             path: cstring(workdir)?,
         },
-        Step::VerifyCwd,
+        SetupStep::VerifyCwd,
     ];
     if iso.no_new_privileges {
-        steps.push(Step::NoNewPrivs);
+        steps.push(SetupStep::NoNewPrivs);
     }
     let mut seccomp = security
         .seccomp
         .as_ref()
-        .map(|p| Step::Seccomp(p.clone()))
+        .map(|p| SetupStep::Seccomp(p.clone()))
         .into_iter();
     if !iso.no_new_privileges {
         // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN: do it while we have it.
         steps.extend(seccomp.by_ref());
     }
-    steps.push(Step::DropBounding {
+    steps.push(SetupStep::DropBounding {
         keep: security.capabilities,
         last_cap: security.last_cap,
     });
     let user = &security.user;
-    steps.push(Step::KeepCaps(true));
-    steps.push(Step::SwitchUser {
+    steps.push(SetupStep::KeepCaps(true));
+    steps.push(SetupStep::SwitchUser {
         uid: user.uid,
         gid: user.gid,
         groups: user.additional_gids.clone(),
     });
-    steps.push(Step::KeepCaps(false));
-    steps.push(Step::Capabilities(security.capabilities));
+    steps.push(SetupStep::KeepCaps(false));
+    steps.push(SetupStep::Capabilities(security.capabilities));
     // With no_new_privs the filter goes last, so it need not allow the setup calls above.
     steps.extend(seccomp);
     Ok(steps)
@@ -552,7 +554,7 @@ pub fn build_exec_plan(
     env: &[String],
     workdir: &str,
     security: &Security,
-) -> io::Result<Plan> {
+) -> io::Result<SetupPlan> {
     if argv.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -560,16 +562,16 @@ pub fn build_exec_plan(
         ));
     }
     let mut steps = vec![
-        Step::Setns {
+        SetupStep::Setns {
             pidfd: container_pidfd,
             flags: namespaces,
         },
-        Step::ForkAndWait,
+        SetupStep::ForkAndWait,
     ];
     steps.extend(rlimit_steps(&security.isolation)?);
     steps.extend(privilege_steps(workdir, security)?);
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));
-    Ok(Plan {
+    Ok(SetupPlan {
         userns: None,
         hold: false,
         namespaces: Namespaces {
@@ -595,7 +597,7 @@ pub fn build_plan(
     overlay: &str,
     dirs: &ContainerDirs,
     security: &Security,
-) -> io::Result<Plan> {
+) -> io::Result<SetupPlan> {
     use libc::{
         MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_STRICTATIME,
     };
@@ -609,8 +611,8 @@ pub fn build_plan(
                  fstype: &str,
                  flags: libc::c_ulong,
                  data: Option<&str>|
-     -> io::Result<Step> {
-        Ok(Step::Mount {
+     -> io::Result<SetupStep> {
+        Ok(SetupStep::Mount {
             source: Some(c(source)?),
             target: at(target)?,
             fstype: Some(c(fstype)?),
@@ -618,8 +620,8 @@ pub fn build_plan(
             data: data.map(c).transpose()?,
         })
     };
-    let bind = |source: &str, target: &str, flags: libc::c_ulong| -> io::Result<Step> {
-        Ok(Step::Mount {
+    let bind = |source: &str, target: &str, flags: libc::c_ulong| -> io::Result<SetupStep> {
+        Ok(SetupStep::Mount {
             source: Some(c(source)?),
             target: at(target)?,
             fstype: None,
@@ -627,8 +629,8 @@ pub fn build_plan(
             data: None,
         })
     };
-    let mkdir = |rel: &str, mode: libc::mode_t| -> io::Result<Step> {
-        Ok(Step::Mkdir {
+    let mkdir = |rel: &str, mode: libc::mode_t| -> io::Result<SetupStep> {
+        Ok(SetupStep::Mkdir {
             path: at(rel)?,
             mode,
         })
@@ -638,11 +640,11 @@ pub fn build_plan(
     let nodev = if privileged { 0 } else { MS_NODEV };
 
     let mut steps = vec![
-        Step::Unshare {
+        SetupStep::Unshare {
             flags: libc::CLONE_NEWCGROUP,
         },
         // Nothing the container mounts may propagate back to the host.
-        Step::Mount {
+        SetupStep::Mount {
             source: None,
             target: c("/")?,
             fstype: None,
@@ -654,7 +656,7 @@ pub fn build_plan(
         // The parent's overlay arrived locked (it came from a more privileged mount
         // namespace) and pivot_root refuses a locked new root: bind it onto itself.
         let rootfs = path_cstring(root)?;
-        steps.push(Step::Mount {
+        steps.push(SetupStep::Mount {
             source: Some(rootfs.clone()),
             target: rootfs,
             fstype: None,
@@ -663,10 +665,10 @@ pub fn build_plan(
         });
     } else {
         // The lowerdirs are relative to the layer store (see `short_lowers`).
-        steps.push(Step::Chdir {
+        steps.push(SetupStep::Chdir {
             path: path_cstring(&dirs.lower_root)?,
         });
-        steps.push(Step::Mount {
+        steps.push(SetupStep::Mount {
             source: Some(c("overlay")?),
             target: path_cstring(root)?,
             fstype: Some(c("overlay")?),
@@ -690,7 +692,7 @@ pub fn build_plan(
         // sysfs may only be mounted by the owner of the network namespace; a user-namespaced
         // container on the host network gets the host's, read-only (as rootless runc does).
         steps.push(bind("/sys", "sys", MS_REC)?);
-        steps.push(Step::RemountReadOnly {
+        steps.push(SetupStep::RemountReadOnly {
             path: at("sys")?,
             keep_flags: sys_flags,
         });
@@ -739,7 +741,7 @@ pub fn build_plan(
     } else {
         for node in DEVICES {
             let target = format!("dev/{node}");
-            steps.push(Step::Touch {
+            steps.push(SetupStep::Touch {
                 path: at(&target)?,
                 mode: 0o666,
             });
@@ -780,25 +782,25 @@ pub fn build_plan(
         ("dev/stdout", "/proc/self/fd/1"),
         ("dev/stderr", "/proc/self/fd/2"),
     ] {
-        steps.push(Step::Symlink {
+        steps.push(SetupStep::Symlink {
             target: c(target)?,
             link: at(link)?,
         });
     }
     if iso.init {
-        steps.push(Step::Touch {
+        steps.push(SetupStep::Touch {
             path: at(CONTAINER_INIT)?,
             mode: 0o755,
         });
         steps.push(bind(&reaper_binary(), CONTAINER_INIT, 0)?);
-        steps.push(Step::RemountReadOnly {
+        steps.push(SetupStep::RemountReadOnly {
             path: at(CONTAINER_INIT)?,
             keep_flags: MS_NOSUID | MS_NODEV,
         });
     }
     for extra in &security.mounts {
         if let ExtraMount::DevFile { source, target } = extra {
-            steps.push(Step::Touch {
+            steps.push(SetupStep::Touch {
                 path: at(target)?,
                 mode: 0o666,
             });
@@ -810,12 +812,12 @@ pub fn build_plan(
             for dir in ancestors_and_self(&parent.to_string_lossy()) {
                 steps.push(mkdir(&dir, 0o755)?);
             }
-            steps.push(Step::Touch {
+            steps.push(SetupStep::Touch {
                 path: at(target)?,
                 mode: 0o644,
             });
             steps.push(bind(&source.to_string_lossy(), target, 0)?);
-            steps.push(Step::RemountReadOnly {
+            steps.push(SetupStep::RemountReadOnly {
                 path: at(target)?,
                 keep_flags: MS_NOSUID | nodev,
             });
@@ -833,7 +835,7 @@ pub fn build_plan(
                 let source = source.to_string_lossy();
                 steps.push(bind(&source, target, MS_REC)?);
                 if *readonly {
-                    steps.push(Step::RemountReadOnly {
+                    steps.push(SetupStep::RemountReadOnly {
                         path: at(target)?,
                         keep_flags: MS_NOSUID | nodev,
                     });
@@ -852,32 +854,32 @@ pub fn build_plan(
         }
     }
 
-    steps.push(Step::PivotRoot {
+    steps.push(SetupStep::PivotRoot {
         new_root: path_cstring(root)?,
     });
     if iso.readonly_rootfs {
-        steps.push(Step::RemountReadOnly {
+        steps.push(SetupStep::RemountReadOnly {
             path: c("/")?,
             keep_flags: nodev,
         });
     }
     if iso.network.is_own() {
         // eth0, on a bridged network, is PID 1's to configure from outside.
-        steps.push(Step::LoopbackUp);
+        steps.push(SetupStep::LoopbackUp);
     }
-    steps.push(Step::Hostname { name: c(name)? });
+    steps.push(SetupStep::Hostname { name: c(name)? });
     for (key, value) in &iso.sysctls {
-        steps.push(Step::WriteFile {
+        steps.push(SetupStep::WriteFile {
             path: c(&format!("/proc/sys/{}", key.replace('.', "/")))?,
             contents: c(value)?,
         });
     }
     if !privileged {
         for path in MASKED_PATHS {
-            steps.push(Step::Mask { path: c(path)? });
+            steps.push(SetupStep::Mask { path: c(path)? });
         }
         for path in READONLY_PATHS {
-            steps.push(Step::ReadOnly { path: c(path)? });
+            steps.push(SetupStep::ReadOnly { path: c(path)? });
         }
     }
     steps.extend(rlimit_steps(iso)?);
@@ -893,7 +895,7 @@ pub fn build_plan(
         .iter()
         .map(cstring)
         .collect::<io::Result<_>>()?;
-    Ok(Plan {
+    Ok(SetupPlan {
         userns: security.userns,
         hold: matches!(iso.network, NetworkMode::Bridged(_)),
         namespaces: Namespaces {
@@ -1104,8 +1106,8 @@ mod tests {
         }
     }
 
-    fn names(plan: &Plan) -> Vec<String> {
-        plan.steps.iter().map(Step::describe).collect()
+    fn names(plan: &SetupPlan) -> Vec<String> {
+        plan.steps.iter().map(SetupStep::describe).collect()
     }
 
     fn position(names: &[String], needle: &str) -> usize {
@@ -1212,7 +1214,7 @@ mod tests {
         // nodev, holding copies of the host's device nodes.
         assert!(!names.iter().any(|n| n.contains("devtmpfs")), "{names:#?}");
         let dev_mount = plan.steps.iter().find_map(|s| match s {
-            Step::Mount {
+            SetupStep::Mount {
                 fstype: Some(t),
                 target,
                 flags,
@@ -1240,7 +1242,7 @@ mod tests {
             "{names:#?}"
         );
         assert!(
-            matches!(&plan.steps[3], Step::Mount { flags: 0, .. }),
+            matches!(&plan.steps[3], SetupStep::Mount { flags: 0, .. }),
             "the rootfs is not nodev"
         );
     }

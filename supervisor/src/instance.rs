@@ -16,7 +16,7 @@ use crate::container::{
 };
 use crate::paths::Paths;
 use crate::seccomp::ProgramCache;
-use crate::spawn::{IdMap, Plan, Spawned, spawn};
+use crate::spawn::{IdMap, SetupPlan, Spawned, spawn};
 use crate::user;
 
 /// What every start shares: where things live, the compiled seccomp programs, kernel facts.
@@ -194,14 +194,14 @@ impl Instance {
 
     /// The setup plan of the next start. Built at every start: the container may have
     /// changed its own files (its /etc/passwd, a symlink where a volume goes) since the last.
-    pub fn plan(&self, runtime: &mut Runtime) -> Result<Plan, String> {
+    pub fn plan(&self, runtime: &mut Runtime) -> Result<SetupPlan, String> {
         let (security, process) = self.security(runtime)?;
         build_plan(&self.name, &process, &self.overlay, &self.dirs, &security)
             .map_err(|e| e.to_string())
     }
 
     /// Starts the container's process; `stdio` become its fds 0, 1 and 2.
-    pub fn spawn(&self, plan: &Plan, stdio: [RawFd; 3]) -> std::io::Result<Spawned> {
+    pub fn spawn(&self, plan: &SetupPlan, stdio: [RawFd; 3]) -> std::io::Result<Spawned> {
         if plan.userns.is_none() {
             return spawn(plan, &self.cgroup_dir()?, stdio);
         }

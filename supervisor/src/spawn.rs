@@ -1,7 +1,7 @@
 //! Starting a container process: one clone3 and a precomputed list of steps.
 //!
 //! Everything the child needs (paths, mount options, argv, envp, capability masks, the
-//! seccomp program) is built into a [`Plan`] before cloning. Between clone3 and execve the
+//! seccomp program) is built into a [`SetupPlan`] before cloning. Between clone3 and execve the
 //! child only walks that plan with raw, async-signal-safe system calls: no allocation, no
 //! locks, no Rust I/O. If a step fails the child writes the step's index and errno to a
 //! close-on-exec pipe and exits 127; a clean execve closes the pipe, so the parent reads
@@ -28,7 +28,7 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
 
 /// Which namespaces the container gets of its own at clone time (mount, uts and ipc always;
-/// the cgroup namespace is unshared by the first step, see [`Step::Unshare`]).
+/// the cgroup namespace is unshared by the first step, see [`SetupStep::Unshare`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Namespaces {
     /// Mount, uts and ipc namespaces (every container; not an exec, which joins).
@@ -70,7 +70,7 @@ pub struct IdMap {
 
 /// One step the child performs, in order.
 #[derive(Debug)]
-pub enum Step {
+pub enum SetupStep {
     /// unshare(2). The cgroup namespace is unshared here, not by clone3: a namespace made
     /// at clone time is rooted at the parent's cgroup, not the one CLONE_INTO_CGROUP picked.
     Unshare {
@@ -171,15 +171,15 @@ pub enum Step {
     Capabilities(CapSet),
 }
 
-impl Step {
+impl SetupStep {
     /// How the step is named in errors.
     pub fn describe(&self) -> String {
         fn s(c: &CString) -> String {
             c.to_string_lossy().into_owned()
         }
         match self {
-            Step::Unshare { flags } => format!("unshare({flags:#x})"),
-            Step::Mount {
+            SetupStep::Unshare { flags } => format!("unshare({flags:#x})"),
+            SetupStep::Mount {
                 fstype,
                 target,
                 source,
@@ -191,41 +191,43 @@ impl Step {
                     None => format!("change propagation of {}", s(target)),
                 },
             },
-            Step::Mkdir { path, .. } => format!("mkdir {}", s(path)),
-            Step::DeviceNode { path, .. } => format!("mknod {}", s(path)),
-            Step::Touch { path, .. } => format!("create {}", s(path)),
-            Step::Symlink { link, .. } => format!("symlink {}", s(link)),
-            Step::PivotRoot { new_root } => format!("pivot_root into {}", s(new_root)),
-            Step::Hostname { name } => format!("sethostname {}", s(name)),
-            Step::WriteFile { path, .. } => format!("write {}", s(path)),
-            Step::Mask { path } => format!("mask {}", s(path)),
-            Step::ReadOnly { path } => format!("make {} read-only", s(path)),
-            Step::RemountReadOnly { path, .. } => format!("remount {} read-only", s(path)),
-            Step::Setns { flags, .. } => format!("join the container's namespaces ({flags:#x})"),
-            Step::ForkAndWait => "fork into the container's pid namespace".into(),
-            Step::LoopbackUp => "bring up lo".into(),
-            Step::Rlimit { resource, .. } => format!("setrlimit({resource})"),
-            Step::Chdir { path } => format!("chdir to the working directory {}", s(path)),
-            Step::VerifyCwd => "verify the working directory is inside the root".into(),
-            Step::NoNewPrivs => "set no_new_privs".into(),
-            Step::Seccomp(_) => "install the seccomp filter".into(),
-            Step::DropBounding { .. } => "drop capabilities from the bounding set".into(),
-            Step::KeepCaps(on) => format!("PR_SET_KEEPCAPS {on}"),
-            Step::SwitchUser { uid, gid, .. } => format!("switch to uid {uid} gid {gid}"),
-            Step::Capabilities(_) => "set capabilities".into(),
+            SetupStep::Mkdir { path, .. } => format!("mkdir {}", s(path)),
+            SetupStep::DeviceNode { path, .. } => format!("mknod {}", s(path)),
+            SetupStep::Touch { path, .. } => format!("create {}", s(path)),
+            SetupStep::Symlink { link, .. } => format!("symlink {}", s(link)),
+            SetupStep::PivotRoot { new_root } => format!("pivot_root into {}", s(new_root)),
+            SetupStep::Hostname { name } => format!("sethostname {}", s(name)),
+            SetupStep::WriteFile { path, .. } => format!("write {}", s(path)),
+            SetupStep::Mask { path } => format!("mask {}", s(path)),
+            SetupStep::ReadOnly { path } => format!("make {} read-only", s(path)),
+            SetupStep::RemountReadOnly { path, .. } => format!("remount {} read-only", s(path)),
+            SetupStep::Setns { flags, .. } => {
+                format!("join the container's namespaces ({flags:#x})")
+            }
+            SetupStep::ForkAndWait => "fork into the container's pid namespace".into(),
+            SetupStep::LoopbackUp => "bring up lo".into(),
+            SetupStep::Rlimit { resource, .. } => format!("setrlimit({resource})"),
+            SetupStep::Chdir { path } => format!("chdir to the working directory {}", s(path)),
+            SetupStep::VerifyCwd => "verify the working directory is inside the root".into(),
+            SetupStep::NoNewPrivs => "set no_new_privs".into(),
+            SetupStep::Seccomp(_) => "install the seccomp filter".into(),
+            SetupStep::DropBounding { .. } => "drop capabilities from the bounding set".into(),
+            SetupStep::KeepCaps(on) => format!("PR_SET_KEEPCAPS {on}"),
+            SetupStep::SwitchUser { uid, gid, .. } => format!("switch to uid {uid} gid {gid}"),
+            SetupStep::Capabilities(_) => "set capabilities".into(),
         }
     }
 }
 
 /// Everything the child needs, prepared while allocation is still allowed.
-pub struct Plan {
+pub struct SetupPlan {
     pub namespaces: Namespaces,
     /// A user namespace of its own: the parent writes the maps, then lets the child go on.
     pub userns: Option<IdMap>,
     /// The child waits before its first step until the caller opens [`Spawned::gate`]
     /// (PID 1 first connects its network namespace to a bridge).
     pub hold: bool,
-    pub steps: Vec<Step>,
+    pub steps: Vec<SetupStep>,
     /// execve candidates tried in order: the program resolved against each PATH entry.
     pub exec_paths: Vec<CString>,
     pub argv: Vec<CString>,
@@ -233,7 +235,7 @@ pub struct Plan {
 }
 
 /// Index reported for a failure after the last step (execve itself).
-fn exec_step_index(plan: &Plan) -> u32 {
+fn exec_step_index(plan: &SetupPlan) -> u32 {
     plan.steps.len() as u32
 }
 
@@ -258,7 +260,7 @@ impl Gate {
     }
 }
 
-/// Step index reported when the child was held and its gate was dropped, not opened.
+/// SetupStep index reported when the child was held and its gate was dropped, not opened.
 const HELD_STEP: u32 = u32::MAX;
 
 /// Decodes the error pipe's 8 bytes into a message naming the failed step.
@@ -302,7 +304,7 @@ pub fn path_cstring(p: &Path) -> io::Result<CString> {
 ///
 /// Must be called from a single-threaded process (PID 1 runs a current-thread runtime).
 /// `stdio` are the fds the child gets as 0, 1 and 2.
-pub fn spawn(plan: &Plan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result<Spawned> {
+pub fn spawn(plan: &SetupPlan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::Result<Spawned> {
     let argv: Vec<*const c_char> = plan
         .argv
         .iter()
@@ -416,14 +418,14 @@ unsafe fn errno() -> libc::c_int {
 ///
 /// # Safety
 /// Only in the freshly cloned child, see [`run_child`].
-unsafe fn run_step(step: &Step) -> bool {
+unsafe fn run_step(step: &SetupStep) -> bool {
     // SAFETY (whole body): libc calls on NUL-terminated strings and plain structs that the
     // parent prepared, or on stack buffers.
     unsafe {
         let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         match step {
-            Step::Unshare { flags } => libc::unshare(*flags) == 0,
-            Step::Mount {
+            SetupStep::Unshare { flags } => libc::unshare(*flags) == 0,
+            SetupStep::Mount {
                 source,
                 target,
                 fstype,
@@ -438,10 +440,10 @@ unsafe fn run_step(step: &Step) -> bool {
                     ptr(data).cast(),
                 ) == 0
             }
-            Step::Mkdir { path, mode } => {
+            SetupStep::Mkdir { path, mode } => {
                 libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST
             }
-            Step::DeviceNode {
+            SetupStep::DeviceNode {
                 path,
                 mode,
                 rdev,
@@ -451,7 +453,7 @@ unsafe fn run_step(step: &Step) -> bool {
                 libc::mknod(path.as_ptr(), *mode, *rdev) == 0
                     && libc::lchown(path.as_ptr(), *uid, *gid) == 0
             }
-            Step::Touch { path, mode } => {
+            SetupStep::Touch { path, mode } => {
                 let fd = libc::open(
                     path.as_ptr(),
                     libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
@@ -459,15 +461,19 @@ unsafe fn run_step(step: &Step) -> bool {
                 );
                 fd >= 0 && libc::close(fd) == 0
             }
-            Step::Symlink { target, link } => libc::symlink(target.as_ptr(), link.as_ptr()) == 0,
-            Step::PivotRoot { new_root } => {
+            SetupStep::Symlink { target, link } => {
+                libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+            }
+            SetupStep::PivotRoot { new_root } => {
                 libc::chdir(new_root.as_ptr()) == 0
                     && libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0
                     && libc::umount2(c".".as_ptr(), libc::MNT_DETACH) == 0
                     && libc::chdir(c"/".as_ptr()) == 0
             }
-            Step::Hostname { name } => libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0,
-            Step::WriteFile { path, contents } => {
+            SetupStep::Hostname { name } => {
+                libc::sethostname(name.as_ptr(), name.as_bytes().len()) == 0
+            }
+            SetupStep::WriteFile { path, contents } => {
                 let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                 if fd < 0 {
                     return false;
@@ -478,7 +484,7 @@ unsafe fn run_step(step: &Step) -> bool {
                 libc::close(fd);
                 ok
             }
-            Step::Mask { path } => {
+            SetupStep::Mask { path } => {
                 let mut st: libc::stat = std::mem::zeroed();
                 if libc::stat(path.as_ptr(), &mut st) != 0 {
                     return errno() == libc::ENOENT;
@@ -501,7 +507,7 @@ unsafe fn run_step(step: &Step) -> bool {
                     ) == 0
                 }
             }
-            Step::ReadOnly { path } => {
+            SetupStep::ReadOnly { path } => {
                 let mut st: libc::stat = std::mem::zeroed();
                 if libc::stat(path.as_ptr(), &mut st) != 0 {
                     return errno() == libc::ENOENT;
@@ -526,7 +532,7 @@ unsafe fn run_step(step: &Step) -> bool {
                         std::ptr::null(),
                     ) == 0
             }
-            Step::RemountReadOnly { path, keep_flags } => {
+            SetupStep::RemountReadOnly { path, keep_flags } => {
                 libc::mount(
                     std::ptr::null(),
                     path.as_ptr(),
@@ -535,8 +541,8 @@ unsafe fn run_step(step: &Step) -> bool {
                     std::ptr::null(),
                 ) == 0
             }
-            Step::Setns { pidfd, flags } => libc::setns(*pidfd, *flags) == 0,
-            Step::ForkAndWait => {
+            SetupStep::Setns { pidfd, flags } => libc::setns(*pidfd, *flags) == 0,
+            SetupStep::ForkAndWait => {
                 let child =
                     libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0);
                 if child < 0 {
@@ -565,7 +571,7 @@ unsafe fn run_step(step: &Step) -> bool {
                 }
                 libc::_exit(128 + libc::WTERMSIG(status));
             }
-            Step::LoopbackUp => {
+            SetupStep::LoopbackUp => {
                 let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
                 if fd < 0 {
                     return false;
@@ -581,7 +587,7 @@ unsafe fn run_step(step: &Step) -> bool {
                 libc::close(fd);
                 ok
             }
-            Step::Rlimit {
+            SetupStep::Rlimit {
                 resource,
                 soft,
                 hard,
@@ -597,8 +603,8 @@ unsafe fn run_step(step: &Step) -> bool {
                     std::ptr::null_mut(),
                 ) == 0
             }
-            Step::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
-            Step::VerifyCwd => {
+            SetupStep::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
+            SetupStep::VerifyCwd => {
                 let mut buf = [0u8; 256];
                 let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
                 // A directory outside the root reads as "(unreachable)/...". A path longer
@@ -612,16 +618,18 @@ unsafe fn run_step(step: &Step) -> bool {
                 }
                 true
             }
-            Step::NoNewPrivs => libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0,
-            Step::Seccomp(program) => program.install(),
-            Step::DropBounding { keep, last_cap } => caps::drop_bounding_except(*keep, *last_cap),
-            Step::KeepCaps(on) => caps::set_keepcaps(*on),
-            Step::SwitchUser { uid, gid, groups } => {
+            SetupStep::NoNewPrivs => libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0,
+            SetupStep::Seccomp(program) => program.install(),
+            SetupStep::DropBounding { keep, last_cap } => {
+                caps::drop_bounding_except(*keep, *last_cap)
+            }
+            SetupStep::KeepCaps(on) => caps::set_keepcaps(*on),
+            SetupStep::SwitchUser { uid, gid, groups } => {
                 libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) == 0
                     && libc::syscall(libc::SYS_setresgid, *gid, *gid, *gid) == 0
                     && libc::syscall(libc::SYS_setresuid, *uid, *uid, *uid) == 0
             }
-            Step::Capabilities(keep) => caps::apply(*keep),
+            SetupStep::Capabilities(keep) => caps::apply(*keep),
         }
     }
 }
@@ -631,7 +639,7 @@ unsafe fn run_step(step: &Step) -> bool {
 /// # Safety
 /// Must only run in a freshly cloned child of a single-threaded parent.
 unsafe fn run_child(
-    plan: &Plan,
+    plan: &SetupPlan,
     argv: &[*const c_char],
     envp: &[*const c_char],
     stdio: [RawFd; 3],

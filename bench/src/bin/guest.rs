@@ -31,7 +31,7 @@ use keel_bench::{lines, oci, stats};
 use keel_config::HostConfig;
 use keel_init::{early, logger, modules};
 use keel_supervisor::cgroup::{CGROUP_ROOT, setup_hierarchy};
-use keel_supervisor::spawn::{Plan, Step, describe_failure};
+use keel_supervisor::spawn::{SetupPlan, SetupStep, describe_failure};
 use keel_supervisor::{Instance, Paths, Runtime};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -293,7 +293,7 @@ fn keel_start_to_exit(
 }
 
 /// A setup step that failed in the child says so on the error pipe (EOF means execve ran).
-fn check_setup(plan: &Plan, error_pipe: OwnedFd) -> Result<(), String> {
+fn check_setup(plan: &SetupPlan, error_pipe: OwnedFd) -> Result<(), String> {
     let mut bytes = Vec::new();
     File::from(error_pipe)
         .read_to_end(&mut bytes)
@@ -301,7 +301,7 @@ fn check_setup(plan: &Plan, error_pipe: OwnedFd) -> Result<(), String> {
     if bytes.is_empty() {
         return Ok(());
     }
-    let steps: Vec<String> = plan.steps.iter().map(Step::describe).collect();
+    let steps: Vec<String> = plan.steps.iter().map(SetupStep::describe).collect();
     Err(format!(
         "keel: container setup failed: {}",
         describe_failure(&steps, &bytes).unwrap_or_else(|| "unreadable error report".into())

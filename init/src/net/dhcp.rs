@@ -172,7 +172,7 @@ impl Bound {
 }
 
 /// What woke the lease loop.
-pub(super) enum Step {
+pub(super) enum LeaseWake {
     Ran(Result<DhcpV4State, mozim::DhcpError>),
     AcquireTimeout,
     Retry,
@@ -199,7 +199,7 @@ pub async fn run_dhcp_client(
         .await?
         .ok_or_else(|| format!("no interface {name}"))?;
     set_up(&handle, index).await?;
-    let mut s = State::new(hostname, Some(etc), None);
+    let mut s = NetworkState::new(hostname, Some(etc), None);
     s.links.push((
         name.to_string(),
         Applied::from_config(&Interface::dhcp4(name)),
@@ -273,11 +273,11 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
             let run = async {
                 if acquiring {
                     match tokio::time::timeout(ACQUIRE_TIMEOUT, client.run()).await {
-                        Ok(r) => Step::Ran(r),
-                        Err(_) => Step::AcquireTimeout,
+                        Ok(r) => LeaseWake::Ran(r),
+                        Err(_) => LeaseWake::AcquireTimeout,
                     }
                 } else {
-                    Step::Ran(client.run().await)
+                    LeaseWake::Ran(client.run().await)
                 }
             };
             let nak = async {
@@ -288,19 +288,19 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
             };
             tokio::select! {
                 biased;
-                _ = &mut stop => Step::Stop,
-                nak = nak, if naks.is_some() => Step::Nak(nak),
+                _ = &mut stop => LeaseWake::Stop,
+                nak = nak, if naks.is_some() => LeaseWake::Nak(nak),
                 _ = tokio::time::sleep_until(expires.unwrap_or(far)), if expires.is_some() => {
-                    Step::Expired
+                    LeaseWake::Expired
                 }
                 _ = tokio::time::sleep_until(backoff.unwrap_or(far)), if backoff.is_some() => {
-                    Step::Retry
+                    LeaseWake::Retry
                 }
                 step = run, if backoff.is_none() => step,
             }
         };
         match step {
-            Step::Stop => {
+            LeaseWake::Stop => {
                 if let Some(b) = bound.take() {
                     if let Err(e) = client.release(&b.lease).await {
                         log::warn!("{name}: DHCPRELEASE: {e}");
@@ -313,8 +313,8 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                 }
                 return;
             }
-            Step::Retry => backoff = None,
-            Step::Nak(nak) => {
+            LeaseWake::Retry => backoff = None,
+            LeaseWake::Nak(nak) => {
                 naks = None;
                 client.clean_up();
                 acquiring = true;
@@ -333,7 +333,7 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                     });
                 }
             }
-            Step::Expired => {
+            LeaseWake::Expired => {
                 naks = None;
                 if let Some(b) = bound.take() {
                     expire(&d, &b).await;
@@ -341,7 +341,7 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                 client.clean_up();
                 acquiring = true;
             }
-            Step::AcquireTimeout => {
+            LeaseWake::AcquireTimeout => {
                 log::warn!(
                     "{name}: no DHCP lease within {} s; retrying in {} s",
                     ACQUIRE_TIMEOUT.as_secs(),
@@ -351,7 +351,7 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                 backoff = Some(tokio::time::Instant::now() + retry);
                 retry = (retry * 2).min(Duration::from_secs(60));
             }
-            Step::Ran(Err(e)) => {
+            LeaseWake::Ran(Err(e)) => {
                 naks = None;
                 log::warn!("{name}: DHCP: {e}; retrying in {} s", retry.as_secs());
                 // The address stays until the lease's own expiry, renewed or not.
@@ -360,7 +360,7 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                 backoff = Some(tokio::time::Instant::now() + retry);
                 retry = (retry * 2).min(Duration::from_secs(60));
             }
-            Step::Ran(Ok(DhcpV4State::Done(lease))) => {
+            LeaseWake::Ran(Ok(DhcpV4State::Done(lease))) => {
                 naks = None;
                 retry = Duration::from_secs(1);
                 acquiring = false;
@@ -431,19 +431,19 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                     let _ = tx.send(());
                 }
             }
-            Step::Ran(Ok(DhcpV4State::Renewing)) => {
+            LeaseWake::Ran(Ok(DhcpV4State::Renewing)) => {
                 acquiring = false;
                 log::info!("{name}: DHCP renewing (T1)");
                 naks = naks.or_else(|| NakWatch::open_logged(name, d.index));
                 d.emit(DhcpEvent::Renewing);
             }
-            Step::Ran(Ok(DhcpV4State::Rebinding)) => {
+            LeaseWake::Ran(Ok(DhcpV4State::Rebinding)) => {
                 acquiring = false;
                 log::info!("{name}: DHCP rebinding (T2): the server did not answer");
                 naks = naks.or_else(|| NakWatch::open_logged(name, d.index));
                 d.emit(DhcpEvent::Rebinding);
             }
-            Step::Ran(Ok(DhcpV4State::InitReboot)) => {
+            LeaseWake::Ran(Ok(DhcpV4State::InitReboot)) => {
                 naks = None;
                 // Out of rebinding, this is mozim saying the lease ran out.
                 if let Some(b) = bound.take() {
@@ -451,7 +451,7 @@ pub(super) async fn run_dhcp(d: Dhcp, first: oneshot::Sender<()>, mut stop: ones
                 }
                 acquiring = true;
             }
-            Step::Ran(Ok(DhcpV4State::Selecting)) => {}
+            LeaseWake::Ran(Ok(DhcpV4State::Selecting)) => {}
         }
     }
 }

@@ -86,7 +86,7 @@ impl Applied {
 
 /// What every configured link currently has, in configuration order: resolv.conf and
 /// /etc/hosts are rendered from all of it whenever any of it changes.
-struct State {
+struct NetworkState {
     hostname: String,
     links: Vec<(String, Applied)>,
     /// Links the kernel autoconfigures (index, name), and the global addresses it gave them.
@@ -102,9 +102,13 @@ struct State {
     online: Online,
 }
 
-impl State {
-    fn new(hostname: &str, etc: Option<&Path>, online: Option<watch::Sender<bool>>) -> State {
-        State {
+impl NetworkState {
+    fn new(
+        hostname: &str,
+        etc: Option<&Path>,
+        online: Option<watch::Sender<bool>>,
+    ) -> NetworkState {
+        NetworkState {
             hostname: hostname.to_string(),
             links: Vec::new(),
             slaac_links: Vec::new(),
@@ -165,7 +169,7 @@ fn set_online(state: &Shared, slot: Option<usize>, configured: bool) {
     }
 }
 
-type Shared = Arc<Mutex<State>>;
+type Shared = Arc<Mutex<NetworkState>>;
 
 /// Where an interface's configuration came from, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +215,7 @@ pub async fn configure(
         .ok_or("no loopback interface")?;
     set_up(&handle, lo).await?;
 
-    let mut initial = State::new(hostname, None, Some(online));
+    let mut initial = NetworkState::new(hostname, None, Some(online));
     initial.adopt_hostname = adopt_hostname;
     let state: Shared = Arc::new(Mutex::new(initial));
     // /etc/hosts names the host from the start, even before (or without) any address.
@@ -789,7 +793,7 @@ mod tests {
     #[test]
     fn online_follows_every_required_slot() {
         let (tx, rx) = watch::channel(false);
-        let mut s = State::new("h", Some(Path::new("/nonexistent")), Some(tx));
+        let mut s = NetworkState::new("h", Some(Path::new("/nonexistent")), Some(tx));
         let a = s.online.add_required();
         let b = s.online.add_required();
         s.online.update();
@@ -806,7 +810,7 @@ mod tests {
         assert!(*rx.borrow());
 
         let (tx, rx) = watch::channel(false);
-        let mut none = State::new("h", None, Some(tx));
+        let mut none = NetworkState::new("h", None, Some(tx));
         none.online.update();
         assert!(*rx.borrow(), "nothing required: online at once");
     }

@@ -108,7 +108,7 @@ impl Supervisor {
     /// Starts a container that is not running (clears a stop that held it).
     pub fn start_container(&mut self, name: &str) -> Result<(), ControlError> {
         let m = self.managed(name)?;
-        if m.state.run().is_some() || matches!(m.state, State::BackingOff { .. }) {
+        if m.state.run().is_some() || matches!(m.state, ContainerState::BackingOff { .. }) {
             return Err(ControlError::Conflict(format!("{name} is already running")));
         }
         if matches!(
@@ -120,12 +120,12 @@ impl Supervisor {
         if let Some(m) = self.containers.get_mut(name) {
             m.held = false;
             m.failures = 0;
-            m.state = State::Waiting;
+            m.state = ContainerState::Waiting;
         }
         self.start(name);
         self.advance();
         match &self.managed(name)?.state {
-            State::Failed(why) => Err(ControlError::Failed(why.clone())),
+            ContainerState::Failed(why) => Err(ControlError::Failed(why.clone())),
             _ => Ok(()),
         }
     }
@@ -138,15 +138,15 @@ impl Supervisor {
     ) -> Result<(), ControlError> {
         let m = self.managed(name)?;
         match &m.state {
-            State::Running(_) => {}
-            State::BackingOff { .. } | State::Waiting => {
+            ContainerState::Running(_) => {}
+            ContainerState::BackingOff { .. } | ContainerState::Waiting => {
                 if let Some(m) = self.containers.get_mut(name) {
                     m.held = true;
-                    m.state = State::Stopped;
+                    m.state = ContainerState::Stopped;
                 }
                 return Ok(());
             }
-            State::Stopping(_) => return Ok(()),
+            ContainerState::Stopping(_) => return Ok(()),
             _ => return Err(ControlError::Conflict(format!("{name} is not running"))),
         }
         if let Some(m) = self.containers.get_mut(name) {
@@ -200,7 +200,7 @@ impl Supervisor {
             "name": name,
             "kind": format!("{:?}", m.config.lifecycle.kind).to_lowercase(),
             "state": m.state.name(),
-            "failure": match &m.state { State::Failed(why) => Some(why.clone()), _ => None },
+            "failure": match &m.state { ContainerState::Failed(why) => Some(why.clone()), _ => None },
             "pid": status.as_ref().and_then(|s| s.pid),
             "uptime_ms": status.as_ref().and_then(|s| s.uptime_ms),
             "restarts": m.restarts,

@@ -64,8 +64,8 @@ impl Supervisor {
         let Some(m) = self.containers.get_mut(&name) else {
             return false;
         };
-        let run = match std::mem::replace(&mut m.state, State::Waiting) {
-            State::Running(run) | State::Stopping(run) => run,
+        let run = match std::mem::replace(&mut m.state, ContainerState::Waiting) {
+            ContainerState::Running(run) | ContainerState::Stopping(run) => run,
             other => {
                 m.state = other;
                 return false;
@@ -115,10 +115,10 @@ impl Supervisor {
                 "{name}: {text} after {} ms (stopped for keel apply)",
                 ran_for.as_millis()
             );
-            m.state = State::Stopped;
+            m.state = ContainerState::Stopped;
         } else if m.held || stopping_host {
             log::info!("{name}: {text} after {} ms (stopped)", ran_for.as_millis());
-            m.state = State::Stopped;
+            m.state = ContainerState::Stopped;
             remove_cgroup(&name, m);
         } else if m.restart_requested {
             m.restart_requested = false;
@@ -126,7 +126,7 @@ impl Supervisor {
                 "{name}: {text} after {} ms; restarting as requested",
                 ran_for.as_millis()
             );
-            m.state = State::Waiting;
+            m.state = ContainerState::Waiting;
             self.start(&name);
         } else {
             log::info!("{name}: {text} after {} ms", ran_for.as_millis());
@@ -163,7 +163,7 @@ impl Supervisor {
                 m.last_delay = Some(delay);
                 m.generation += 1;
                 let generation = m.generation;
-                m.state = State::BackingOff { generation };
+                m.state = ContainerState::BackingOff { generation };
                 self.schedule(
                     delay,
                     Event::RestartDue {
@@ -180,7 +180,7 @@ impl Supervisor {
                 if !completed {
                     log::info!("{name}: not restarting (restart = {:?})", m.config.restart);
                 }
-                m.state = State::Exited { code };
+                m.state = ContainerState::Exited { code };
                 remove_cgroup(name, m);
             }
             Decision::GiveUp => {
@@ -189,7 +189,7 @@ impl Supervisor {
                     m.failures,
                     m.config.restart
                 );
-                m.state = State::Exited {
+                m.state = ContainerState::Exited {
                     code: match status {
                         ExitStatus::Code(c) => Some(c),
                         ExitStatus::Signal(_) => None,

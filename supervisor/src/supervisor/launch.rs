@@ -100,7 +100,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     log::error!("{name}: cannot be started: {e}");
-                    managed.state = State::Failed(e);
+                    managed.state = ContainerState::Failed(e);
                     return;
                 }
             }
@@ -121,7 +121,7 @@ impl Supervisor {
         };
         if let Err(e) = instance.ensure_cgroup(&self.runtime) {
             log::error!("{name}: cannot be started: {e}");
-            managed.state = State::Failed(e);
+            managed.state = ContainerState::Failed(e);
             return;
         }
         let instance = &*instance;
@@ -129,12 +129,12 @@ impl Supervisor {
             Ok(plan) => plan,
             Err(e) => {
                 log::error!("{name}: cannot be started: {e}");
-                managed.state = State::Failed(e);
+                managed.state = ContainerState::Failed(e);
                 return;
             }
         };
         let Some(dev_null) = self.dev_null.as_ref() else {
-            managed.state = State::Failed("no /dev/null for stdin".into());
+            managed.state = ContainerState::Failed("no /dev/null for stdin".into());
             return;
         };
         // Leftovers of a previous run (possible when it shared the host pid namespace)
@@ -182,7 +182,7 @@ impl Supervisor {
                 }
                 tokio::spawn(pump(log_sink.clone(), Stream::Stdout, out_read));
                 tokio::spawn(pump(log_sink, Stream::Stderr, err_read));
-                let steps = plan.steps.iter().map(Step::describe).collect();
+                let steps = plan.steps.iter().map(SetupStep::describe).collect();
                 tokio::spawn(report_start_failure(
                     name.to_string(),
                     spawned.error_pipe,
@@ -199,7 +199,7 @@ impl Supervisor {
                     );
                     HealthState::default()
                 });
-                managed.state = State::Running(Run {
+                managed.state = ContainerState::Running(Run {
                     pid: spawned.pid,
                     pidfd: spawned.pidfd,
                     since: Instant::now(),
@@ -225,8 +225,11 @@ impl Supervisor {
         let Some(m) = self.containers.get_mut(name) else {
             return;
         };
-        let State::Running(_) = &m.state else { return };
-        let State::Running(run) = std::mem::replace(&mut m.state, State::Waiting) else {
+        let ContainerState::Running(_) = &m.state else {
+            return;
+        };
+        let ContainerState::Running(run) = std::mem::replace(&mut m.state, ContainerState::Waiting)
+        else {
             return;
         };
         let signal = m.instance.as_ref().map_or(
@@ -244,7 +247,7 @@ impl Supervisor {
             log::warn!("{name}: stop signal: {e}");
         }
         let generation = run.generation;
-        m.state = State::Stopping(run);
+        m.state = ContainerState::Stopping(run);
         self.schedule(
             timeout,
             Event::StopDeadline {

@@ -22,7 +22,7 @@ pub struct ApplyOutcome {
 /// An apply that was accepted (a dry run changes nothing and has no `done`).
 #[derive(Debug)]
 pub struct ApplyStarted {
-    pub plan: Plan,
+    pub plan: ApplyPlan,
     /// Parts of it that failed without undoing the rest (container network files).
     pub warnings: Vec<String>,
     /// Resolves when the apply has finished (see [`ApplyOutcome`]).
@@ -178,7 +178,11 @@ impl Supervisor {
     /// User namespace ranges under the new file: containers that run on keep theirs, a
     /// replaced `auto` one keeps its own, and new ranges overlap none of those nor the
     /// ranges of containers still stopping.
-    pub(super) fn userns_after(&self, new: &HostConfig, plan: &Plan) -> BTreeMap<String, IdMap> {
+    pub(super) fn userns_after(
+        &self,
+        new: &HostConfig,
+        plan: &ApplyPlan,
+    ) -> BTreeMap<String, IdMap> {
         use keel_config::UserNamespace;
         let mut fixed = BTreeMap::new();
         let mut taken = Vec::new();
@@ -214,7 +218,7 @@ impl Supervisor {
             if self
                 .containers
                 .get(&name)
-                .is_some_and(|m| matches!(m.state, State::Running(_)))
+                .is_some_and(|m| matches!(m.state, ContainerState::Running(_)))
             {
                 self.send_stop(&name, None);
             }
@@ -262,7 +266,7 @@ impl Supervisor {
                 remove_container_dir(name, &dir);
                 m.config = *config;
                 m.userns = userns;
-                m.state = State::Waiting;
+                m.state = ContainerState::Waiting;
                 m.restarts = 0;
                 m.failures = 0;
                 m.last_delay = None;
@@ -287,7 +291,7 @@ impl Supervisor {
             .starting
             .iter()
             .filter_map(|name| match &self.containers.get(name)?.state {
-                State::Failed(why) => Some((name.clone(), why.clone())),
+                ContainerState::Failed(why) => Some((name.clone(), why.clone())),
                 _ => None,
             })
             .collect();

@@ -4,7 +4,7 @@ use super::*;
 
 /// Where a container is in its life.
 #[derive(Debug)]
-pub(super) enum State {
+pub(super) enum ContainerState {
     /// Not started yet: waiting for its turn (boot phase) or for its dependencies.
     Waiting,
     Running(Run),
@@ -37,23 +37,23 @@ pub(super) struct Run {
     pub(super) health: Option<HealthState>,
 }
 
-impl State {
+impl ContainerState {
     pub(super) fn name(&self) -> &'static str {
         match self {
-            State::Waiting => "waiting",
-            State::Running(run) if !run.ready => "starting",
-            State::Running(_) => "running",
-            State::Stopping(_) => "stopping",
-            State::BackingOff { .. } => "restarting",
-            State::Exited { .. } => "exited",
-            State::Stopped => "stopped",
-            State::Failed(_) => "failed",
+            ContainerState::Waiting => "waiting",
+            ContainerState::Running(run) if !run.ready => "starting",
+            ContainerState::Running(_) => "running",
+            ContainerState::Stopping(_) => "stopping",
+            ContainerState::BackingOff { .. } => "restarting",
+            ContainerState::Exited { .. } => "exited",
+            ContainerState::Stopped => "stopped",
+            ContainerState::Failed(_) => "failed",
         }
     }
 
     pub(super) fn run(&self) -> Option<&Run> {
         match self {
-            State::Running(run) | State::Stopping(run) => Some(run),
+            ContainerState::Running(run) | ContainerState::Stopping(run) => Some(run),
             _ => None,
         }
     }
@@ -64,7 +64,7 @@ pub(super) struct Managed {
     pub(super) instance: Option<Instance>,
     /// The container's user namespace range, if it has one.
     pub(super) userns: Option<IdMap>,
-    pub(super) state: State,
+    pub(super) state: ContainerState,
     pub(super) restarts: u64,
     /// Failed runs since the last success, for `on-failure:N`.
     pub(super) failures: u32,
@@ -87,7 +87,7 @@ impl Managed {
             config,
             instance: None,
             userns,
-            state: State::Waiting,
+            state: ContainerState::Waiting,
             restarts: 0,
             failures: 0,
             last_delay: None,

@@ -37,14 +37,14 @@ use keel_config::{
 use keel_net::ContainerNetworks;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::apply::{self, Plan, Refusal};
+use crate::apply::{self, ApplyPlan, Refusal};
 use crate::cgroup::Cgroup;
 use crate::events::Event;
 use crate::health::{Health, HealthState};
 use crate::instance::{Instance, Runtime};
 use crate::logs::{Console, ContainerLog, Stream, pump};
 use crate::paths::Paths;
-use crate::spawn::{IdMap, Step, describe_failure};
+use crate::spawn::{IdMap, SetupStep, describe_failure};
 
 pub use control::{ControlError, ExecStarted, Stats, Status};
 pub use exits::ExitStatus;
@@ -194,7 +194,7 @@ impl Supervisor {
             }
             Event::RestartDue { name, generation } => {
                 let due = self.containers.get(&name).is_some_and(
-                    |m| matches!(m.state, State::BackingOff { generation: g } if g == generation),
+                    |m| matches!(m.state, ContainerState::BackingOff { generation: g } if g == generation),
                 );
                 if due
                     && matches!(
@@ -207,7 +207,7 @@ impl Supervisor {
             }
             Event::StopDeadline { name, generation } => {
                 if let Some(m) = self.containers.get(&name)
-                    && let State::Stopping(run) = &m.state
+                    && let ContainerState::Stopping(run) = &m.state
                     && run.generation == generation
                 {
                     log::warn!(
@@ -231,7 +231,7 @@ impl Supervisor {
             } => self.on_health(&name, generation, passed, &detail),
             Event::Ready { name } => {
                 if let Some(m) = self.containers.get_mut(&name)
-                    && let State::Running(run) = &mut m.state
+                    && let ContainerState::Running(run) = &mut m.state
                     && !run.ready
                 {
                     run.ready = true;

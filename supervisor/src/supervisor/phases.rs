@@ -102,16 +102,18 @@ impl Supervisor {
                 continue;
             };
             match &m.state {
-                State::Waiting => {
+                ContainerState::Waiting => {
                     // A task whose image is still being pulled holds the sequence.
                     if self.image_ready(&m.config.image) {
                         self.start(&name);
                     }
                     return;
                 }
-                State::Running(_) | State::Stopping(_) | State::BackingOff { .. } => return,
-                State::Exited { code: Some(0) } | State::Stopped => continue,
-                State::Exited { .. } | State::Failed(_) => {
+                ContainerState::Running(_)
+                | ContainerState::Stopping(_)
+                | ContainerState::BackingOff { .. } => return,
+                ContainerState::Exited { code: Some(0) } | ContainerState::Stopped => continue,
+                ContainerState::Exited { .. } | ContainerState::Failed(_) => {
                     if m.config.lifecycle.on_failure == TaskFailure::Halt {
                         if kind == Kind::OnBoot {
                             log::error!(
@@ -163,8 +165,8 @@ impl Supervisor {
             Decision::Done { .. } | Decision::GiveUp
         );
         match (&m.state, dep.condition) {
-            (State::Running(run), Condition::Started) if run.ready => Readiness::Met,
-            (State::Running(run), Condition::Healthy)
+            (ContainerState::Running(run), Condition::Started) if run.ready => Readiness::Met,
+            (ContainerState::Running(run), Condition::Healthy)
                 if run
                     .health
                     .as_ref()
@@ -172,8 +174,10 @@ impl Supervisor {
             {
                 Readiness::Met
             }
-            (State::Exited { code: Some(0) }, Condition::CompletedSuccessfully) => Readiness::Met,
-            (State::Exited { code }, _)
+            (ContainerState::Exited { code: Some(0) }, Condition::CompletedSuccessfully) => {
+                Readiness::Met
+            }
+            (ContainerState::Exited { code }, _)
                 if !restarts || dep.condition == Condition::CompletedSuccessfully =>
             {
                 Readiness::Never(format!(
@@ -185,8 +189,10 @@ impl Supervisor {
                     )
                 ))
             }
-            (State::Failed(why), _) => Readiness::Never(format!("{} failed: {why}", dep.name)),
-            (State::Stopped, _) => Readiness::Pending,
+            (ContainerState::Failed(why), _) => {
+                Readiness::Never(format!("{} failed: {why}", dep.name))
+            }
+            (ContainerState::Stopped, _) => Readiness::Pending,
             _ => Readiness::Pending,
         }
     }
@@ -200,7 +206,9 @@ impl Supervisor {
             m.config.lifecycle.kind == Kind::OnBoot
                 && matches!(
                     m.state,
-                    State::Running(_) | State::Stopping(_) | State::BackingOff { .. }
+                    ContainerState::Running(_)
+                        | ContainerState::Stopping(_)
+                        | ContainerState::BackingOff { .. }
                 )
         });
         let next_task = if task_busy {
@@ -209,14 +217,17 @@ impl Supervisor {
             self.in_order(Kind::OnBoot).into_iter().find(|name| {
                 self.containers
                     .get(name)
-                    .is_some_and(|m| matches!(m.state, State::Waiting) && !m.held)
+                    .is_some_and(|m| matches!(m.state, ContainerState::Waiting) && !m.held)
             })
         };
         for name in next_task.into_iter().chain(self.in_order(Kind::Service)) {
             let Some(m) = self.containers.get(&name) else {
                 continue;
             };
-            if !matches!(m.state, State::Waiting) || m.held || !self.image_ready(&m.config.image) {
+            if !matches!(m.state, ContainerState::Waiting)
+                || m.held
+                || !self.image_ready(&m.config.image)
+            {
                 continue;
             }
             let mut pending = false;
@@ -231,7 +242,7 @@ impl Supervisor {
             if let Some(why) = never {
                 log::error!("{name}: will not start: dependency {why}");
                 if let Some(m) = self.containers.get_mut(&name) {
-                    m.state = State::Failed(format!("dependency {why}"));
+                    m.state = ContainerState::Failed(format!("dependency {why}"));
                 }
             } else if !pending {
                 self.start(&name);
@@ -251,11 +262,14 @@ impl Supervisor {
                 continue;
             }
             match &m.state {
-                State::Running(_) => {
+                ContainerState::Running(_) => {
                     still_running = true;
                     let has_running_dependent = self.containers.iter().any(|(other, o)| {
                         other != name
-                            && matches!(o.state, State::Running(_) | State::Stopping(_))
+                            && matches!(
+                                o.state,
+                                ContainerState::Running(_) | ContainerState::Stopping(_)
+                            )
                             && o.config
                                 .lifecycle
                                 .depends_on
@@ -266,10 +280,10 @@ impl Supervisor {
                         self.send_stop(name, None);
                     }
                 }
-                State::Stopping(_) => still_running = true,
-                State::Waiting | State::BackingOff { .. } => {
+                ContainerState::Stopping(_) => still_running = true,
+                ContainerState::Waiting | ContainerState::BackingOff { .. } => {
                     if let Some(m) = self.containers.get_mut(name) {
-                        m.state = State::Stopped;
+                        m.state = ContainerState::Stopped;
                     }
                 }
                 _ => {}

@@ -7,7 +7,8 @@ impl Supervisor {
         let Some(m) = self.containers.get(name) else {
             return;
         };
-        let (Some(check), State::Running(run)) = (m.config.lifecycle.healthcheck.clone(), &m.state)
+        let (Some(check), ContainerState::Running(run)) =
+            (m.config.lifecycle.healthcheck.clone(), &m.state)
         else {
             return;
         };
@@ -81,7 +82,7 @@ impl Supervisor {
         let Some(check) = m.config.lifecycle.healthcheck.clone() else {
             return;
         };
-        let State::Running(run) = &mut m.state else {
+        let ContainerState::Running(run) = &mut m.state else {
             return;
         };
         if run.generation != generation {
