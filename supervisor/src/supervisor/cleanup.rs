@@ -63,7 +63,6 @@ pub(super) fn remove_container_dir(name: &str, dir: &Path) {
 }
 
 impl Supervisor {
-    /// Removes the cgroups of stopped containers (best effort, at the end of shutdown).
     /// Drops unpacked layers that no image of this host file uses (a host file changed
     /// since they were unpacked). Keeps everything if any image cannot be read: deleting
     /// a layer still needed costs an unpack, keeping an unneeded one only disk.
@@ -129,6 +128,7 @@ impl Supervisor {
         }
     }
 
+    /// Removes the cgroups of stopped containers (best effort, at the end of shutdown).
     pub fn remove_cgroups(&self) {
         for (name, m) in &self.containers {
             if let Some(i) = &m.instance

@@ -50,6 +50,7 @@ pub(super) fn release_when_attached(
     }
 }
 
+/// Logs why a child failed before its execve, if it did.
 pub(super) async fn report_start_failure(name: String, pipe: OwnedFd, steps: Vec<String>) {
     if rustix::io::ioctl_fionbio(&pipe, true).is_err() {
         return;

@@ -18,7 +18,6 @@ pub(super) enum PullState {
     Done,
 }
 
-/// Logs why a child failed before its execve, if it did.
 /// Boot pulls retry after 5 s, doubling up to 5 minutes: the registry may be coming up.
 pub(super) fn pull_backoff(failures: u32) -> Duration {
     Duration::from_secs((5u64 << failures.saturating_sub(1).min(6)).min(300))
