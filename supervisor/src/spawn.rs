@@ -419,7 +419,7 @@ unsafe fn errno() -> libc::c_int {
 /// # Safety
 /// Only in the freshly cloned child, see [`run_child`].
 unsafe fn run_step(step: &SetupStep) -> bool {
-    // SAFETY (whole body): libc calls on NUL-terminated strings and plain structs that the
+    // SAFETY: (whole body) libc calls on NUL-terminated strings and plain structs that the
     // parent prepared, or on stack buffers.
     unsafe {
         let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
@@ -646,7 +646,7 @@ unsafe fn run_child(
     err_fd: RawFd,
     sync_fd: RawFd,
 ) -> ! {
-    // SAFETY (whole body): raw libc calls on pointers into `plan`, `argv` and `envp`, which
+    // SAFETY: (whole body) raw libc calls on pointers into `plan`, `argv` and `envp`, which
     // the parent built before clone3 and which stay valid in our copy of its memory.
     unsafe {
         let fail = |step: u32| -> ! {
