@@ -32,9 +32,9 @@ use crate::ImageError;
 use crate::digest::{HashingReader, HashingWriter, is_sha256_hex, sha256_digest};
 use crate::layout::{
     ImageLayout, LayerCompression, MAX_JSON_BLOB, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DOCKER_CONFIG,
-    MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD,
-    MEDIA_TYPE_MANIFEST, REF_NAME_ANNOTATION, best_reference_match, blob_path, check_diff_ids,
-    check_layout_marker, decompress, parse_json, read_verified, resolve_manifest,
+    MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR, MEDIA_TYPE_LAYER_ZSTD, MEDIA_TYPE_MANIFEST,
+    best_reference_match, blob_path, check_diff_ids, check_layout_marker, decompress, parse_json,
+    read_verified, resolve_manifest,
 };
 
 /// Buffer size for streaming blobs.
@@ -690,18 +690,8 @@ fn temp_path(dir: &Path, kind: &str) -> PathBuf {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = temp_path(dir, "file");
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        ImageError::io(format!("writing {}", path.display()), e)
-    })
+    crate::atomic::write_atomic(path, data, 0o644)
+        .map_err(|e| ImageError::io(format!("writing {}", path.display()), e))
 }
 
 /// An OCI layout being added to, locked against other writers for as long as it lives.
@@ -862,8 +852,7 @@ impl LayoutWriter {
         Ok(size)
     }
 
-    /// Lists a manifest in `index.json` under `ref_name`, replacing an entry of that name
-    /// and keeping every other entry as it is.
+    /// Lists a manifest in `index.json` under `ref_name` (crate::layout_index).
     fn add_to_index(
         &self,
         media_type: &str,
@@ -871,36 +860,7 @@ impl LayoutWriter {
         size: u64,
         ref_name: &str,
     ) -> Result<(), ImageError> {
-        let path = self.dir.join("index.json");
-        let invalid = |reason: &str| ImageError::InvalidLayout {
-            path: self.dir.clone(),
-            reason: reason.to_owned(),
-        };
-        let mut index: serde_json::Value = match fs::read(&path) {
-            Ok(bytes) => parse_json(&bytes, &path.display().to_string())?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": MEDIA_TYPE_INDEX,
-                "manifests": [],
-            }),
-            Err(e) => return Err(ImageError::io(format!("reading {}", path.display()), e)),
-        };
-        let manifests = index
-            .get_mut("manifests")
-            .and_then(|m| m.as_array_mut())
-            .ok_or_else(|| invalid("index.json has no manifests list"))?;
-        manifests.retain(|m| m["annotations"][REF_NAME_ANNOTATION].as_str() != Some(ref_name));
-        manifests.push(serde_json::json!({
-            "mediaType": media_type,
-            "digest": digest,
-            "size": size,
-            "annotations": { REF_NAME_ANNOTATION: ref_name },
-        }));
-        let bytes = serde_json::to_vec(&index).map_err(|e| ImageError::Json {
-            what: "index.json".into(),
-            source: e,
-        })?;
-        write_atomic(&path, &bytes)
+        crate::layout_index::list_manifest(&self.dir, media_type, digest, size, ref_name)
     }
 }
 

@@ -182,18 +182,8 @@ fn temp_path(dir: &Path) -> PathBuf {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ImageError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = temp_path(dir);
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        ImageError::io(format!("writing {}", path.display()), e)
-    })
+    crate::atomic::write_atomic(path, data, 0o644)
+        .map_err(|e| ImageError::io(format!("writing {}", path.display()), e))
 }
 
 /// Stores a blob under its digest and returns the digest.

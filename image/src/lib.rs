@@ -29,10 +29,12 @@
 //! [`os`] (paths and constants both sides agree on) and [`verity::VerityParams`] (the
 //! dm-verity table stage 1 loads) are in the guest half.
 
+pub mod atomic;
 mod digest;
 mod error;
 pub mod gc;
 pub mod layout;
+mod layout_index;
 pub mod unpack;
 
 #[cfg(feature = "builder")]

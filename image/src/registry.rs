@@ -47,7 +47,7 @@ use ureq::{Agent, Body};
 use crate::digest::{hex, is_sha256_hex};
 use crate::layout::{
     MEDIA_TYPE_DOCKER_LAYER_GZIP, MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR,
-    MEDIA_TYPE_LAYER_ZSTD, REF_NAME_ANNOTATION,
+    MEDIA_TYPE_LAYER_ZSTD,
 };
 
 const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -80,6 +80,9 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
+    /// Writing into the destination layout failed.
+    #[error(transparent)]
+    Layout(#[from] crate::ImageError),
     /// The image reference does not parse.
     #[error("invalid image reference {reference:?}: {reason}")]
     InvalidReference {
@@ -723,7 +726,7 @@ pub fn pull(
         puller.fetch_blob(layer, BlobKind::Layer { index, count })?;
     }
     puller.store_blob(&manifest_bytes, &manifest_digest)?;
-    update_index(
+    crate::layout_index::list_manifest(
         dest_layout,
         &manifest_type,
         &manifest_digest,
@@ -1151,86 +1154,6 @@ fn lock_dir(dir: &Path) -> Result<File, RegistryError> {
     rustix::fs::flock(f.as_fd(), rustix::fs::FlockOperation::LockExclusive)
         .map_err(|e| ctx(e.into()))?;
     Ok(f)
-}
-
-/// Creates `oci-layout` if missing and records the manifest in `index.json` under
-/// `ref_name`, replacing entries of the same name; written atomically.
-fn update_index(
-    dir: &Path,
-    media_type: &str,
-    digest: &str,
-    size: u64,
-    ref_name: &str,
-) -> Result<(), RegistryError> {
-    let marker = dir.join("oci-layout");
-    if !marker.exists() {
-        write_atomic(&marker, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    }
-    let index_path = dir.join("index.json");
-    let mut index: serde_json::Value = match fs::read(&index_path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| RegistryError::Json {
-            what: index_path.display().to_string(),
-            source: e,
-        })?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_INDEX,
-            "manifests": [],
-        }),
-        Err(e) => {
-            return Err(RegistryError::io(
-                format!("reading {}", index_path.display()),
-                e,
-            ));
-        }
-    };
-    let Some(obj) = index.as_object_mut() else {
-        return Err(RegistryError::Protocol {
-            url: index_path.display().to_string(),
-            reason: "index.json is not a JSON object".to_owned(),
-        });
-    };
-    let entry = serde_json::json!({
-        "mediaType": media_type,
-        "digest": digest,
-        "size": size,
-        "annotations": { REF_NAME_ANNOTATION: ref_name },
-    });
-    let mut manifests: Vec<serde_json::Value> = obj
-        .get("manifests")
-        .and_then(|m| m.as_array())
-        .cloned()
-        .unwrap_or_default();
-    manifests.retain(|m| {
-        m.get("annotations")
-            .and_then(|a| a.get(REF_NAME_ANNOTATION))
-            .and_then(|r| r.as_str())
-            != Some(ref_name)
-    });
-    manifests.push(entry);
-    obj.insert("manifests".to_owned(), serde_json::Value::Array(manifests));
-    let bytes = serde_json::to_vec_pretty(&index).map_err(|e| RegistryError::Json {
-        what: "index.json".to_owned(),
-        source: e,
-    })?;
-    write_atomic(&index_path, &bytes)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), RegistryError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let ctx = |e| RegistryError::io(format!("writing {}", tmp.display()), e);
-    let mut f = File::create(&tmp).map_err(ctx)?;
-    f.write_all(bytes).map_err(ctx)?;
-    f.sync_all().map_err(ctx)?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .map_err(|e| RegistryError::io(format!("renaming {}", tmp.display()), e))?;
-    if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
 }
 
 fn header<'r>(resp: &'r Response<Body>, name: &str) -> Option<&'r str> {
@@ -1805,24 +1728,6 @@ mod tests {
         );
         assert_eq!(content_range_start("bytes 100-199/200"), Some(100));
         assert_eq!(content_range_start("bytes */200"), None);
-    }
-
-    #[test]
-    fn index_update_replaces_same_name() {
-        let tmp = tempfile::tempdir().unwrap();
-        let d1 = format!("sha256:{}", "1".repeat(64));
-        let d2 = format!("sha256:{}", "2".repeat(64));
-        update_index(tmp.path(), MEDIA_TYPE_MANIFEST, &d1, 10, "a").unwrap();
-        update_index(tmp.path(), MEDIA_TYPE_MANIFEST, &d1, 10, "b").unwrap();
-        update_index(tmp.path(), MEDIA_TYPE_MANIFEST, &d2, 20, "a").unwrap();
-        let idx: serde_json::Value =
-            serde_json::from_slice(&fs::read(tmp.path().join("index.json")).unwrap()).unwrap();
-        let m = idx["manifests"].as_array().unwrap();
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0]["annotations"][REF_NAME_ANNOTATION], "b");
-        assert_eq!(m[1]["annotations"][REF_NAME_ANNOTATION], "a");
-        assert_eq!(m[1]["digest"], d2.as_str());
-        assert!(tmp.path().join("oci-layout").exists());
     }
 
     #[test]
