@@ -450,7 +450,7 @@ fn keel_import(archive: &Path, layout: &Path) -> Result<(), String> {
 fn keel_unpack(layout: &Path, store: &Path) -> Result<Vec<PathBuf>, String> {
     let image = keel_image::layout::ImageLayout::open_ref(layout, TAG)
         .map_err(|e| format!("{}: {e}", layout.display()))?;
-    keel_image::unpack::unpack_image(&image, store)
+    keel_image::layer_store::unpack_image(&image, store)
         .map_err(|e| format!("unpack_image into {}: {e}", store.display()))
 }
 
@@ -590,7 +590,7 @@ pub fn run(opts: &Options) -> Result<Results, String> {
     let lowers = keel_unpack(&keel_layout, &keel_store)?;
     // What Keel's supervisor makes for each container: short links to the layers in the
     // store, and its own (empty) upper, work and mount-point directories.
-    keel_supervisor::container::short_lowers(&keel_store, &lowers)
+    keel_image::layer_store::short_lowers(&keel_store, &lowers)
         .map_err(io_err("short layer links"))?;
     for i in 0..opts.containers {
         keel_supervisor::container::ContainerDirs::under(&keel_containers, &format!("c{i}"))

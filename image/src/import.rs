@@ -738,7 +738,7 @@ mod tests {
         )
         .unwrap();
         let img = ImageLayout::open(&out).unwrap();
-        let dirs = crate::unpack::unpack_image(&img, &tmp.path().join("store")).unwrap();
+        let dirs = crate::layer_store::unpack_image(&img, &tmp.path().join("store")).unwrap();
         let root = &dirs[0];
         assert_eq!(fs::read(root.join("hello.txt")).unwrap(), b"hello");
         assert_eq!(

@@ -33,8 +33,10 @@ pub mod atomic;
 mod digest;
 mod error;
 pub mod gc;
+pub mod layer_store;
 pub mod layout;
 mod layout_index;
+mod remove_tree;
 pub mod unpack;
 
 #[cfg(feature = "builder")]

@@ -63,38 +63,27 @@
 //! - **Modes** are kept whole, setuid, setgid and sticky bits included (owners are set
 //!   before modes, since chown clears setuid). Owners may be shifted into a user
 //!   namespace's range ([`IdShift`]); an owner outside the range is refused.
-//!
-//! # Crash safety
-//!
-//! [`unpack_image`] extracts every layer into a uniquely named `.tmp-*` directory of the
-//! store, verifies the layer digest, syncs the filesystem and only then renames the
-//! directory to its digest with `RENAME_NOREPLACE`: a directory named after a digest is
-//! therefore always complete and verified, and is reused as it is. `.tmp-*` directories
-//! are never trusted. They are removed when an unpack fails, and those left by a crash are
-//! swept by the next [`unpack_image`] that finds no other unpack running: unpacks hold a
-//! shared `flock` on the store directory, and sweeping takes it exclusively (as should
-//! anything else that removes `.tmp-*` directories, such as a garbage collector).
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{
-    AtFlags, Dir, FileType, FlockOperation, Gid, Mode, OFlags, RenameFlags, ResolveFlags, Timespec,
-    Timestamps, Uid, XattrFlags, chmodat, chownat, fchmod, fchown, flock, fsetxattr, fsync,
-    futimens, linkat, makedev, mkdirat, mknodat, openat, openat2, renameat, renameat_with, statat,
-    symlinkat, syncfs, unlinkat, utimensat,
+    AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
+    chmodat, chownat, fchmod, fchown, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat,
+    openat, openat2, statat, symlinkat, unlinkat, utimensat,
 };
 use rustix::io::Errno;
 
 use crate::ImageError;
 use crate::digest::HashingReader;
-use crate::layout::{ImageLayout, Layer, decompress};
+use crate::layout::{Layer, decompress};
+use crate::remove_tree::remove_tree;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
@@ -107,11 +96,8 @@ const NAME_MAX: usize = 255;
 /// Longest path (without its NUL) Linux accepts; also bounds the depth of a layer's tree.
 const PATH_MAX: usize = 4095;
 
-/// Prefix of the store's in-progress (or crashed) layer directories.
-const TMP_PREFIX: &str = ".tmp-";
-
 /// How every directory is opened: never through or onto a symlink.
-const DIR_FLAGS: OFlags = OFlags::RDONLY
+pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
@@ -124,8 +110,6 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
 /// Cleared the first time `openat2` turns out to be missing (Linux < 5.6, or hidden by a
 /// seccomp filter); lookups then walk one component at a time with `O_NOFOLLOW`.
 static HAVE_OPENAT2: AtomicBool = AtomicBool::new(true);
-/// Makes temporary directory names unique within the process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// What one [`unpack_layer`] call created.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +136,7 @@ pub struct UnpackStats {
 ///
 /// The blob's SHA-256 is computed while it streams and compared with `layer.digest` at
 /// the end. On any error (a refused entry, a digest mismatch, a truncated blob) `dest`
-/// holds partial, untrusted content that the caller must discard ([`unpack_image`] does).
+/// holds partial, untrusted content that the caller must discard ([`crate::layer_store::unpack_image`] does).
 pub fn unpack_layer(layer: &Layer, dest: &Path) -> Result<UnpackStats, ImageError> {
     unpack_layer_shifted(layer, dest, None)
 }
@@ -204,7 +188,7 @@ pub fn unpack_layer_shifted(
 }
 
 /// Streams `layer` into the directory `root` (shown as `dest` in errors).
-fn unpack_into(
+pub(crate) fn unpack_into(
     layer: &Layer,
     root: OwnedFd,
     dest: &Path,
@@ -260,286 +244,6 @@ fn unpack_into(
 pub fn root_is_opaque(layer_dir: &Path) -> bool {
     let mut value = [0u8; 1];
     matches!(rustix::fs::lgetxattr(layer_dir, OPAQUE_XATTR, &mut value[..]), Ok(1) if value == *b"y")
-}
-
-/// Unpacks every layer of `layout` into `store_dir/<hex digest>/` (reusing directories
-/// that already exist there) and returns the layer directories bottom layer first.
-///
-/// See the module documentation for how a crash can never leave a directory that is later
-/// trusted as a complete layer.
-pub fn unpack_image(layout: &ImageLayout, store_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
-    unpack_image_shifted(layout, store_dir, None)
-}
-
-/// [`unpack_image`] with owners shifted into a user namespace's range. Shifted copies are
-/// kept apart from the plain ones (`<hex>@<uid>-<gid>-<size>`): layers cannot be shared
-/// across id ranges without idmapped mounts, which tmpfs lacks before Linux 6.3.
-pub fn unpack_image_shifted(
-    layout: &ImageLayout,
-    store_dir: &Path,
-    shift: Option<IdShift>,
-) -> Result<Vec<PathBuf>, ImageError> {
-    let store_io =
-        |what: &str, e: Errno| ImageError::io(format!("{what} {}", store_dir.display()), e.into());
-    fs::create_dir_all(store_dir)
-        .map_err(|e| ImageError::io(format!("creating {}", store_dir.display()), e))?;
-    let store = openat(rustix::fs::CWD, store_dir, DIR_FLAGS, Mode::empty())
-        .map_err(|e| store_io("opening", e))?;
-    // Held until every layer is in place, so that no other unpack sweeps our tmp dirs.
-    let _lock = lock_store(&store, store_dir)?;
-    let mut dirs = Vec::new();
-    // Extracted and verified, not yet renamed into place: (tmp name, final name).
-    let mut pending: Vec<(String, String)> = Vec::new();
-    for layer in layout.layers() {
-        let name = match shift {
-            None => layer.digest_hex()?.to_owned(),
-            Some(s) => format!("{}@{}-{}-{}", layer.digest_hex()?, s.uid, s.gid, s.size),
-        };
-        let final_dir = store_dir.join(&name);
-        match statat(&store, name.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            // Only a rename of a complete, verified tmp dir creates a directory by this name.
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                dirs.push(final_dir);
-                continue;
-            }
-            // Not something this module made (a symlink, a file): never trusted.
-            Ok(_) => unlinkat(&store, name.as_str(), AtFlags::empty())
-                .map_err(|e| store_io(&format!("removing the non-directory {name} in"), e))?,
-            Err(Errno::NOENT) => {}
-            Err(e) => return Err(store_io(&format!("inspecting {name} in"), e)),
-        }
-        let tmp = extract_to_tmp(&store, store_dir, &layer, &name, shift);
-        match tmp {
-            Ok(tmp) => pending.push((tmp, name)),
-            Err(e) => {
-                for (tmp, _) in &pending {
-                    let _ = remove_tree(&store, OsStr::new(tmp));
-                }
-                return Err(e);
-            }
-        }
-        dirs.push(final_dir);
-    }
-    if pending.is_empty() {
-        return Ok(dirs);
-    }
-    // The renames below must not become durable before the layers' contents do: one sync
-    // of the filesystem for all of them (each syncfs also waits for every other writer's
-    // data, which on a busy disk costs more than the layers themselves).
-    if let Err(e) = syncfs(&store) {
-        for (tmp, _) in &pending {
-            let _ = remove_tree(&store, OsStr::new(tmp));
-        }
-        return Err(store_io("syncing", e));
-    }
-    let mut failure = None;
-    for (tmp, name) in &pending {
-        if failure.is_some() {
-            let _ = remove_tree(&store, OsStr::new(tmp));
-            continue;
-        }
-        if let Err(e) = install_tmp(&store, store_dir, tmp, name) {
-            failure = Some(e);
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    fsync(&store).map_err(|e| store_io("syncing the store after renaming into", e))?;
-    Ok(dirs)
-}
-
-/// Unpacks one layer into a fresh tmp dir of the store (verifying its digest); returns the
-/// tmp dir's name. Nothing is synced yet: see `unpack_image_shifted`.
-fn extract_to_tmp(
-    store: &OwnedFd,
-    store_dir: &Path,
-    layer: &Layer,
-    name: &str,
-    shift: Option<IdShift>,
-) -> Result<String, ImageError> {
-    let tmp_name = loop {
-        let candidate = format!(
-            "{TMP_PREFIX}{name}-{}-{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        match mkdirat(store, candidate.as_str(), Mode::from_raw_mode(0o700)) {
-            Ok(()) => break candidate,
-            // A crashed process with a recycled pid, whose leftover is not swept yet.
-            Err(Errno::EXIST) => continue,
-            Err(e) => {
-                return Err(ImageError::io(
-                    format!("creating {}", store_dir.join(&candidate).display()),
-                    e.into(),
-                ));
-            }
-        }
-    };
-    let tmp_path = store_dir.join(&tmp_name);
-    let io_err =
-        |what: &str, e: Errno| ImageError::io(format!("{what} {}", tmp_path.display()), e.into());
-    let result = (|| {
-        let root = openat(store, tmp_name.as_str(), DIR_FLAGS, Mode::empty())
-            .map_err(|e| io_err("opening", e))?;
-        // The layer root's attributes when the layer has no `./` entry.
-        let (uid, gid) = shift.map_or((0, 0), |s| (s.uid, s.gid));
-        fchown(&root, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-            .map_err(|e| io_err("chowning", e))?;
-        fchmod(&root, Mode::from_raw_mode(0o755)).map_err(|e| io_err("chmoding", e))?;
-        unpack_into(layer, root, &tmp_path, shift)
-    })();
-    if let Err(e) = result {
-        // Best effort: the error that caused this matters more than a failed cleanup, and
-        // a leftover tmp dir is never trusted and is swept later.
-        let _ = remove_tree(store, OsStr::new(&tmp_name));
-        return Err(e);
-    }
-    Ok(tmp_name)
-}
-
-/// Renames a synced tmp dir to its final `name`; another unpacker's complete copy wins.
-fn install_tmp(
-    store: &OwnedFd,
-    store_dir: &Path,
-    tmp_name: &str,
-    name: &str,
-) -> Result<(), ImageError> {
-    let tmp_path = store_dir.join(tmp_name);
-    let renamed = match renameat_with(store, tmp_name, store, name, RenameFlags::NOREPLACE) {
-        // Filesystems without RENAME_NOREPLACE: a plain rename cannot replace a non-empty
-        // directory either, and an empty one would be a complete (empty) layer too.
-        Err(Errno::INVAL) => renameat(store, tmp_name, store, name),
-        other => other,
-    };
-    match renamed {
-        Ok(()) => Ok(()),
-        // Another unpacker finished the same layer first; its copy is as good.
-        Err(Errno::EXIST | Errno::NOTEMPTY) => {
-            let _ = remove_tree(store, OsStr::new(tmp_name));
-            match statat(store, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => Ok(()),
-                _ => Err(ImageError::BadSource {
-                    path: store_dir.join(name),
-                    reason: "appeared during the unpack and is not a directory".into(),
-                }),
-            }
-        }
-        Err(e) => {
-            let _ = remove_tree(store, OsStr::new(tmp_name));
-            Err(ImageError::io(
-                format!("renaming {} to {name}", tmp_path.display()),
-                e.into(),
-            ))
-        }
-    }
-}
-
-/// Takes the store lock (a `flock` on the store directory itself) shared, first sweeping
-/// leftover tmp dirs if no other unpack holds it. Returns `None` where the filesystem has
-/// no `flock` (nothing is swept there).
-fn lock_store(store: &OwnedFd, store_dir: &Path) -> Result<Option<OwnedFd>, ImageError> {
-    let lock_err = |e: Errno| ImageError::io(format!("locking {}", store_dir.display()), e.into());
-    // A lock belongs to an open file description: this one is ours alone.
-    let fd = openat(store, ".", DIR_FLAGS, Mode::empty()).map_err(lock_err)?;
-    match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {
-            // No unpack is running: every tmp dir is a crash's leftover.
-            sweep_tmp_dirs(store, store_dir)?;
-            flock(&fd, FlockOperation::LockShared).map_err(lock_err)?;
-        }
-        Err(Errno::WOULDBLOCK) => flock(&fd, FlockOperation::LockShared).map_err(lock_err)?,
-        Err(Errno::NOLCK | Errno::OPNOTSUPP) => return Ok(None),
-        Err(e) => return Err(lock_err(e)),
-    }
-    Ok(Some(fd))
-}
-
-/// Removes every `.tmp-*` entry of the store (the caller holds the lock exclusively).
-fn sweep_tmp_dirs(store: &OwnedFd, store_dir: &Path) -> Result<(), ImageError> {
-    let err = |e: Errno| ImageError::io(format!("sweeping {}", store_dir.display()), e.into());
-    let mut stale = Vec::new();
-    let mut dir = Dir::read_from(store).map_err(err)?;
-    while let Some(entry) = dir.read() {
-        let entry = entry.map_err(err)?;
-        let name = entry.file_name().to_bytes();
-        if name.starts_with(TMP_PREFIX.as_bytes()) {
-            stale.push(OsString::from_vec(name.to_vec()));
-        }
-    }
-    for name in stale {
-        remove_tree(store, &name).map_err(|e| {
-            ImageError::io(
-                format!(
-                    "removing the leftover of an interrupted unpack {}",
-                    store_dir.join(&name).display()
-                ),
-                e.into(),
-            )
-        })?;
-    }
-    Ok(())
-}
-
-/// Removes `name` in `parent`, a whole directory tree included, never following a
-/// symlink. Iterative, with one directory open at a time, so a deep tree can exhaust
-/// neither the stack nor the file descriptors.
-fn remove_tree(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
-    let st = match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => st,
-        Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-        return unlinkat(parent, name, AtFlags::empty());
-    }
-    // The names from `name` down to the directory `cur` is.
-    let mut path: Vec<OsString> = vec![name.to_owned()];
-    let mut cur = openat(parent, name, DIR_FLAGS, Mode::empty())?;
-    loop {
-        let mut subdir = None;
-        let mut removed_any = false;
-        let mut dir = Dir::read_from(&cur)?;
-        while let Some(entry) = dir.read() {
-            let entry = entry?;
-            let child = entry.file_name().to_bytes();
-            if child == b"." || child == b".." {
-                continue;
-            }
-            let child = OsStr::from_bytes(child);
-            let is_dir = match entry.file_type() {
-                FileType::Unknown => {
-                    let st = statat(&cur, child, AtFlags::SYMLINK_NOFOLLOW)?;
-                    FileType::from_raw_mode(st.st_mode) == FileType::Directory
-                }
-                ft => ft == FileType::Directory,
-            };
-            if is_dir {
-                subdir = Some(child.to_owned());
-                break;
-            }
-            unlinkat(&cur, child, AtFlags::empty())?;
-            removed_any = true;
-        }
-        drop(dir);
-        if let Some(child) = subdir {
-            cur = openat(&cur, &child, DIR_FLAGS, Mode::empty())?;
-            path.push(child);
-        } else if removed_any {
-            // Entries removed while reading may hide others from the same pass.
-            continue;
-        } else {
-            let done = path.pop().unwrap_or_default();
-            if path.is_empty() {
-                drop(cur);
-                return unlinkat(parent, name, AtFlags::REMOVEDIR);
-            }
-            // Our own tree, which nothing else modifies: `..` is the parent we came from.
-            let up = openat(&cur, "..", DIR_FLAGS, Mode::empty())?;
-            unlinkat(&up, &done, AtFlags::REMOVEDIR)?;
-            cur = up;
-        }
-    }
 }
 
 /// Header fields of one entry, after PAX overrides.
@@ -1249,6 +953,8 @@ fn times(mtime: i64) -> Timestamps {
 mod tests {
     use super::*;
     use crate::digest::sha256_digest;
+    use crate::layer_store::unpack_image;
+    use crate::layout::ImageLayout;
     use crate::layout::tests::make_layout;
     use crate::layout::{MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_TAR};
     use std::io::Write;

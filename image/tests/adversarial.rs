@@ -22,8 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keel_image::ImageError;
+use keel_image::layer_store::unpack_image;
 use keel_image::layout::{ImageLayout, Layer, MEDIA_TYPE_LAYER_TAR};
-use keel_image::unpack::{IdShift, UnpackStats, unpack_image, unpack_layer, unpack_layer_shifted};
+use keel_image::unpack::{IdShift, UnpackStats, unpack_layer, unpack_layer_shifted};
 use tar::EntryType;
 
 const ORIGINAL: &[u8] = b"original";

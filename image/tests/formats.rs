@@ -14,8 +14,8 @@ use std::process::Command;
 
 use keel_image::ImageError;
 use keel_image::archive::{copy_image, import_archive};
+use keel_image::layer_store::unpack_image;
 use keel_image::layout::{ImageLayout, PortProtocol, REF_NAME_ANNOTATION};
-use keel_image::unpack::unpack_image;
 use serde_json::{Value, json};
 use sha2::Digest as _;
 

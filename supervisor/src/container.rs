@@ -138,7 +138,7 @@ pub struct ContainerDirs {
     pub work: PathBuf,
     pub rootfs: PathBuf,
     /// The directory the overlay is mounted from: relative `lowerdir`s resolve against it
-    /// (see [`short_lowers`]).
+    /// (see [`keel_image::layer_store::short_lowers`]).
     pub lower_root: PathBuf,
 }
 
@@ -159,74 +159,6 @@ impl ContainerDirs {
         }
         Ok(())
     }
-}
-
-/// Directory of the short links in a layer store.
-const SHORT_LINKS: &str = "l";
-
-/// overlayfs takes its options in one page (4096 bytes), so absolute store paths (about 90
-/// bytes each) would cap an image at some 45 layers. As Docker's overlay2 does, each layer
-/// gets a short link `l/<12 characters>` in the store, and the overlay is mounted from the
-/// store directory with those relative names (15 bytes a layer): 250 layers fit, and
-/// overlayfs itself stacks at most 500. Returns the relative names, in `lowers`' order.
-pub fn short_lowers(store: &Path, lowers: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
-    use sha2::Digest;
-    let links = store.join(SHORT_LINKS);
-    std::fs::create_dir_all(&links)?;
-    let mut out = Vec::with_capacity(lowers.len());
-    for lower in lowers {
-        let name = lower.file_name().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("layer directory {} has no name", lower.display()),
-            )
-        })?;
-        let target = Path::new("..").join(name);
-        let hash = sha2::Sha256::digest(name.as_encoded_bytes());
-        let short = base32(&hash[..8])[..12].to_string();
-        let link = links.join(&short);
-        match std::fs::read_link(&link) {
-            Ok(existing) if existing == target => {}
-            Ok(existing) => {
-                return Err(io::Error::other(format!(
-                    "short layer link {} points to {}, not {}",
-                    link.display(),
-                    existing.display(),
-                    target.display()
-                )));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match std::os::unix::fs::symlink(&target, &link) {
-                    Ok(()) => {}
-                    // Created by a concurrent prepare of another container of the image.
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        out.push(Path::new(SHORT_LINKS).join(short));
-    }
-    Ok(out)
-}
-
-/// RFC 4648 base32, lowercase, without padding.
-fn base32(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut out = String::new();
-    let (mut buffer, mut bits) = (0u32, 0u32);
-    for byte in bytes {
-        buffer = (buffer << 8) | u32::from(*byte);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(ALPHABET[((buffer >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((buffer << (5 - bits)) & 31) as usize] as char);
-    }
-    out
 }
 
 /// Overlay options; `lower_bottom_first` comes from the image (bottom layer first) and
@@ -664,7 +596,7 @@ pub fn build_plan(
             data: None,
         });
     } else {
-        // The lowerdirs are relative to the layer store (see `short_lowers`).
+        // The lowerdirs are relative to the layer store (see `layer_store::short_lowers`).
         steps.push(SetupStep::Chdir {
             path: path_cstring(&dirs.lower_root)?,
         });
@@ -1041,7 +973,7 @@ mod tests {
         for dir in &lowers {
             std::fs::create_dir(dir).unwrap();
         }
-        let short = short_lowers(store.path(), &lowers).unwrap();
+        let short = keel_image::layer_store::short_lowers(store.path(), &lowers).unwrap();
         let dirs = ContainerDirs::under(Path::new("/run/keel/containers"), "a-long-container-name");
         let opts = overlay_options(&short, &dirs);
         assert!(opts.len() < 4096, "{} bytes", opts.len());
@@ -1052,17 +984,14 @@ mod tests {
             );
         }
         // Idempotent, and a link that points elsewhere is an error.
-        assert_eq!(short_lowers(store.path(), &lowers).unwrap(), short);
+        assert_eq!(
+            keel_image::layer_store::short_lowers(store.path(), &lowers).unwrap(),
+            short
+        );
         let link = store.path().join(&short[0]);
         std::fs::remove_file(&link).unwrap();
         std::os::unix::fs::symlink("../elsewhere", &link).unwrap();
-        assert!(short_lowers(store.path(), &lowers[..1]).is_err());
-    }
-
-    #[test]
-    fn base32_is_rfc4648() {
-        assert_eq!(base32(b"foobar"), "mzxw6ytboi");
-        assert_eq!(base32(b"f"), "my");
+        assert!(keel_image::layer_store::short_lowers(store.path(), &lowers[..1]).is_err());
     }
 
     #[test]

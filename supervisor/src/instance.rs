@@ -12,7 +12,7 @@ use crate::caps::{self, CapSet};
 use crate::cgroup::Cgroup;
 use crate::container::{
     ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
-    overlay_options, resolve_process, short_lowers,
+    overlay_options, resolve_process,
 };
 use crate::paths::Paths;
 use crate::seccomp::ProgramCache;
@@ -83,8 +83,9 @@ impl Instance {
             gid: m.gid,
             size: m.size,
         });
-        let mut lowers = keel_image::unpack::unpack_image_shifted(&layout, &paths.layers, shift)
-            .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
+        let mut lowers =
+            keel_image::layer_store::unpack_image_shifted(&layout, &paths.layers, shift)
+                .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
         // An opaque marker at a layer's root hides everything below it, but overlayfs
         // ignores opaqueness on a lower layer's root: leave the hidden layers out instead.
         if let Some(top_opaque) = lowers
@@ -110,7 +111,7 @@ impl Instance {
             std::os::unix::fs::chown(&dirs.upper, Some(map.uid), Some(map.gid))
                 .map_err(|e| format!("chown {}: {e}", dirs.upper.display()))?;
         }
-        let short = short_lowers(&paths.layers, &lowers)
+        let short = keel_image::layer_store::short_lowers(&paths.layers, &lowers)
             .map_err(|e| format!("linking the layers of image {}: {e}", config.image))?;
         let overlay = overlay_options(&short, &dirs);
         let cgroup = runtime

@@ -24,7 +24,6 @@ pub mod notify;
 pub mod paths;
 pub mod seccomp;
 pub mod spawn;
-pub mod store;
 mod supervisor;
 pub mod user;
 

@@ -423,7 +423,7 @@ impl Bare {
 fn mount_crun_rootfs(paths: &Paths) -> Result<PathBuf, String> {
     let layout = paths.open_image("bench")?;
     // Already unpacked by Instance::prepare: this only returns the same directories.
-    let lowers = keel_image::unpack::unpack_image(&layout, &paths.layers)
+    let lowers = keel_image::layer_store::unpack_image(&layout, &paths.layers)
         .map_err(|e| format!("unpacking the image: {e}"))?;
     let lowerdir: Vec<String> = lowers
         .iter()

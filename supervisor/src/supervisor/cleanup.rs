@@ -109,8 +109,8 @@ impl Supervisor {
                 }
             }
         }
-        match crate::store::collect_garbage(&self.runtime.paths.layers, &keep) {
-            Ok(c) if c == crate::store::Collected::default() => {}
+        match keel_image::layer_store::collect_garbage(&self.runtime.paths.layers, &keep) {
+            Ok(c) if c == keel_image::layer_store::Collected::default() => {}
             Ok(c) => log::info!(
                 "layer store: removed {} unused layers, {} partial unpacks, {} stale links",
                 c.layers,
