@@ -862,7 +862,7 @@ fn a_bad_partial_file_is_downloaded_again_and_a_tampered_blob_is_refused() {
     let err = pull(&reference, options(creds(), &log), &dest, "fake").unwrap_err();
     stop_fake(port, handle);
     assert!(
-        matches!(&err, RegistryError::DigestMismatch { what, .. } if what.contains(&hexd)),
+        matches!(&err, RegistryError::Image(keel_image::ImageError::DigestMismatch { what, .. }) if what.contains(&hexd)),
         "{err:?}"
     );
     assert!(err.to_string().contains(&big), "{err}");

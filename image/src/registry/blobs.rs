@@ -208,11 +208,12 @@ impl Puller<'_> {
                             if have + n64 > desc.size {
                                 drop(file);
                                 let _ = fs::remove_file(&partial);
-                                return Err(RegistryError::SizeMismatch {
+                                return Err(crate::ImageError::SizeMismatch {
                                     what: format!("blob {}", desc.digest),
                                     expected: desc.size,
                                     actual: have + n64,
-                                });
+                                }
+                                .into());
                             }
                             file.write_all(&buf[..n])
                                 .map_err(|e| io_err("writing", e))?;
@@ -263,11 +264,12 @@ impl Puller<'_> {
             }
             drop(file);
             let _ = fs::remove_file(&partial);
-            return Err(RegistryError::DigestMismatch {
+            return Err(crate::ImageError::DigestMismatch {
                 what: format!("blob {}", desc.digest),
                 expected: desc.digest.clone(),
                 actual,
-            });
+            }
+            .into());
         }
         file.sync_all().map_err(|e| io_err("syncing", e))?;
         drop(file);

@@ -6,9 +6,11 @@ use super::*;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RegistryError {
-    /// Writing into the destination layout failed.
+    /// The content or the destination layout failed a check of the image crate's: a digest
+    /// or size that does not match its descriptor, a malformed digest, an unwritable
+    /// layout (one set of those errors for pulls, archives and layouts alike).
     #[error(transparent)]
-    Layout(#[from] crate::ImageError),
+    Image(#[from] crate::ImageError),
     /// The image reference does not parse.
     #[error("invalid image reference {reference:?}: {reason}")]
     InvalidReference {
@@ -69,29 +71,6 @@ pub enum RegistryError {
     /// [`RegistryAuth::ca_pem`] holds no usable certificate.
     #[error("invalid CA certificate: {0}")]
     InvalidCa(String),
-    /// Content did not hash to the digest that names it.
-    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
-    DigestMismatch {
-        /// Which blob or manifest.
-        what: String,
-        /// The expected digest.
-        expected: String,
-        /// The digest of what was received.
-        actual: String,
-    },
-    /// Content did not have the size its descriptor promised.
-    #[error("size mismatch for {what}: expected {expected} bytes, got {actual}")]
-    SizeMismatch {
-        /// Which blob.
-        what: String,
-        /// The descriptor's size.
-        expected: u64,
-        /// The size received (at least).
-        actual: u64,
-    },
-    /// A digest that is not a well-formed sha256 digest.
-    #[error("unsupported or malformed digest {0:?} (only sha256 is supported)")]
-    UnsupportedDigest(String),
     /// A manifest, config or layer media type Keel cannot use.
     #[error("unsupported media type {media_type:?} for {what}")]
     UnsupportedMediaType {

@@ -243,11 +243,12 @@ pub fn pull(
         let (b, mt) = puller.fetch_manifest(&desc.digest)?;
         check_digest(&b, &desc.digest, &format!("manifest {}", desc.digest))?;
         if b.len() as u64 != desc.size {
-            return Err(RegistryError::SizeMismatch {
+            return Err(crate::ImageError::SizeMismatch {
                 what: format!("manifest {}", desc.digest),
                 expected: desc.size,
                 actual: b.len() as u64,
-            });
+            }
+            .into());
         }
         if is_index(&mt) {
             return Err(RegistryError::UnsupportedMediaType {
@@ -343,7 +344,7 @@ impl BlobDesc {
             .to_owned();
         match digest.strip_prefix("sha256:") {
             Some(h) if is_sha256_hex(h) => {}
-            _ => return Err(RegistryError::UnsupportedDigest(digest)),
+            _ => return Err(crate::ImageError::UnsupportedDigest(digest).into()),
         }
         let size = v
             .get("size")
@@ -374,11 +375,12 @@ fn is_index(media_type: &str) -> bool {
 fn check_digest(bytes: &[u8], expected: &str, what: &str) -> Result<(), RegistryError> {
     let actual = format!("sha256:{}", hex(&Sha256::digest(bytes)));
     if actual != expected {
-        return Err(RegistryError::DigestMismatch {
+        return Err(crate::ImageError::DigestMismatch {
             what: what.to_owned(),
             expected: expected.to_owned(),
             actual,
-        });
+        }
+        .into());
     }
     Ok(())
 }
