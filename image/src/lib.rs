@@ -35,6 +35,7 @@ mod error;
 pub mod gc;
 pub mod layer_store;
 pub mod layout;
+#[cfg(any(feature = "builder", feature = "pull"))]
 mod layout_index;
 mod remove_tree;
 pub mod unpack;

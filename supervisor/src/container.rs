@@ -12,7 +12,7 @@ use keel_config::{Container, Isolation, NetworkMode};
 use crate::caps::CapSet;
 use crate::seccomp::Program;
 use crate::spawn::{
-    IdMap, Namespaces, SetupPlan, SetupStep, cstring, exec_candidates, path_cstring,
+    DEFAULT_PATH, IdMap, Namespaces, SetupPlan, SetupStep, cstring, exec_candidates, path_cstring,
 };
 use crate::user::ResolvedUser;
 
@@ -64,8 +64,6 @@ pub struct ProcessSpec {
     pub env: Vec<String>,
     pub workdir: String,
 }
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Docker's rules: a host-file `entrypoint` replaces the image's and drops the image's Cmd;
 /// a host-file `command` replaces the Cmd; argv = entrypoint + cmd.

@@ -278,13 +278,17 @@ pub fn describe_failure(plan_steps: &[String], bytes: &[u8]) -> Option<String> {
     Some(format!("{what}: {}", io::Error::from_raw_os_error(errno)))
 }
 
+/// The PATH a container gets when neither its image nor its host file sets one (Docker's),
+/// and the one programs are resolved against without a PATH.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Resolves a program name like execvp: a name with a '/' is used as is, otherwise it is
 /// tried in each PATH directory (PATH as the container will see it).
 pub fn exec_candidates(program: &str, path_var: Option<&str>) -> Vec<String> {
     if program.contains('/') {
         return vec![program.to_string()];
     }
-    let path = path_var.unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let path = path_var.unwrap_or(DEFAULT_PATH);
     path.split(':')
         .filter(|dir| !dir.is_empty())
         .map(|dir| format!("{}/{program}", dir.trim_end_matches('/')))
