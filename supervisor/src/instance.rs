@@ -16,7 +16,7 @@ use crate::container::{
 };
 use crate::paths::Paths;
 use crate::seccomp::ProgramCache;
-use crate::spawn::{IdMap, SetupPlan, Spawned, spawn};
+use crate::spawn::{IdMap, SetupPlan, SetupStep, Spawned, spawn};
 use crate::user;
 
 /// What every start shares: where things live, the compiled seccomp programs, kernel facts.
@@ -46,10 +46,33 @@ impl Runtime {
     }
 }
 
+/// A started container process, with what its start knew.
+pub struct Started {
+    pub spawned: Spawned,
+    /// The plan's steps, described, for the error pipe's report.
+    pub steps: Vec<String>,
+    /// The cgroup's OOM kill count before this run (its own kills are those after).
+    pub oom_kills_before: u64,
+}
+
+/// Why [`Instance::start`] did not start a process.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The container cannot start as defined (its cgroup, its plan): it fails until its
+    /// definition or its files change.
+    #[error("{0}")]
+    Setup(String),
+    /// The clone itself failed (descriptors, memory, pids): the restart policy decides.
+    #[error("clone3 failed: {0}")]
+    Spawn(String),
+}
+
 /// A prepared container.
+///
+/// Its definition is not kept here: the supervisor holds it once (a live apply may change
+/// it in place) and hands it to every call that needs it.
 pub struct Instance {
     name: String,
-    config: Container,
     process: ProcessSpec,
     /// The image's StopSignal and Volumes.
     image_stop_signal: Option<i32>,
@@ -129,7 +152,6 @@ impl Instance {
         );
         Ok(Instance {
             name: name.to_string(),
-            config: config.clone(),
             process,
             image_stop_signal: image.stop_signal,
             image_volumes: image.volumes,
@@ -149,13 +171,13 @@ impl Instance {
 
     /// Recreates the container's cgroup if it was removed (after a stop for good), so the
     /// next start has one to clone into.
-    pub fn ensure_cgroup(&mut self, runtime: &Runtime) -> Result<(), String> {
+    fn ensure_cgroup(&mut self, runtime: &Runtime, config: &Container) -> Result<(), String> {
         if self.cgroup.path().is_dir() {
             return Ok(());
         }
         let cgroup = runtime
             .cgroups
-            .child(&self.name, &self.config.resources)
+            .child(&self.name, &config.resources)
             .map_err(|e| format!("cgroup: {e}"))?;
         self.cgroup = cgroup;
         Ok(())
@@ -177,26 +199,50 @@ impl Instance {
     }
 
     /// The host file's stop signal, else the image's StopSignal, else SIGTERM.
-    pub fn stop_signal(&self) -> i32 {
-        self.config
+    pub fn stop_signal(&self, config: &Container) -> i32 {
+        config
             .lifecycle
             .stop_signal
             .or(self.image_stop_signal)
             .unwrap_or(libc::SIGTERM)
     }
 
-    pub fn config(&self) -> &Container {
-        &self.config
-    }
-
     pub fn cgroup(&self) -> &Cgroup {
         &self.cgroup
     }
 
+    /// Starts the container's process (`stdio` become its fds 0, 1 and 2): recreates its
+    /// cgroup if a stop removed it, builds the plan, clears what a previous run left in the
+    /// cgroup and clones. The one call the supervisor makes to start a container.
+    pub fn start(
+        &mut self,
+        runtime: &mut Runtime,
+        config: &Container,
+        stdio: [RawFd; 3],
+    ) -> Result<Started, StartError> {
+        self.ensure_cgroup(runtime, config)
+            .map_err(StartError::Setup)?;
+        let plan = self.plan(runtime, config).map_err(StartError::Setup)?;
+        // Leftovers of a previous run (possible when it shared the host pid namespace)
+        // must not share the cgroup with the new one.
+        if !self.cgroup.is_empty() {
+            let _ = self.cgroup.kill_all();
+        }
+        let oom_kills_before = self.cgroup.keyed("memory.events", "oom_kill").unwrap_or(0);
+        let spawned = self
+            .spawn(&plan, stdio)
+            .map_err(|e| StartError::Spawn(crate::fds::explain(&e)))?;
+        Ok(Started {
+            spawned,
+            steps: plan.steps.iter().map(SetupStep::describe).collect(),
+            oom_kills_before,
+        })
+    }
+
     /// The setup plan of the next start. Built at every start: the container may have
     /// changed its own files (its /etc/passwd, a symlink where a volume goes) since the last.
-    pub fn plan(&self, runtime: &mut Runtime) -> Result<SetupPlan, String> {
-        let (security, process) = self.security(runtime)?;
+    pub fn plan(&self, runtime: &mut Runtime, config: &Container) -> Result<SetupPlan, String> {
+        let (security, process) = self.security(runtime, config)?;
         build_plan(&self.name, &process, &self.overlay, &self.dirs, &security)
             .map_err(|e| e.to_string())
     }
@@ -244,14 +290,15 @@ impl Instance {
     pub fn spawn_exec(
         &self,
         runtime: &mut Runtime,
+        config: &Container,
         container_pidfd: &OwnedFd,
         argv: &[String],
         extra_env: &[String],
         stdio: [RawFd; 3],
     ) -> Result<Spawned, String> {
         use std::os::fd::AsRawFd;
-        let (security, process) = self.security(runtime)?;
-        let iso = &self.config.isolation;
+        let (security, process) = self.security(runtime, config)?;
+        let iso = &config.isolation;
         let mut flags =
             libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP;
         if !iso.host_pid {
@@ -288,8 +335,12 @@ impl Instance {
 
     /// The user from the container's own /etc files, the capabilities, the cached seccomp
     /// program, and volumes resolved on the host.
-    fn security(&self, runtime: &mut Runtime) -> Result<(Security, ProcessSpec), String> {
-        let iso = &self.config.isolation;
+    fn security(
+        &self,
+        runtime: &mut Runtime,
+        config: &Container,
+    ) -> Result<(Security, ProcessSpec), String> {
+        let iso = &config.isolation;
         let read = |file: &str| -> Result<Option<String>, String> {
             user::read_merged(&self.layers_top_first, file)
                 .map(|bytes| bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))

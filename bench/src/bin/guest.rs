@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use keel_bench::{lines, oci, stats};
-use keel_config::HostConfig;
+use keel_config::{Container, HostConfig};
 use keel_init::{early, logger, modules};
 use keel_supervisor::cgroup::{CGROUP_ROOT, setup_hierarchy};
 use keel_supervisor::spawn::{SetupPlan, SetupStep, describe_failure};
@@ -218,8 +218,13 @@ fn run() -> Result<(), String> {
     // load) affects every runtime alike. Warm-up runs fill caches and are not recorded.
     for i in 0..options.warmup + options.n {
         let round = [
-            keel_start_to_first_instruction(&stamp, &mut runtime, &dev_null)?,
-            keel_start_to_exit(&truth, &mut runtime, &dev_null)?,
+            keel_start_to_first_instruction(
+                &stamp,
+                &config.containers["stamp"],
+                &mut runtime,
+                &dev_null,
+            )?,
+            keel_start_to_exit(&truth, &config.containers["true"], &mut runtime, &dev_null)?,
             crun.start_to_first_instruction(i)?,
             crun.start_to_exit(i, &dev_null)?,
             crun_plain.start_to_first_instruction(i)?,
@@ -252,12 +257,13 @@ fn run() -> Result<(), String> {
 /// minus ours just before `plan` + `spawn`.
 fn keel_start_to_first_instruction(
     instance: &Instance,
+    definition: &Container,
     runtime: &mut Runtime,
     dev_null: &OwnedFd,
 ) -> Result<u64, String> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let start = monotonic_ns();
-    let plan = instance.plan(runtime)?;
+    let plan = instance.plan(runtime, definition)?;
     let spawned = instance
         .spawn(
             &plan,
@@ -276,12 +282,13 @@ fn keel_start_to_first_instruction(
 /// Start → exit of /bin/true: until waitpid returns its exit.
 fn keel_start_to_exit(
     instance: &Instance,
+    definition: &Container,
     runtime: &mut Runtime,
     dev_null: &OwnedFd,
 ) -> Result<u64, String> {
     let fd = dev_null.as_raw_fd();
     let start = monotonic_ns();
-    let plan = instance.plan(runtime)?;
+    let plan = instance.plan(runtime, definition)?;
     let spawned = instance
         .spawn(&plan, [fd, fd, fd])
         .map_err(|e| format!("keel: clone3: {e}"))?;

@@ -275,7 +275,7 @@ impl Supervisor {
             (stdio, Some((out, err)))
         };
         let spawned = instance
-            .spawn_exec(&mut self.runtime, &run.pidfd, argv, env, stdio)
+            .spawn_exec(&mut self.runtime, &m.config, &run.pidfd, argv, env, stdio)
             .map_err(ControlError::Failed)?;
         let steps: Vec<String> = Vec::new();
         tokio::spawn(report_start_failure(

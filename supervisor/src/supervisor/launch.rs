@@ -117,32 +117,10 @@ impl Supervisor {
                 ContainerLog::open(name, &self.runtime.paths.logs, managed.config.logs, console)
             })
             .clone();
-        let Some(instance) = managed.instance.as_mut() else {
-            return;
-        };
-        if let Err(e) = instance.ensure_cgroup(&self.runtime) {
-            log::error!("{name}: cannot be started: {e}");
-            managed.state = ContainerState::Failed(e);
-            return;
-        }
-        let instance = &*instance;
-        let plan = match instance.plan(&mut self.runtime) {
-            Ok(plan) => plan,
-            Err(e) => {
-                log::error!("{name}: cannot be started: {e}");
-                managed.state = ContainerState::Failed(e);
-                return;
-            }
-        };
         let Some(dev_null) = self.dev_null.as_ref() else {
             managed.state = ContainerState::Failed("no /dev/null for stdin".into());
             return;
         };
-        // Leftovers of a previous run (possible when it shared the host pid namespace)
-        // must not share the cgroup with the new one.
-        if !instance.cgroup().is_empty() {
-            let _ = instance.cgroup().kill_all();
-        }
         let pipes = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).and_then(|out| {
             Ok((
                 out,
@@ -165,12 +143,15 @@ impl Supervisor {
             out_write.as_raw_fd(),
             err_write.as_raw_fd(),
         ];
-        let oom_kills_before = instance
-            .cgroup()
-            .keyed("memory.events", "oom_kill")
-            .unwrap_or(0);
-        match instance.spawn(&plan, stdio) {
-            Ok(spawned) => {
+        let Some(instance) = managed.instance.as_mut() else {
+            return;
+        };
+        match instance.start(&mut self.runtime, &managed.config, stdio) {
+            Ok(Started {
+                spawned,
+                steps,
+                oom_kills_before,
+            }) => {
                 drop((out_write, err_write));
                 managed.generation += 1;
                 let generation = managed.generation;
@@ -183,7 +164,6 @@ impl Supervisor {
                 }
                 tokio::spawn(pump(log_sink.clone(), Stream::Stdout, out_read));
                 tokio::spawn(pump(log_sink, Stream::Stderr, err_read));
-                let steps = plan.steps.iter().map(SetupStep::describe).collect();
                 tokio::spawn(report_start_failure(
                     name.to_string(),
                     spawned.error_pipe,
@@ -210,8 +190,12 @@ impl Supervisor {
                     health,
                 });
             }
-            Err(e) => {
-                log::error!("{name}: clone3 failed: {}", crate::fds::explain(&e));
+            Err(StartError::Setup(e)) => {
+                log::error!("{name}: cannot be started: {e}");
+                managed.state = ContainerState::Failed(e);
+            }
+            Err(e @ StartError::Spawn(_)) => {
+                log::error!("{name}: {e}");
                 self.after_exit_decision(name, ExitStatus::Code(127), Duration::ZERO);
             }
         }
@@ -235,7 +219,7 @@ impl Supervisor {
         };
         let signal = m.instance.as_ref().map_or(
             m.config.lifecycle.stop_signal.unwrap_or(libc::SIGTERM),
-            |i| i.stop_signal(),
+            |i| i.stop_signal(&m.config),
         );
         let timeout =
             timeout_override.unwrap_or(Duration::from_millis(m.config.lifecycle.stop_timeout_ms));

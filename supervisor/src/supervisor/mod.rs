@@ -41,10 +41,10 @@ use crate::apply::{self, ApplyPlan, Refusal};
 use crate::cgroup::Cgroup;
 use crate::events::Event;
 use crate::health::{Health, HealthState};
-use crate::instance::{Instance, Runtime};
+use crate::instance::{Instance, Runtime, StartError, Started};
 use crate::logs::{Console, ContainerLog, Stream, pump};
 use crate::paths::Paths;
-use crate::spawn::{IdMap, SetupStep, describe_failure};
+use crate::spawn::{IdMap, describe_failure};
 
 pub use control::{ControlError, ExecStarted, Stats, Status};
 pub use exits::ExitStatus;
