@@ -285,6 +285,17 @@ pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
     wrapped
 }
 
+/// The namespaces a container has of its own: decided here for its start, and joined by
+/// its execs.
+pub fn namespaces_of(iso: &Isolation, time_namespace: bool) -> Namespaces {
+    Namespaces {
+        mount: true,
+        pid: !iso.host_pid,
+        net: iso.network.is_own(),
+        time: time_namespace,
+    }
+}
+
 /// A container's open-files limit when its host file sets none: the kernel's boot default,
 /// what containers had before PID 1 raised its own (see crate::fds) and what they would
 /// otherwise inherit.
@@ -828,12 +839,7 @@ pub fn build_plan(
     Ok(SetupPlan {
         userns: security.userns,
         hold: matches!(iso.network, NetworkMode::Bridged(_)),
-        namespaces: Namespaces {
-            mount: true,
-            pid: !iso.host_pid,
-            net: iso.network.is_own(),
-            time: security.time_namespace,
-        },
+        namespaces: namespaces_of(iso, security.time_namespace),
         steps,
         exec_paths,
         argv: argv.iter().map(cstring).collect::<io::Result<_>>()?,
@@ -1111,6 +1117,22 @@ mod tests {
                 net: false,
                 time: true
             }
+        );
+    }
+
+    #[test]
+    fn an_exec_joins_exactly_the_namespaces_the_start_made() {
+        let mut iso = container().isolation;
+        let base = libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+        assert_eq!(
+            namespaces_of(&iso, true).join_flags(false),
+            base | libc::CLONE_NEWCGROUP | libc::CLONE_NEWPID | libc::CLONE_NEWTIME
+        );
+        iso.host_pid = true;
+        iso.network = NetworkMode::None;
+        assert_eq!(
+            namespaces_of(&iso, false).join_flags(true),
+            base | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNET | libc::CLONE_NEWUSER
         );
     }
 

@@ -298,21 +298,9 @@ impl Instance {
     ) -> Result<Spawned, String> {
         use std::os::fd::AsRawFd;
         let (security, process) = self.security(runtime, config)?;
-        let iso = &config.isolation;
-        let mut flags =
-            libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP;
-        if !iso.host_pid {
-            flags |= libc::CLONE_NEWPID;
-        }
-        if iso.network.is_own() {
-            flags |= libc::CLONE_NEWNET;
-        }
-        if runtime.time_namespace {
-            flags |= libc::CLONE_NEWTIME;
-        }
-        if self.userns.is_some() {
-            flags |= libc::CLONE_NEWUSER;
-        }
+        // The namespaces the container's start created, decided in the same place.
+        let flags = crate::container::namespaces_of(&config.isolation, runtime.time_namespace)
+            .join_flags(self.userns.is_some());
         let mut env = process.env.clone();
         for extra in extra_env {
             if let Some((name, _)) = extra.split_once('=') {

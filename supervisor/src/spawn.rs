@@ -42,6 +42,19 @@ pub struct Namespaces {
 }
 
 impl Namespaces {
+    /// The `setns` flags that join these namespaces from outside (an exec): the cgroup
+    /// namespace too (the container's start unshares it as a step), and the user namespace
+    /// when the container has one.
+    pub fn join_flags(&self, userns: bool) -> libc::c_int {
+        let mut flags = libc::CLONE_NEWCGROUP;
+        // The start's clone flags are the namespaces it creates; joining takes the same.
+        flags |= self.clone_flags() as libc::c_int;
+        if userns {
+            flags |= libc::CLONE_NEWUSER;
+        }
+        flags
+    }
+
     fn clone_flags(&self) -> u64 {
         let mut flags = 0;
         if self.mount {
