@@ -15,11 +15,10 @@
 //! ([`port`]); [`session`] reads a client's requests and answers them; [`exec`] and [`logs`]
 //! stream their responses. This file holds what the main loop and the API exchange.
 
-use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,12 +58,8 @@ pub const VIRTIO_PORT_PATH: &str = "/dev/virtio-ports/keel.api";
 const MAX_CONNECTIONS: usize = 32;
 /// How often `logs -f` looks at the file.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
-/// Log files are read, and responses written, in pieces of this size.
+/// `logs` responses are written in pieces of this size.
 const CHUNK: usize = 64 * 1024;
-/// A log line without a newline after this many bytes is cut there.
-const MAX_LOG_LINE: usize = 1 << 20;
-/// Rotated log files are looked for up to this number.
-const MAX_ROTATED: u32 = 1000;
 /// Exec output read after the exit, from processes the command left behind, is capped.
 const MAX_EXEC_DRAIN: usize = 1 << 20;
 /// How long [`serve_virtio`] waits for its port to appear at boot.

@@ -24,6 +24,10 @@
 //! I/O error, a console too busy) is dropped and counted ([`ContainerLog::dropped`]), and
 //! the file gets a `keel` record saying how many were lost once writing works again.
 
+mod reader;
+
+pub use reader::{LineSink, Live, LogSet, ReadFailure};
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
