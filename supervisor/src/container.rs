@@ -1,6 +1,5 @@
 //! From a container definition and its image to a [`SetupPlan`]: pure logic, testable without root.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -60,9 +59,70 @@ pub struct ProcessSpec {
     pub argv: Vec<String>,
     /// Who runs it: the host file's `user`, else the image's `User`, else root.
     pub user: Option<String>,
-    /// NAME=value, image variables first, overridden by name from the host file.
-    pub env: Vec<String>,
+    /// Image variables first, overridden by name from the host file.
+    pub env: Environment,
     pub workdir: String,
+}
+
+/// A process's environment, kept as a map until the plan is built: a name is set once, in
+/// the order names were first set, and setting it again replaces its value in place
+/// (Docker's rules for image, host-file and exec variables).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// `NAME=value`, one per name.
+    entries: Vec<String>,
+}
+
+impl Environment {
+    /// Sets `name` to `value`, replacing an earlier value in its place.
+    pub fn set(&mut self, name: &str, value: &str) {
+        let entry = format!("{name}={value}");
+        match self.position(name) {
+            Some(i) => self.entries[i] = entry,
+            None => self.entries.push(entry),
+        }
+    }
+
+    /// Sets `name` only if it is not set.
+    pub fn set_default(&mut self, name: &str, value: &str) {
+        if self.get(name).is_none() {
+            self.set(name, value);
+        }
+    }
+
+    /// Sets a `NAME=value` entry; an entry without `=` is ignored.
+    pub fn set_entry(&mut self, entry: &str) {
+        if let Some((name, value)) = entry.split_once('=') {
+            self.set(name, value);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.position(name)
+            .and_then(|i| self.entries[i].split_once('='))
+            .map(|(_, value)| value)
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.split_once('=').is_some_and(|(n, _)| n == name))
+    }
+}
+
+impl std::ops::Deref for Environment {
+    type Target = [String];
+
+    /// The `NAME=value` entries, in order: what execve gets.
+    fn deref(&self) -> &[String] {
+        &self.entries
+    }
+}
+
+impl<const N: usize> PartialEq<[&str; N]> for Environment {
+    fn eq(&self, other: &[&str; N]) -> bool {
+        self.entries == *other
+    }
 }
 
 /// Docker's rules: a host-file `entrypoint` replaces the image's and drops the image's Cmd;
@@ -83,34 +143,15 @@ pub fn resolve_process(
         return Err("nothing to run: the image has no Entrypoint or Cmd and the host file sets no `command`".into());
     }
 
-    let mut env: BTreeMap<String, (usize, String)> = BTreeMap::new();
-    let mut order = 0;
-    let mut set = |k: &str, v: &str, env: &mut BTreeMap<String, (usize, String)>| {
-        let position = env.get(k).map(|(p, _)| *p).unwrap_or_else(|| {
-            order += 1;
-            order
-        });
-        env.insert(k.to_string(), (position, v.to_string()));
-    };
+    let mut env = Environment::default();
     for var in &image.env {
-        if let Some((k, v)) = var.split_once('=') {
-            set(k, v, &mut env);
-        }
+        env.set_entry(var);
     }
     for (k, v) in &container.env {
-        set(k, v, &mut env);
+        env.set(k, v);
     }
-    if !env.contains_key("PATH") {
-        set("PATH", DEFAULT_PATH, &mut env);
-    }
-    if !env.contains_key("HOSTNAME") {
-        set("HOSTNAME", name, &mut env);
-    }
-    let mut ordered: Vec<(usize, String)> = env
-        .into_iter()
-        .map(|(k, (p, v))| (p, format!("{k}={v}")))
-        .collect();
-    ordered.sort();
+    env.set_default("PATH", DEFAULT_PATH);
+    env.set_default("HOSTNAME", name);
 
     let workdir = container
         .workdir
@@ -124,7 +165,7 @@ pub fn resolve_process(
             .user
             .clone()
             .or_else(|| image.user.clone()),
-        env: ordered.into_iter().map(|(_, e)| e).collect(),
+        env,
         workdir,
     })
 }
@@ -492,7 +533,7 @@ pub fn build_exec_plan(
     container_pidfd: RawFd,
     namespaces: libc::c_int,
     argv: &[String],
-    env: &[String],
+    env: &Environment,
     workdir: &str,
     security: &Security,
 ) -> io::Result<SetupPlan> {
@@ -831,7 +872,7 @@ pub fn build_plan(
     } else {
         process.argv.clone()
     };
-    let path_var = process.env.iter().find_map(|e| e.strip_prefix("PATH="));
+    let path_var = process.env.get("PATH");
     let exec_paths = exec_candidates(&argv[0], path_var)
         .iter()
         .map(cstring)
@@ -1118,6 +1159,20 @@ mod tests {
                 time: true
             }
         );
+    }
+
+    #[test]
+    fn an_environment_sets_each_name_once_in_first_set_order() {
+        let mut env = Environment::default();
+        env.set_entry("PATH=/bin");
+        env.set("A", "1");
+        env.set_entry("not an entry");
+        env.set("PATH", "/usr/bin");
+        env.set_default("A", "2");
+        env.set_default("B", "x=y");
+        assert_eq!(env, ["PATH=/usr/bin", "A=1", "B=x=y"]);
+        assert_eq!(env.get("B"), Some("x=y"));
+        assert_eq!(env.get("C"), None);
     }
 
     #[test]

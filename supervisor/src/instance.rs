@@ -303,10 +303,7 @@ impl Instance {
             .join_flags(self.userns.is_some());
         let mut env = process.env.clone();
         for extra in extra_env {
-            if let Some((name, _)) = extra.split_once('=') {
-                env.retain(|e| e.split_once('=').is_none_or(|(n, _)| n != name));
-                env.push(extra.clone());
-            }
+            env.set_entry(extra);
         }
         let plan = crate::container::build_exec_plan(
             container_pidfd.as_raw_fd(),
@@ -341,8 +338,8 @@ impl Instance {
         )
         .map_err(|e| e.to_string())?;
         let mut process = self.process.clone();
-        if !process.env.iter().any(|e| e.starts_with("HOME=")) {
-            process.env.push(format!("HOME={}", user.home));
+        if process.env.get("HOME").is_none() {
+            process.env.set("HOME", &user.home);
         }
 
         let names = iso.capabilities();
@@ -458,7 +455,7 @@ impl Instance {
             });
             process
                 .env
-                .push(format!("NOTIFY_SOCKET={}", crate::notify::CONTAINER_SOCKET));
+                .set("NOTIFY_SOCKET", crate::notify::CONTAINER_SOCKET);
         }
         let mut user = user;
         user.additional_gids = user.setgroups_list();
