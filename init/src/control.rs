@@ -48,6 +48,7 @@ fn error(e: ControlError) -> ApiError {
         ControlError::NotFound(m) => ApiError::new(ErrorCode::NotFound, m),
         ControlError::Conflict(m) => ApiError::new(ErrorCode::Conflict, m),
         ControlError::Failed(m) => ApiError::new(ErrorCode::Internal, m),
+        ControlError::Exec(e) => ApiError::new(ErrorCode::Internal, e.to_string()),
     }
 }
 

@@ -131,7 +131,7 @@ pub fn resolve_process(
     name: &str,
     image: &ImageProcess,
     container: &Container,
-) -> Result<ProcessSpec, String> {
+) -> Result<ProcessSpec, crate::setup_error::SetupError> {
     let (entrypoint, cmd) = match (&container.entrypoint, &container.command) {
         (Some(ep), Some(cmd)) => (ep.clone(), cmd.clone()),
         (Some(ep), None) => (ep.clone(), Vec::new()),
@@ -140,7 +140,7 @@ pub fn resolve_process(
     };
     let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
     if argv.is_empty() {
-        return Err("nothing to run: the image has no Entrypoint or Cmd and the host file sets no `command`".into());
+        return Err(crate::setup_error::SetupError::NothingToRun);
     }
 
     let mut env = Environment::default();

@@ -16,6 +16,7 @@ use crate::container::{
 };
 use crate::paths::Paths;
 use crate::seccomp::ProgramCache;
+use crate::setup_error::SetupError;
 use crate::spawn::{IdMap, SetupPlan, SetupStep, Spawned, spawn};
 use crate::user;
 
@@ -60,8 +61,8 @@ pub struct Started {
 pub enum StartError {
     /// The container cannot start as defined (its cgroup, its plan): it fails until its
     /// definition or its files change.
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Setup(SetupError),
     /// The clone itself failed (descriptors, memory, pids): the restart policy decides.
     #[error("clone3 failed: {0}")]
     Spawn(String),
@@ -98,7 +99,7 @@ impl Instance {
         name: &str,
         config: &Container,
         userns: Option<IdMap>,
-    ) -> Result<Instance, String> {
+    ) -> Result<Instance, SetupError> {
         let paths = &runtime.paths;
         let layout = paths.open_image(&config.image)?;
         let shift = userns.map(|m| keel_image::unpack::IdShift {
@@ -107,8 +108,12 @@ impl Instance {
             size: m.size,
         });
         let mut lowers =
-            keel_image::layer_store::unpack_image_shifted(&layout, &paths.layers, shift)
-                .map_err(|e| format!("unpacking image {}: {e}", config.image))?;
+            keel_image::layer_store::unpack_image_shifted(&layout, &paths.layers, shift).map_err(
+                |source| SetupError::Unpack {
+                    image: config.image.clone(),
+                    source,
+                },
+            )?;
         // An opaque marker at a layer's root hides everything below it, but overlayfs
         // ignores opaqueness on a lower layer's root: leave the hidden layers out instead.
         if let Some(top_opaque) = lowers
@@ -128,19 +133,30 @@ impl Instance {
         let process = resolve_process(name, &image, config)?;
         let mut dirs = ContainerDirs::under(&paths.containers, name);
         dirs.lower_root = paths.layers.clone();
-        dirs.create()
-            .map_err(|e| format!("creating {}: {e}", paths.containers.join(name).display()))?;
+        dirs.create().map_err(|source| SetupError::CreateDirs {
+            path: paths.containers.join(name),
+            source,
+        })?;
         if let Some(map) = userns {
-            std::os::unix::fs::chown(&dirs.upper, Some(map.uid), Some(map.gid))
-                .map_err(|e| format!("chown {}: {e}", dirs.upper.display()))?;
+            std::os::unix::fs::chown(&dirs.upper, Some(map.uid), Some(map.gid)).map_err(
+                |source| SetupError::ChownUpper {
+                    path: dirs.upper.clone(),
+                    source,
+                },
+            )?;
         }
-        let short = keel_image::layer_store::short_lowers(&paths.layers, &lowers)
-            .map_err(|e| format!("linking the layers of image {}: {e}", config.image))?;
+        let short =
+            keel_image::layer_store::short_lowers(&paths.layers, &lowers).map_err(|source| {
+                SetupError::ShortLinks {
+                    image: config.image.clone(),
+                    source,
+                }
+            })?;
         let overlay = overlay_options(&short, &dirs);
         let cgroup = runtime
             .cgroups
             .child(name, &config.resources)
-            .map_err(|e| format!("cgroup: {e}"))?;
+            .map_err(SetupError::Cgroup)?;
         let layers_top_first = std::iter::once(dirs.upper.clone())
             .chain(lowers.iter().rev().cloned())
             .collect();
@@ -171,14 +187,14 @@ impl Instance {
 
     /// Recreates the container's cgroup if it was removed (after a stop for good), so the
     /// next start has one to clone into.
-    fn ensure_cgroup(&mut self, runtime: &Runtime, config: &Container) -> Result<(), String> {
+    fn ensure_cgroup(&mut self, runtime: &Runtime, config: &Container) -> Result<(), SetupError> {
         if self.cgroup.path().is_dir() {
             return Ok(());
         }
         let cgroup = runtime
             .cgroups
             .child(&self.name, &config.resources)
-            .map_err(|e| format!("cgroup: {e}"))?;
+            .map_err(SetupError::Cgroup)?;
         self.cgroup = cgroup;
         Ok(())
     }
@@ -241,10 +257,10 @@ impl Instance {
 
     /// The setup plan of the next start. Built at every start: the container may have
     /// changed its own files (its /etc/passwd, a symlink where a volume goes) since the last.
-    pub fn plan(&self, runtime: &mut Runtime, config: &Container) -> Result<SetupPlan, String> {
+    pub fn plan(&self, runtime: &mut Runtime, config: &Container) -> Result<SetupPlan, SetupError> {
         let (security, process) = self.security(runtime, config)?;
         build_plan(&self.name, &process, &self.overlay, &self.dirs, &security)
-            .map_err(|e| e.to_string())
+            .map_err(SetupError::Plan)
     }
 
     /// Starts the container's process; `stdio` become its fds 0, 1 and 2.
@@ -295,7 +311,7 @@ impl Instance {
         argv: &[String],
         extra_env: &[String],
         stdio: [RawFd; 3],
-    ) -> Result<Spawned, String> {
+    ) -> Result<Spawned, SetupError> {
         use std::os::fd::AsRawFd;
         let (security, process) = self.security(runtime, config)?;
         // The namespaces the container's start created, decided in the same place.
@@ -313,9 +329,9 @@ impl Instance {
             &process.workdir,
             &security,
         )
-        .map_err(|e| e.to_string())?;
-        let cgroup_dir = self.cgroup_dir().map_err(|e| e.to_string())?;
-        spawn(&plan, &cgroup_dir, stdio).map_err(|e| format!("clone3: {}", crate::fds::explain(&e)))
+        .map_err(SetupError::Plan)?;
+        let cgroup_dir = self.cgroup_dir().map_err(SetupError::CgroupDir)?;
+        spawn(&plan, &cgroup_dir, stdio).map_err(|e| SetupError::Clone(crate::fds::explain(&e)))
     }
 
     /// The user from the container's own /etc files, the capabilities, the cached seccomp
@@ -324,37 +340,29 @@ impl Instance {
         &self,
         runtime: &mut Runtime,
         config: &Container,
-    ) -> Result<(Security, ProcessSpec), String> {
+    ) -> Result<(Security, ProcessSpec), SetupError> {
         let iso = &config.isolation;
-        let read = |file: &str| -> Result<Option<String>, String> {
+        let read = |file: &'static str| -> Result<Option<String>, SetupError> {
             user::read_merged(&self.layers_top_first, file)
                 .map(|bytes| bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                .map_err(|e| format!("reading the image's {file}: {e}"))
+                .map_err(|source| SetupError::ReadImageFile { file, source })
         };
         let user = user::resolve(
             self.process.user.as_deref(),
             read("/etc/passwd")?.as_deref(),
             read("/etc/group")?.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         let mut process = self.process.clone();
         if process.env.get("HOME").is_none() {
             process.env.set("HOME", &user.home);
         }
 
         let names = iso.capabilities();
-        let capabilities = CapSet::from_names(&names)
-            .map_err(|e| e.to_string())?
-            .known_to_kernel(runtime.last_cap);
+        let capabilities = CapSet::from_names(&names)?.known_to_kernel(runtime.last_cap);
         let seccomp: Option<Arc<_>> = if iso.privileged {
             None
         } else {
-            Some(
-                runtime
-                    .seccomp
-                    .get(&names)
-                    .map_err(|e| format!("seccomp: {e}"))?,
-            )
+            Some(runtime.seccomp.get(&names).map_err(SetupError::Seccomp)?)
         };
 
         let mut mounts = Vec::new();
@@ -362,19 +370,23 @@ impl Instance {
             let source = match &volume.source {
                 VolumeSource::Named(name) => {
                     let dir = runtime.paths.volumes.join(name);
-                    std::fs::create_dir_all(&dir).map_err(|e| format!("volume {name}: {e}"))?;
+                    std::fs::create_dir_all(&dir).map_err(|source| SetupError::Volume {
+                        name: name.clone(),
+                        source,
+                    })?;
                     if let Some(map) = self.userns {
-                        std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid))
-                            .map_err(|e| format!("volume {name}: chown: {e}"))?;
+                        std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid)).map_err(
+                            |source| SetupError::VolumeChown {
+                                name: name.clone(),
+                                source,
+                            },
+                        )?;
                     }
                     dir
                 }
                 VolumeSource::Host(path) => {
                     if !path.exists() {
-                        return Err(format!(
-                            "volume source {} does not exist on the host",
-                            path.display()
-                        ));
+                        return Err(SetupError::MissingVolumeSource(path.clone()));
                     }
                     path.clone()
                 }
@@ -409,10 +421,17 @@ impl Instance {
                 .join(".image")
                 .join(&self.name)
                 .join(target.trim_start_matches('/').replace('/', "%"));
-            std::fs::create_dir_all(&dir).map_err(|e| format!("image volume {target}: {e}"))?;
+            std::fs::create_dir_all(&dir).map_err(|source| SetupError::ImageVolume {
+                target: target.clone(),
+                source,
+            })?;
             if let Some(map) = self.userns {
-                std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid))
-                    .map_err(|e| format!("image volume {target}: chown: {e}"))?;
+                std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid)).map_err(|source| {
+                    SetupError::ImageVolumeChown {
+                        target: target.clone(),
+                        source,
+                    }
+                })?;
             }
             mounts.push(ExtraMount::Bind {
                 source: dir,
@@ -424,7 +443,7 @@ impl Instance {
             .into_iter()
             .chain(mounts.iter().map(ExtraMount::target))
         {
-            check_mount_target(&self.layers_top_first, target)?;
+            check_mount_target(&self.layers_top_first, target).map_err(SetupError::MountTarget)?;
         }
         let (hosts, resolv) = match &iso.network {
             NetworkMode::Bridged(a) => (

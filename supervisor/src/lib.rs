@@ -23,6 +23,7 @@ pub mod logs;
 pub mod notify;
 pub mod paths;
 pub mod seccomp;
+pub mod setup_error;
 pub mod spawn;
 mod supervisor;
 pub mod user;

@@ -22,12 +22,19 @@ impl Paths {
     /// Opens image `name` of the host file (named so in the layout `keel build` embeds),
     /// verifying its manifest and config.
     /// An image pulled at boot is found in [`Paths::pulled`] instead.
-    pub fn open_image(&self, name: &str) -> Result<keel_image::layout::ImageLayout, String> {
+    pub fn open_image(
+        &self,
+        name: &str,
+    ) -> Result<keel_image::layout::ImageLayout, crate::setup_error::SetupError> {
         keel_image::layout::ImageLayout::open_ref(&self.images, name)
             .or_else(|embedded| {
                 keel_image::layout::ImageLayout::open_ref(&self.pulled, name).map_err(|_| embedded)
             })
-            .map_err(|e| format!("image {name} ({}): {e}", self.images.display()))
+            .map_err(|source| crate::setup_error::SetupError::OpenImage {
+                image: name.to_owned(),
+                store: self.images.clone(),
+                source,
+            })
     }
 
     /// Opens image `name` pulled at boot.

@@ -174,8 +174,10 @@ fn run() -> Result<(), String> {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let mut runtime = Runtime::new(paths, cgroups);
-    let stamp = Instance::prepare(&runtime, "stamp", &config.containers["stamp"], None)?;
-    let truth = Instance::prepare(&runtime, "true", &config.containers["true"], None)?;
+    let stamp = Instance::prepare(&runtime, "stamp", &config.containers["stamp"], None)
+        .map_err(|e| e.to_string())?;
+    let truth = Instance::prepare(&runtime, "true", &config.containers["true"], None)
+        .map_err(|e| e.to_string())?;
     let crun_rootfs = mount_crun_rootfs(&runtime.paths)?;
     // crun 1.8.1 (Debian 12) cannot start a container with a time namespace: its
     // intermediate process exits, the container process is SIGKILLed and `crun run` fails
@@ -263,7 +265,9 @@ fn keel_start_to_first_instruction(
 ) -> Result<u64, String> {
     let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let start = monotonic_ns();
-    let plan = instance.plan(runtime, definition)?;
+    let plan = instance
+        .plan(runtime, definition)
+        .map_err(|e| e.to_string())?;
     let spawned = instance
         .spawn(
             &plan,
@@ -288,7 +292,9 @@ fn keel_start_to_exit(
 ) -> Result<u64, String> {
     let fd = dev_null.as_raw_fd();
     let start = monotonic_ns();
-    let plan = instance.plan(runtime, definition)?;
+    let plan = instance
+        .plan(runtime, definition)
+        .map_err(|e| e.to_string())?;
     let spawned = instance
         .spawn(&plan, [fd, fd, fd])
         .map_err(|e| format!("keel: clone3: {e}"))?;
@@ -428,7 +434,7 @@ impl Bare {
 
 /// The image's layers mounted once as a read-only overlay: crun wants a directory.
 fn mount_crun_rootfs(paths: &Paths) -> Result<PathBuf, String> {
-    let layout = paths.open_image("bench")?;
+    let layout = paths.open_image("bench").map_err(|e| e.to_string())?;
     // Already unpacked by Instance::prepare: this only returns the same directories.
     let lowers = keel_image::layer_store::unpack_image(&layout, &paths.layers)
         .map_err(|e| format!("unpacking the image: {e}"))?;

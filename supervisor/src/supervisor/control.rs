@@ -17,21 +17,17 @@ pub struct Status {
 }
 
 /// Errors of the control operations, by kind, for the API's error codes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ControlError {
+    #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
     Failed(String),
-}
-
-impl std::fmt::Display for ControlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ControlError::NotFound(m) | ControlError::Conflict(m) | ControlError::Failed(m) => {
-                f.write_str(m)
-            }
-        }
-    }
+    /// An exec could not be set up or cloned.
+    #[error(transparent)]
+    Exec(#[from] SetupError),
 }
 
 /// A process started with [`Supervisor::exec`].
@@ -274,9 +270,8 @@ impl Supervisor {
             let stdio = [dev_null.as_raw_fd(), out.1.as_raw_fd(), err.1.as_raw_fd()];
             (stdio, Some((out, err)))
         };
-        let spawned = instance
-            .spawn_exec(&mut self.runtime, &m.config, &run.pidfd, argv, env, stdio)
-            .map_err(ControlError::Failed)?;
+        let spawned =
+            instance.spawn_exec(&mut self.runtime, &m.config, &run.pidfd, argv, env, stdio)?;
         let steps: Vec<String> = Vec::new();
         tokio::spawn(report_start_failure(
             format!("{name} (exec)"),

@@ -101,7 +101,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     log::error!("{name}: cannot be started: {e}");
-                    managed.state = ContainerState::Failed(e);
+                    managed.state = ContainerState::Failed(e.to_string());
                     return;
                 }
             }
@@ -192,7 +192,7 @@ impl Supervisor {
             }
             Err(StartError::Setup(e)) => {
                 log::error!("{name}: cannot be started: {e}");
-                managed.state = ContainerState::Failed(e);
+                managed.state = ContainerState::Failed(e.to_string());
             }
             Err(e @ StartError::Spawn(_)) => {
                 log::error!("{name}: {e}");

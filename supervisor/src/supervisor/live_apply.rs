@@ -103,7 +103,11 @@ impl Supervisor {
             if self.pulls.contains_key(image) {
                 Ok(())
             } else {
-                self.runtime.paths.open_image(image).map(drop)
+                self.runtime
+                    .paths
+                    .open_image(image)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             }
         }));
         if !refusals.is_empty() {

@@ -44,6 +44,7 @@ use crate::health::{Health, HealthState};
 use crate::instance::{Instance, Runtime, StartError, Started};
 use crate::logs::{Console, ContainerLog, Stream, pump};
 use crate::paths::Paths;
+use crate::setup_error::SetupError;
 use crate::spawn::{IdMap, describe_failure};
 
 pub use control::{ControlError, ExecStarted, Stats, Status};
