@@ -17,13 +17,12 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use oci_spec::image::{
-    Arch, ConfigBuilder, Descriptor, Digest, ImageConfigurationBuilder, ImageIndexBuilder,
-    ImageManifestBuilder, MediaType, Os, RootFsBuilder,
+    Arch, ConfigBuilder, Descriptor, Digest, ImageConfigurationBuilder, ImageManifestBuilder,
+    MediaType, Os, RootFsBuilder,
 };
 
 use crate::ImageError;
 use crate::digest::{HashingWriter, sha256_digest};
-use crate::layout::REF_NAME_ANNOTATION;
 
 /// Where the content of one layer comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,30 +133,12 @@ pub fn import(
     let manifest_digest = write_blob(&blobs, &manifest_json)?;
     size += manifest_json.len() as u64;
 
-    let mut manifest_desc = Descriptor::new(
-        MediaType::ImageManifest,
+    crate::layout_index::new_index(
+        out_dir,
+        crate::layout::MEDIA_TYPE_MANIFEST,
+        &manifest_digest,
         manifest_json.len() as u64,
-        Digest::from_str(&manifest_digest)?,
-    );
-    if let Some(r) = ref_name {
-        // A single-entry map, so its serialisation order cannot vary.
-        manifest_desc.set_annotations(Some(HashMap::from([(
-            REF_NAME_ANNOTATION.to_owned(),
-            r.to_owned(),
-        )])));
-    }
-    let index = ImageIndexBuilder::default()
-        .schema_version(2u32)
-        .media_type(MediaType::ImageIndex)
-        .manifests(vec![manifest_desc])
-        .build()?;
-    write_atomic(
-        &out_dir.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    write_atomic(
-        &out_dir.join("index.json"),
-        &to_json(&index, "image index")?,
+        ref_name,
     )?;
 
     Ok(ImportedImage {

@@ -1,7 +1,8 @@
 //! The one writer of an OCI layout's `index.json` (and of its `oci-layout` marker, when the
 //! layout is new): a manifest is listed under a ref name, replacing an entry of that name and
-//! keeping every other entry as it is, and the file is replaced atomically and durably.
-//! Callers hold the layout's lock (`flock` on its directory) while they write.
+//! keeping every other entry as it is ([`list_manifest`]), or a new layout's index gets its
+//! one manifest ([`new_index`]); the file is replaced atomically and durably. Callers hold
+//! the layout's lock (`flock` on its directory) while they write.
 
 use std::fs;
 use std::io;
@@ -53,13 +54,46 @@ pub(crate) fn list_manifest(
         .as_array_mut()
         .ok_or_else(|| invalid("index.json has no manifests list"))?;
     manifests.retain(|m| m["annotations"][REF_NAME_ANNOTATION].as_str() != Some(ref_name));
-    manifests.push(serde_json::json!({
+    manifests.push(entry(media_type, digest, size, Some(ref_name)));
+    write_index(dir, &index)
+}
+
+/// Writes a new layout's `index.json` (and marker) listing one manifest, named `ref_name`
+/// if given; whatever index was there is replaced.
+pub(crate) fn new_index(
+    dir: &Path,
+    media_type: &str,
+    digest: &str,
+    size: u64,
+    ref_name: Option<&str>,
+) -> Result<(), ImageError> {
+    let marker = dir.join("oci-layout");
+    write_atomic(&marker, LAYOUT_MARKER, 0o644)
+        .map_err(|e| ImageError::io(format!("writing {}", marker.display()), e))?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_INDEX,
+        "manifests": [entry(media_type, digest, size, ref_name)],
+    });
+    write_index(dir, &index)
+}
+
+/// An index entry: a manifest's descriptor, with its ref name as an annotation.
+fn entry(media_type: &str, digest: &str, size: u64, ref_name: Option<&str>) -> serde_json::Value {
+    let mut entry = serde_json::json!({
         "mediaType": media_type,
         "digest": digest,
         "size": size,
-        "annotations": { REF_NAME_ANNOTATION: ref_name },
-    }));
-    let bytes = serde_json::to_vec_pretty(&index).map_err(|e| ImageError::Json {
+    });
+    if let Some(name) = ref_name {
+        entry["annotations"] = serde_json::json!({ REF_NAME_ANNOTATION: name });
+    }
+    entry
+}
+
+fn write_index(dir: &Path, index: &serde_json::Value) -> Result<(), ImageError> {
+    let path = dir.join("index.json");
+    let bytes = serde_json::to_vec_pretty(index).map_err(|e| ImageError::Json {
         what: "index.json".into(),
         source: e,
     })?;
