@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 use crate::ImageError;
@@ -78,14 +78,7 @@ pub fn collect_layout_garbage(
     }
     if collected.images > 0 {
         index["manifests"] = serde_json::Value::Array(kept);
-        let tmp = dir.join(".index.json.gc");
-        let mut file = fs::File::create(&tmp)
-            .map_err(|e| ImageError::io(format!("creating {}", tmp.display()), e))?;
-        file.write_all(index.to_string().as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| ImageError::io(format!("writing {}", tmp.display()), e))?;
-        fs::rename(&tmp, &index_path)
-            .map_err(|e| ImageError::io(format!("replacing {}", index_path.display()), e))?;
+        crate::layout_index::write_index(dir, &index)?;
     }
     let blobs = dir.join("blobs").join("sha256");
     let entries = match fs::read_dir(&blobs) {

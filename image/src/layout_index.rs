@@ -13,10 +13,13 @@ use crate::atomic::write_atomic;
 use crate::layout::{MEDIA_TYPE_INDEX, REF_NAME_ANNOTATION};
 
 /// The `oci-layout` marker of a layout this crate creates.
+#[cfg_attr(not(any(feature = "builder", feature = "pull")), allow(dead_code))]
 pub(crate) const LAYOUT_MARKER: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// Lists the manifest `digest` (`media_type`, `size` bytes) in `dir`'s `index.json` under
 /// `ref_name`, creating the index (and the `oci-layout` marker) if the layout is new.
+// Pulls and archives list manifests; the guest side only collects garbage.
+#[cfg_attr(not(any(feature = "builder", feature = "pull")), allow(dead_code))]
 pub(crate) fn list_manifest(
     dir: &Path,
     media_type: &str,
@@ -60,6 +63,7 @@ pub(crate) fn list_manifest(
 
 /// Writes a new layout's `index.json` (and marker) listing one manifest, named `ref_name`
 /// if given; whatever index was there is replaced.
+#[cfg_attr(not(feature = "builder"), allow(dead_code))]
 pub(crate) fn new_index(
     dir: &Path,
     media_type: &str,
@@ -91,7 +95,8 @@ fn entry(media_type: &str, digest: &str, size: u64, ref_name: Option<&str>) -> s
     entry
 }
 
-fn write_index(dir: &Path, index: &serde_json::Value) -> Result<(), ImageError> {
+/// Replaces `dir`'s `index.json` with `index` (garbage collection drops entries with it).
+pub(crate) fn write_index(dir: &Path, index: &serde_json::Value) -> Result<(), ImageError> {
     let path = dir.join("index.json");
     let bytes = serde_json::to_vec_pretty(index).map_err(|e| ImageError::Json {
         what: "index.json".into(),

@@ -35,7 +35,6 @@ mod error;
 pub mod gc;
 pub mod layer_store;
 pub mod layout;
-#[cfg(any(feature = "builder", feature = "pull"))]
 mod layout_index;
 mod remove_tree;
 pub mod unpack;
