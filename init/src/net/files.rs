@@ -102,8 +102,5 @@ pub(super) fn write_files(state: &Shared) {
 /// Readers (containers sharing the host's /etc files) see the old file or the new one,
 /// never half of one.
 pub(super) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    keel_image::atomic::write_atomic(path, text.as_bytes(), 0o644)
 }
