@@ -218,14 +218,11 @@ impl Inputs {
                 }
             }
         };
-        let cache_dir = match &self.cache {
-            Some(c) => c.clone(),
-            None => std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from("/var/cache"))
-                .join("keel"),
-        };
+        let cache_dir = self
+            .cache
+            .clone()
+            .or_else(keel_qemu::cache_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/keel"));
         Ok(build::BuildOptions { init, cache_dir })
     }
 }

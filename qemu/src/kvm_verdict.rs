@@ -139,8 +139,8 @@ impl VerdictFile {
 }
 
 /// `$KEEL_CACHE`, `$XDG_CACHE_HOME/keel` or `$HOME/.cache/keel`: where `keel` keeps its
-/// downloads too.
-fn cache_dir() -> Option<PathBuf> {
+/// downloads (the kernel package, pulled images) and this crate its KVM verdicts.
+pub fn cache_dir() -> Option<PathBuf> {
     let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
     if let Some(dir) = non_empty("KEEL_CACHE") {
         return Some(PathBuf::from(dir));

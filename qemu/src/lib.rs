@@ -29,4 +29,5 @@ pub use binary::{DEFAULT_QEMU, QEMU_ENV};
 pub use config::{Disk, MAX_DISK_SERIAL, ParsePortForwardError, PortForward, VmConfig, qemu_args};
 pub use error::QemuError;
 pub use interactive::{POWEROFF_CLEAN_LINE, run_interactive};
+pub use kvm_verdict::cache_dir;
 pub use vm::{HttpResponse, Vm};
