@@ -138,6 +138,9 @@ pub struct Volume {
     pub source: VolumeSource,
     pub target: String,
     pub readonly: bool,
+    /// Set-user-ID and file capabilities work on the volume (`:suid`); off by default, like
+    /// Docker's `nosuid`. Device nodes never work on a volume.
+    pub suid: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -488,12 +491,30 @@ pub(crate) fn volumes(
     let mut out: Vec<Volume> = Vec::new();
     for spec in v.get_ref() {
         let parts: Vec<&str> = spec.split(':').collect();
-        let (source, target, readonly) = match parts.as_slice() {
-            [s, t] => (*s, *t, false),
-            [s, t, "ro"] => (*s, *t, true),
-            [s, t, "rw"] => (*s, *t, false),
-            _ => return Err(loc.at(v, &key, format!("`{spec}`: expected \"NAME:/path\" or \"/host/path:/path\", optionally followed by \":ro\""))),
+        let bad_spec = || {
+            loc.at(
+                v,
+                &key,
+                format!(
+                    "`{spec}`: expected \"NAME:/path\" or \"/host/path:/path\", optionally \
+                     followed by options such as \":ro\" or \":ro,suid\" (ro, rw, suid)"
+                ),
+            )
         };
+        let (source, target, options) = match parts.as_slice() {
+            [s, t] => (*s, *t, ""),
+            [s, t, o] => (*s, *t, *o),
+            _ => return Err(bad_spec()),
+        };
+        let (mut readonly, mut suid) = (false, false);
+        for option in options.split(',').filter(|o| !o.is_empty()) {
+            match option {
+                "ro" => readonly = true,
+                "rw" => readonly = false,
+                "suid" => suid = true,
+                _ => return Err(bad_spec()),
+            }
+        }
         container_path(loc, v, &key, target)?;
         let source = if source.starts_with('/') {
             VolumeSource::Host(PathBuf::from(source))
@@ -514,6 +535,7 @@ pub(crate) fn volumes(
             source,
             target: target.to_string(),
             readonly,
+            suid,
         });
     }
     Ok(out)

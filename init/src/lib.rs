@@ -12,6 +12,7 @@ pub mod logger;
 pub mod modules;
 pub mod net;
 pub mod power;
+pub mod power_signals;
 pub mod puller;
 pub mod reaper;
 pub mod stage1;

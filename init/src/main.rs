@@ -3,12 +3,14 @@
 //! Boot: give `/` a real mount, mount the kernel filesystems, load modules, set the hostname,
 //! set up cgroups, configure the network over netlink, start the containers, print
 //! `keel: ready uptime_ms=N`. Then serve: reap every child, hand container exits to the
-//! supervisor, and wait for a reason to stop (SIGTERM/SIGUSR2/SIGPWR or the ACPI power
-//! button power off; SIGINT, which the kernel sends on Ctrl-Alt-Del, reboots).
+//! supervisor, and wait for a reason to stop: SIGTERM/SIGUSR2/SIGPWR or the ACPI power
+//! button power off, SIGINT (the kernel's Ctrl-Alt-Del) reboots — the signals only from the
+//! kernel or the host's own processes, never from a container (see power_signals).
 //!
 //! PID 1 must never exit or panic: the kernel would panic with it. Failures are logged and
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
+use keel_init::power_signals::{PowerRequest, PowerSignals};
 use keel_init::{delivery, early, etc, logger, modules, net, power, puller, reaper, var};
 
 mod control;
@@ -340,6 +342,10 @@ async fn serve(
         Ok(s) => s,
         Err(e) => give_up(&format!("cannot install signal handlers: {e}")),
     };
+    let mut power_signals = match PowerSignals::new() {
+        Ok(s) => s,
+        Err(e) => give_up(&format!("cannot read the power signals: {e}")),
+    };
     let (calls_tx, mut calls) = tokio::sync::mpsc::unbounded_channel();
     control::start_servers(calls_tx);
     let interfaces = config.interfaces.clone();
@@ -374,11 +380,10 @@ async fn serve(
                 guarded("starting containers", || supervisor.start_all());
                 None
             }
-            _ = signals.term.recv() => Some(Action::PowerOff),
-            _ = signals.usr2.recv() => Some(Action::PowerOff),
-            _ = signals.pwr.recv() => Some(Action::PowerOff),
-            _ = signals.int.recv() => Some(Action::Reboot),
-            _ = signals.usr1.recv() => {
+            request = power_signals.next() => match request {
+                PowerRequest::PowerOff => Some(Action::PowerOff),
+                PowerRequest::Reboot => Some(Action::Reboot),
+                PowerRequest::Stats => {
                 log::info!(
                     "stats pid1 rss_kb={} fds={}",
                     early::rss_kb().unwrap_or(0),
@@ -388,7 +393,8 @@ async fn serve(
                     log::info!("stats {name} {stats}");
                 }
                 None
-            }
+                }
+            },
             _ = &mut power_button => {
                 log::info!("power button pressed");
                 Some(Action::PowerOff)
@@ -463,24 +469,15 @@ fn guarded(what: &str, f: impl FnOnce()) {
     }
 }
 
+/// SIGCHLD; the power signals are [`PowerSignals`], which check their sender.
 struct Signals {
     child: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    usr2: tokio::signal::unix::Signal,
-    pwr: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
     fn new() -> std::io::Result<Signals> {
         Ok(Signals {
             child: signal(SignalKind::child())?,
-            term: signal(SignalKind::terminate())?,
-            usr2: signal(SignalKind::user_defined2())?,
-            pwr: signal(SignalKind::from_raw(libc::SIGPWR))?,
-            int: signal(SignalKind::interrupt())?,
-            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 }

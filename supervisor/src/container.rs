@@ -223,6 +223,11 @@ pub enum ExtraMount {
         source: PathBuf,
         target: String,
         readonly: bool,
+        /// Set-user-ID works on it (the host file's `:suid`).
+        suid: bool,
+        /// The source mount's own MS_NOEXEC/MS_RDONLY/MS_NOSUID: a remount must restate them
+        /// (inside a user namespace the kernel refuses to clear a flag of the source's).
+        source_flags: libc::c_ulong,
     },
     Tmpfs {
         target: String,
@@ -674,9 +679,9 @@ pub fn build_plan(
         // sysfs may only be mounted by the owner of the network namespace; a user-namespaced
         // container on the host network gets the host's, read-only (as rootless runc does).
         steps.push(bind("/sys", "sys", MS_REC)?);
-        steps.push(SetupStep::RemountReadOnly {
+        steps.push(SetupStep::Remount {
             path: at("sys")?,
-            keep_flags: sys_flags,
+            flags: MS_RDONLY | sys_flags,
         });
         // The host's cgroup2 came along under sys/fs/cgroup, locked to the bind: cover it,
         // since cgroup2 cannot be mounted straight over a mount of the same superblock.
@@ -775,9 +780,9 @@ pub fn build_plan(
             mode: 0o755,
         });
         steps.push(bind(&reaper_binary(), CONTAINER_INIT, 0)?);
-        steps.push(SetupStep::RemountReadOnly {
+        steps.push(SetupStep::Remount {
             path: at(CONTAINER_INIT)?,
-            keep_flags: MS_NOSUID | MS_NODEV,
+            flags: MS_RDONLY | MS_NOSUID | MS_NODEV,
         });
     }
     for extra in &security.mounts {
@@ -799,9 +804,9 @@ pub fn build_plan(
                 mode: 0o644,
             });
             steps.push(bind(&source.to_string_lossy(), target, 0)?);
-            steps.push(SetupStep::RemountReadOnly {
+            steps.push(SetupStep::Remount {
                 path: at(target)?,
-                keep_flags: MS_NOSUID | nodev,
+                flags: MS_RDONLY | MS_NOSUID | nodev,
             });
             continue;
         }
@@ -813,15 +818,24 @@ pub fn build_plan(
                 source,
                 target,
                 readonly,
+                suid,
+                source_flags,
             } => {
                 let source = source.to_string_lossy();
                 steps.push(bind(&source, target, MS_REC)?);
-                if *readonly {
-                    steps.push(SetupStep::RemountReadOnly {
-                        path: at(target)?,
-                        keep_flags: MS_NOSUID | nodev,
-                    });
+                // A bind mount takes the source's flags; these must be set by a remount.
+                // Device nodes never work on a volume (unless the container is privileged).
+                let mut flags = nodev | source_flags;
+                if !*suid {
+                    flags |= MS_NOSUID;
                 }
+                if *readonly {
+                    flags |= MS_RDONLY;
+                }
+                steps.push(SetupStep::Remount {
+                    path: at(target)?,
+                    flags,
+                });
             }
             ExtraMount::DevFile { .. } | ExtraMount::EtcFile { .. } => {}
             ExtraMount::Tmpfs { target, size } => {
@@ -840,9 +854,9 @@ pub fn build_plan(
         new_root: path_cstring(root)?,
     });
     if iso.readonly_rootfs {
-        steps.push(SetupStep::RemountReadOnly {
+        steps.push(SetupStep::Remount {
             path: c("/")?,
-            keep_flags: nodev,
+            flags: MS_RDONLY | nodev,
         });
     }
     if iso.network.is_own() {
@@ -1070,6 +1084,8 @@ mod tests {
                     source: "/var/lib/keel/volumes/data".into(),
                     target: "/srv/data".into(),
                     readonly: true,
+                    suid: false,
+                    source_flags: libc::MS_NOEXEC,
                 },
                 ExtraMount::Tmpfs {
                     target: "/run".into(),
@@ -1124,11 +1140,12 @@ mod tests {
         );
         assert!(
             pos("bind-mount /var/lib/keel/volumes/data")
-                < pos("remount /run/keel/containers/web/rootfs/srv/data read-only")
+                < pos("remount /run/keel/containers/web/rootfs/srv/data ro,nosuid,nodev,noexec"),
+            "a volume is nodev and nosuid, and keeps its source's noexec: {names:#?}"
         );
         assert!(pos("mount mqueue") < pos("pivot_root"));
         assert!(pos("mount tmpfs on /run/keel/containers/web/rootfs/run") < pos("pivot_root"));
-        assert!(pos("pivot_root") < pos("remount / read-only"));
+        assert!(pos("pivot_root") < pos("remount / ro,nodev"));
         assert!(pos("pivot_root") < pos("sethostname web"));
         assert!(
             pos("write /proc/sys/kernel/shmmax") < pos("make /proc/sys read-only"),
@@ -1201,6 +1218,43 @@ mod tests {
         assert!(!names.iter().any(|n| n == "set no_new_privs"));
         assert!(
             position(&names, "install the seccomp filter") < position(&names, "drop capabilities")
+        );
+    }
+
+    #[test]
+    fn volumes_are_nodev_and_nosuid_unless_asked_or_privileged() {
+        let dirs = ContainerDirs::under(Path::new("/c"), "v");
+        let p = resolve_process("v", &image(), &container()).unwrap();
+        let volume = |suid: bool| ExtraMount::Bind {
+            source: "/var/lib/keel/volumes/v".into(),
+            target: "/v".into(),
+            readonly: false,
+            suid,
+            source_flags: 0,
+        };
+        let remount_of = |iso: Isolation, suid: bool| {
+            let mut security = security(iso);
+            security.mounts = vec![volume(suid)];
+            let plan = build_plan("v", &p, "lowerdir=/a", &dirs, &security).unwrap();
+            names(&plan)
+                .into_iter()
+                .find(|n| n.starts_with("remount /c/v/rootfs/v "))
+                .unwrap_or_else(|| panic!("no remount of the volume in {:#?}", names(&plan)))
+        };
+        let iso = container().isolation;
+        assert_eq!(
+            remount_of(iso.clone(), false),
+            "remount /c/v/rootfs/v rw,nosuid,nodev"
+        );
+        assert_eq!(
+            remount_of(iso.clone(), true),
+            "remount /c/v/rootfs/v rw,nodev"
+        );
+        let mut privileged = iso;
+        privileged.privileged = true;
+        assert_eq!(
+            remount_of(privileged, false),
+            "remount /c/v/rootfs/v rw,nosuid"
         );
     }
 
@@ -1304,7 +1358,7 @@ mod tests {
         );
         assert!(
             position(&names, "bind-mount /sys on /c/u/rootfs/sys")
-                < position(&names, "remount /c/u/rootfs/sys read-only")
+                < position(&names, "remount /c/u/rootfs/sys ro,nosuid,nodev,noexec")
         );
         assert!(!names.iter().any(|n| n.contains("mount sysfs")));
         assert_eq!(plan.userns, sec.userns);

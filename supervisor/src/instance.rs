@@ -14,6 +14,7 @@ use crate::container::{
     ContainerDirs, ExtraMount, ImageProcess, ProcessSpec, Security, build_plan, check_mount_target,
     overlay_options, resolve_process,
 };
+use crate::device_policy::DevicePrograms;
 use crate::paths::Paths;
 use crate::seccomp::ProgramCache;
 use crate::setup_error::SetupError;
@@ -26,6 +27,7 @@ pub struct Runtime {
     /// Parent of every container cgroup (`/sys/fs/cgroup/keel`).
     pub cgroups: Cgroup,
     seccomp: ProgramCache,
+    devices: DevicePrograms,
     last_cap: u32,
     time_namespace: bool,
 }
@@ -36,6 +38,7 @@ impl Runtime {
             paths,
             cgroups,
             seccomp: ProgramCache::new(),
+            devices: DevicePrograms::default(),
             last_cap: caps::last_cap(),
             time_namespace: std::path::Path::new("/proc/self/ns/time").exists(),
         }
@@ -239,6 +242,11 @@ impl Instance {
         self.ensure_cgroup(runtime, config)
             .map_err(StartError::Setup)?;
         let plan = self.plan(runtime, config).map_err(StartError::Setup)?;
+        // Before the first process is in the cgroup, and at every start: the container may
+        // have been made privileged, or not, since its cgroup was created.
+        self.cgroup_dir()
+            .and_then(|dir| runtime.devices.apply(&dir, config.isolation.privileged))
+            .map_err(|e| StartError::Setup(SetupError::DevicePolicy(e)))?;
         // Leftovers of a previous run (possible when it shared the host pid namespace)
         // must not share the cgroup with the new one.
         if !self.cgroup.is_empty() {
@@ -392,9 +400,11 @@ impl Instance {
                 }
             };
             mounts.push(ExtraMount::Bind {
+                source_flags: locked_mount_flags(&source),
                 source,
                 target: volume.target.clone(),
                 readonly: volume.readonly,
+                suid: volume.suid,
             });
         }
         for tmpfs in &iso.tmpfs {
@@ -434,9 +444,11 @@ impl Instance {
                 })?;
             }
             mounts.push(ExtraMount::Bind {
+                source_flags: locked_mount_flags(&dir),
                 source: dir,
                 target,
                 readonly: false,
+                suid: false,
             });
         }
         for target in ["/proc", "/sys", "/dev"]
@@ -490,4 +502,26 @@ impl Instance {
         };
         Ok((security, process))
     }
+}
+
+/// The flags of the mount `path` is on that a bind remount of it must keep: MS_RDONLY,
+/// MS_NOSUID, MS_NOEXEC (MS_NODEV is always set on volumes). Unknown if statvfs fails: then
+/// nothing extra, and a remount the kernel refuses names itself in the start error.
+fn locked_mount_flags(path: &std::path::Path) -> libc::c_ulong {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let Ok(st) = statvfs(path) else {
+        return 0;
+    };
+    let flags = st.flags();
+    let mut out = 0;
+    for (fs, ms) in [
+        (FsFlags::ST_RDONLY, libc::MS_RDONLY),
+        (FsFlags::ST_NOSUID, libc::MS_NOSUID),
+        (FsFlags::ST_NOEXEC, libc::MS_NOEXEC),
+    ] {
+        if flags.contains(fs) {
+            out |= ms;
+        }
+    }
+    out
 }

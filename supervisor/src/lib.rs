@@ -6,6 +6,7 @@
 //! - [`instance`]: one container prepared once and started any number of times;
 //! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
 //! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
+//! - [`device_policy`]: the cgroup BPF program that decides which devices may be opened;
 //! - [`logs`]: output to per-container log files and the console;
 //! - [`paths`], [`events`]: where images and state live, and the supervisor's event type;
 //! - [`fds`]: PID 1's descriptor limit and count;
@@ -15,6 +16,7 @@ pub mod apply;
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod device_policy;
 pub mod events;
 pub mod fds;
 pub mod health;

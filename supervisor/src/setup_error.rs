@@ -98,6 +98,9 @@ pub enum SetupError {
     /// The cgroup directory could not be opened for the clone.
     #[error("{0}")]
     CgroupDir(#[source] io::Error),
+    /// The cgroup BPF program that limits device access could not be loaded or attached.
+    #[error("{0}")]
+    DevicePolicy(#[source] io::Error),
     #[error("clone3: {0}")]
     Clone(String),
 }

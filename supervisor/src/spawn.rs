@@ -141,11 +141,11 @@ pub enum SetupStep {
     ReadOnly {
         path: CString,
     },
-    /// Makes an existing mount point read-only, keeping `keep_flags` (a bind remount sets
-    /// every per-mount flag at once, so nosuid/nodev/noexec must be restated).
-    RemountReadOnly {
+    /// Sets the per-mount flags of an existing mount point (MS_RDONLY, MS_NODEV...): a bind
+    /// remount sets every one at once, so each flag to keep must be in `flags`.
+    Remount {
         path: CString,
-        keep_flags: libc::c_ulong,
+        flags: libc::c_ulong,
     },
     /// Joins the namespaces of the process behind `pidfd` (setns with a pidfd, Linux 5.8).
     Setns {
@@ -213,7 +213,9 @@ impl SetupStep {
             SetupStep::WriteFile { path, .. } => format!("write {}", s(path)),
             SetupStep::Mask { path } => format!("mask {}", s(path)),
             SetupStep::ReadOnly { path } => format!("make {} read-only", s(path)),
-            SetupStep::RemountReadOnly { path, .. } => format!("remount {} read-only", s(path)),
+            SetupStep::Remount { path, flags } => {
+                format!("remount {} {}", s(path), mount_flags_text(*flags))
+            }
             SetupStep::Setns { flags, .. } => {
                 format!("join the container's namespaces ({flags:#x})")
             }
@@ -229,6 +231,29 @@ impl SetupStep {
             SetupStep::SwitchUser { uid, gid, .. } => format!("switch to uid {uid} gid {gid}"),
             SetupStep::Capabilities(_) => "set capabilities".into(),
         }
+    }
+}
+
+/// Per-mount flags as mount(8) names them: "ro,nosuid,nodev".
+fn mount_flags_text(flags: libc::c_ulong) -> String {
+    let names = [
+        (libc::MS_RDONLY, "ro"),
+        (libc::MS_NOSUID, "nosuid"),
+        (libc::MS_NODEV, "nodev"),
+        (libc::MS_NOEXEC, "noexec"),
+    ];
+    let set: Vec<&str> = names
+        .iter()
+        .filter(|(flag, _)| flags & flag != 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if flags & libc::MS_RDONLY == 0 {
+        std::iter::once("rw")
+            .chain(set)
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        set.join(",")
     }
 }
 
@@ -549,12 +574,12 @@ unsafe fn run_step(step: &SetupStep) -> bool {
                         std::ptr::null(),
                     ) == 0
             }
-            SetupStep::RemountReadOnly { path, keep_flags } => {
+            SetupStep::Remount { path, flags } => {
                 libc::mount(
                     std::ptr::null(),
                     path.as_ptr(),
                     std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | *keep_flags,
+                    libc::MS_BIND | libc::MS_REMOUNT | *flags,
                     std::ptr::null(),
                 ) == 0
             }
