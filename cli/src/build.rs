@@ -156,7 +156,8 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
     }
     root.add_file_from_bytes(os::ROOT_INIT, 0o755, &init)
         .map_err(staged)?;
-    root.add_file_from_bytes(os::BAKED_HOST_FILE, 0o644, &host_text)
+    // 0600: the host file may hold registry passwords.
+    root.add_file_from_bytes(os::BAKED_HOST_FILE, 0o600, &host_text)
         .map_err(staged)?;
     for m in &modules {
         root.add_file_from_path(module_root.join(&m.rel_path), 0o644, &m.path)

@@ -466,18 +466,8 @@ fn container_path(
     key: &str,
     path: &str,
 ) -> Result<(), ConfigError> {
-    let ok = path.starts_with('/') && path != "/" && !path.split('/').any(|c| c == "..");
-    if ok {
-        Ok(())
-    } else {
-        Err(loc.at(
-            at,
-            key,
-            format!(
-                "`{path}` must be an absolute path inside the container, not `/`, without `..`"
-            ),
-        ))
-    }
+    crate::container_path::check(path, crate::container_path::PathUse::MountTarget)
+        .map_err(|problem| loc.at(at, key, format!("`{path}`: {problem}")))
 }
 
 pub(crate) fn volumes(

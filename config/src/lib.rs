@@ -15,6 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 mod container;
+pub mod container_path;
 mod image;
 mod lifecycle;
 mod network;
@@ -500,18 +501,8 @@ fn check_name<T>(
 }
 
 fn check_absolute(loc: &Locator<'_>, path: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
-    if path.get_ref().starts_with('/') {
-        Ok(())
-    } else {
-        Err(loc.at(
-            path,
-            key,
-            format!(
-                "expected an absolute path inside the container, got `{}`",
-                path.get_ref()
-            ),
-        ))
-    }
+    container_path::check(path.get_ref(), container_path::PathUse::WorkingDir)
+        .map_err(|problem| loc.at(path, key, format!("`{}`: {problem}", path.get_ref())))
 }
 
 fn validate_container(

@@ -125,6 +125,7 @@ fn with_applied_changes(delivered: delivery::Delivered) -> delivery::Delivered {
 
 /// The last resort: sync and reboot rather than let PID 1 exit.
 fn give_up(why: &str) -> ! {
+    logger::stop_console_queue();
     log::error!("fatal: {why}; syncing and rebooting");
     nix::unistd::sync();
     let _ = reboot(RebootMode::RB_AUTOBOOT);
@@ -206,10 +207,15 @@ fn boot_and_serve() {
     let config = match delivered {
         Some(d) => {
             log::info!("host file from {}", d.source);
-            // PID 1's helpers (`--pull`) read the same file.
-            if let Err(e) = std::fs::create_dir_all("/run/keel")
-                .and_then(|()| std::fs::write(delivery::EFFECTIVE, &d.text))
-            {
+            // PID 1's helpers (`--pull`) read the same file. 0600 like every copy of it:
+            // it may hold registry passwords.
+            if let Err(e) = std::fs::create_dir_all("/run/keel").and_then(|()| {
+                keel_init::state::write_atomic(
+                    Path::new(delivery::EFFECTIVE),
+                    d.text.as_bytes(),
+                    0o600,
+                )
+            }) {
                 log::error!("writing {}: {e}", delivery::EFFECTIVE);
             }
             Some(d.config)
@@ -307,6 +313,8 @@ fn boot_and_serve() {
     };
     let stop_timeout = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.stop_timeout_ms));
     let action = runtime.block_on(serve(config, cgroups, stop_timeout, base_sha256));
+    // The console queue's writer ends with the runtime.
+    logger::stop_console_queue();
     drop(runtime);
     finish(action);
 }
@@ -321,6 +329,9 @@ async fn serve(
     let console = Console::open(Path::new("/dev/console"))
         .map_err(|e| log::warn!("container output will not be echoed: {e}"))
         .ok();
+    if let Some(console) = &console {
+        logger::use_console_queue(console.clone());
+    }
     let empty = HostConfig {
         path: HOST_FILE.into(),
         hostname: keel_config::DEFAULT_HOSTNAME.into(),

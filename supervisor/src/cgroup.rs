@@ -30,7 +30,59 @@ pub fn setup_hierarchy(root: &Path) -> io::Result<Cgroup> {
     let keel = root.join("keel");
     create_dir(&keel)?;
     fs::write(keel.join("cgroup.subtree_control"), &enable)?;
+    // No container, nor all of them together, can starve PID 1: its memory is protected
+    // from reclaim, and the containers together leave it tasks to fork with.
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(min) = pid1_memory_min(&meminfo) {
+        write_protection(&init.join("memory.min"), &min.to_string());
+    }
+    let task_limits = ["/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"].map(|f| {
+        fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    });
+    if let Some(max) = containers_pids_max(task_limits) {
+        write_protection(&keel.join("pids.max"), &max.to_string());
+    }
     Ok(Cgroup { path: keel })
+}
+
+/// Memory PID 1 keeps under pressure: 64 MiB, or an eighth of a smaller machine.
+const PID1_MEMORY_MIN: u64 = 64 << 20;
+/// Tasks the containers together leave to PID 1 and its helpers.
+const PID1_TASK_RESERVE: u64 = 512;
+
+fn pid1_memory_min(meminfo: &str) -> Option<u64> {
+    let total_kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(PID1_MEMORY_MIN.min(total_kb.saturating_mul(1024) / 8))
+}
+
+/// The `pids.max` of all containers together: the kernel's task limit less PID 1's reserve.
+fn containers_pids_max([pid_max, threads_max]: [Option<u64>; 2]) -> Option<u64> {
+    let limit = match (pid_max, threads_max) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => return None,
+    };
+    Some(
+        limit
+            .saturating_sub(PID1_TASK_RESERVE)
+            .max(PID1_TASK_RESERVE),
+    )
+}
+
+/// A protection missing (a kernel without the memory controller) is logged, not fatal.
+fn write_protection(file: &Path, value: &str) {
+    if let Err(e) = fs::write(file, value) {
+        log::warn!("writing {value} to {}: {e}", file.display());
+    }
 }
 
 /// "+cpu +memory ..." for the wanted controllers the kernel offers.
@@ -205,6 +257,23 @@ fn limit_value(limit: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pid1_keeps_memory_and_tasks() {
+        assert_eq!(
+            pid1_memory_min("MemTotal:        2048000 kB\nMemFree: 1 kB\n"),
+            Some(64 << 20)
+        );
+        assert_eq!(
+            pid1_memory_min("MemTotal:  262144 kB\n"),
+            Some(32 << 20),
+            "an eighth of a small machine"
+        );
+        assert_eq!(pid1_memory_min("nothing"), None);
+        assert_eq!(containers_pids_max([Some(32768), Some(15000)]), Some(14488));
+        assert_eq!(containers_pids_max([Some(600), None]), Some(512));
+        assert_eq!(containers_pids_max([None, None]), None);
+    }
 
     #[test]
     fn only_available_controllers_are_enabled() {

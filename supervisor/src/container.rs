@@ -158,6 +158,19 @@ pub fn resolve_process(
         .clone()
         .or_else(|| image.workdir.clone())
         .unwrap_or_else(|| "/".into());
+    // The image's values are hostile input; the host file's were checked when it was read,
+    // and are checked again here like any other.
+    use keel_config::container_path::{PathUse, check};
+    for (what, path, usage) in [
+        ("working directory", &workdir, PathUse::WorkingDir),
+        ("program", &argv[0], PathUse::Program),
+    ] {
+        check(path, usage).map_err(|problem| crate::setup_error::SetupError::UnsafePath {
+            what,
+            path: path.clone(),
+            problem,
+        })?;
+    }
     Ok(ProcessSpec {
         argv,
         user: container
@@ -1016,6 +1029,26 @@ mod tests {
         let p = resolve_process("x", &img, &container()).unwrap();
         assert_eq!(p.env[0], format!("PATH={DEFAULT_PATH}"));
         assert_eq!(p.workdir, "/");
+    }
+
+    #[test]
+    fn an_image_cannot_point_the_process_into_pid1s_descriptors() {
+        let refused = |img: ImageProcess| match resolve_process("x", &img, &container()) {
+            Err(crate::setup_error::SetupError::UnsafePath { what, .. }) => what,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let mut img = image();
+        img.workdir = Some("/proc/self/fd/7".into());
+        assert_eq!(refused(img), "working directory");
+        let mut img = image();
+        img.workdir = Some("/../../..".into());
+        assert_eq!(refused(img), "working directory");
+        let mut img = image();
+        img.entrypoint = vec!["/proc/self/fd/7/../../../bin/sh".into()];
+        assert_eq!(refused(img), "program");
+        let mut img = image();
+        img.entrypoint = vec!["/dev/fd/3".into()];
+        assert_eq!(refused(img), "program");
     }
 
     #[test]

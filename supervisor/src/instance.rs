@@ -417,6 +417,19 @@ impl Instance {
         // layer gets a directory of its own under the volume store, per container and
         // path, unless the host file mounts something there already.
         for path in &self.image_volumes {
+            // `..` here would put the volume's mount anywhere on the host (the mount happens
+            // before pivot_root).
+            use keel_config::container_path::{PathProblem, PathUse, check};
+            match check(path, PathUse::MountTarget) {
+                Ok(()) | Err(PathProblem::IsRoot) => {}
+                Err(problem) => {
+                    return Err(SetupError::UnsafePath {
+                        what: "image volume",
+                        path: path.clone(),
+                        problem,
+                    });
+                }
+            }
             let target = format!("/{}", path.trim_matches('/'));
             if target == "/"
                 || mounts

@@ -31,6 +31,14 @@ pub enum SetupError {
         "nothing to run: the image has no Entrypoint or Cmd and the host file sets no `command`"
     )]
     NothingToRun,
+    /// A path from the image or the host file that must not be resolved (see
+    /// keel_config::container_path).
+    #[error("the {what} `{path}` is refused: {problem}")]
+    UnsafePath {
+        what: &'static str,
+        path: String,
+        problem: keel_config::container_path::PathProblem,
+    },
     #[error("creating {}: {source}", path.display())]
     CreateDirs {
         path: PathBuf,

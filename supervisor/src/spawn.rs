@@ -362,6 +362,7 @@ pub fn spawn(plan: &SetupPlan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::R
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     // The child of a user namespace waits on this until its id maps are written.
     let (sync_read, sync_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    let keep = fds_to_keep(plan, &[err_write.as_raw_fd(), sync_read.as_raw_fd()]);
 
     let mut pidfd: libc::c_int = -1;
     // SAFETY: clone_args is a plain C struct for which all-zero is a valid value.
@@ -400,6 +401,7 @@ pub fn spawn(plan: &SetupPlan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::R
                 stdio,
                 err_write.as_raw_fd(),
                 sync_read.as_raw_fd(),
+                &keep,
             )
         }
     }
@@ -432,6 +434,23 @@ pub fn spawn(plan: &SetupPlan, cgroup_dir: &OwnedFd, stdio: [RawFd; 3]) -> io::R
         error_pipe: err_read,
         gate,
     })
+}
+
+/// The descriptors the child keeps when it closes PID 1's: `own` (its pipes) and those the
+/// plan's steps use, sorted, without 0-2 (which become the container's stdio).
+fn fds_to_keep(plan: &SetupPlan, own: &[RawFd]) -> Vec<RawFd> {
+    let mut keep: Vec<RawFd> = own
+        .iter()
+        .copied()
+        .chain(plan.steps.iter().filter_map(|step| match step {
+            SetupStep::Setns { pidfd, .. } => Some(*pidfd),
+            _ => None,
+        }))
+        .filter(|fd| *fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    keep
 }
 
 /// Maps container ids 0..size to the host range. Written by PID 1, which is privileged in
@@ -647,13 +666,15 @@ unsafe fn run_step(step: &SetupStep) -> bool {
             }
             SetupStep::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
             SetupStep::VerifyCwd => {
-                let mut buf = [0u8; 256];
+                // A page, the most the kernel ever returns: a longer path fails with
+                // ENAMETOOLONG, so no error is ever taken for "inside" (CVE-2024-21626
+                // slipped through an ERANGE taken that way).
+                let mut buf = [0u8; 4096];
                 let n = libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len());
-                // A directory outside the root reads as "(unreachable)/...". A path longer
-                // than the buffer (ERANGE) is inside: it starts with '/' too.
                 if n < 0 {
-                    return errno() == libc::ERANGE;
+                    return false;
                 }
+                // A directory outside the root reads as "(unreachable)/...".
                 if buf[0] != b'/' {
                     *libc::__errno_location() = libc::EXDEV;
                     return false;
@@ -687,6 +708,7 @@ unsafe fn run_child(
     stdio: [RawFd; 3],
     err_fd: RawFd,
     sync_fd: RawFd,
+    keep: &[RawFd],
 ) -> ! {
     // SAFETY: (whole body) raw libc calls on pointers into `plan`, `argv` and `envp`, which
     // the parent built before clone3 and which stay valid in our copy of its memory.
@@ -707,11 +729,29 @@ unsafe fn run_child(
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         libc::setsid();
+        // Until execve nobody but PID 1 may look into this process: a container's root could
+        // otherwise open /proc/PID/fd/N of an exec joining its namespaces, or ptrace it,
+        // while it still holds PID 1's descriptors (CVE-2016-9962). execve makes an
+        // ordinary program dumpable again.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         for (target, fd) in stdio.iter().enumerate() {
             if libc::dup2(*fd, target as libc::c_int) < 0 {
                 fail(exec_step_index(plan));
             }
         }
+        // PID 1's descriptors are closed, not only marked close-on-exec, before any step
+        // touches a path the image controls: a directory fd left open could be climbed out
+        // of through /proc/self/fd (CVE-2024-21626). `keep` is sorted and holds what the
+        // plan itself uses (the error pipe, the sync pipe, a pidfd to join).
+        let mut next = 3u32;
+        for &fd in keep {
+            let fd = fd as u32;
+            if fd > next {
+                libc::syscall(libc::SYS_close_range, next, fd - 1, 0u32);
+            }
+            next = next.max(fd + 1);
+        }
+        libc::syscall(libc::SYS_close_range, next, u32::MAX, 0u32);
         if plan.userns.is_some() || plan.hold {
             // Until the parent has written the maps our ids mean nothing in the namespace;
             // until it has set up the network there is none.

@@ -82,6 +82,15 @@ impl Console {
         Ok(console)
     }
 
+    /// Takes everything not yet written out of the queue: for a last direct write when the
+    /// writer task will not run again (PID 1 powering off or giving up).
+    pub fn take_pending(&self) -> Vec<u8> {
+        match self.queue.lock() {
+            Ok(mut queue) => queue.bytes.drain(..).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Queues one whole line (with its newline); false if it was dropped.
     pub fn line(&self, bytes: &[u8]) -> bool {
         let Ok(mut queue) = self.queue.lock() else {
@@ -115,7 +124,7 @@ async fn write_out(console: Arc<Console>) {
         };
         if dropped > 0 {
             let note = format!(
-                "keel: warning: {dropped} container output lines were not echoed to a busy console (see /var/log/keel)\n"
+                "keel: warning: {dropped} lines were not echoed to a busy console (container output is in /var/log/keel, PID 1's in dmesg)\n"
             );
             if let Ok(mut queue) = console.queue.lock() {
                 queue.bytes.extend(note.as_bytes());
@@ -126,8 +135,8 @@ async fn write_out(console: Arc<Console>) {
             console.wake.notified().await;
             continue;
         }
-        // Prefer ending a write at a line boundary, so PID 1's own log lines (written
-        // through another fd) fall between lines.
+        // Prefer ending a write at a line boundary, so that whatever else writes to the
+        // console (the kernel) falls between lines.
         let end = chunk
             .iter()
             .rposition(|b| *b == b'\n')
