@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod dm;
 pub mod early;
 pub mod etc;
+pub mod host_process;
 pub mod logger;
 pub mod modules;
 pub mod net;

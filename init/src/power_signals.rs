@@ -26,9 +26,6 @@ pub enum PowerRequest {
 /// si_code of a signal the kernel itself sent (include/uapi/asm-generic/siginfo.h).
 const SI_KERNEL: i32 = 0x80;
 
-/// The cgroup every container's cgroup is under (see keel_supervisor::cgroup).
-const CONTAINER_CGROUPS: &str = "/keel/";
-
 pub struct PowerSignals {
     fd: AsyncFd<SignalFd>,
 }
@@ -115,42 +112,12 @@ fn sender_verdict(info: &siginfo) -> Result<(), String> {
     if info.ssi_code == SI_KERNEL {
         return Ok(());
     }
-    let pid = info.ssi_pid;
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-        .map_err(|_| "the sender exited before it could be checked".to_string())?;
-    if let Some(container) = container_of(&cgroup) {
-        return Err(format!("it runs in container {container}"));
-    }
-    let ours = std::fs::read_link("/proc/self/ns/mnt");
-    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
-    match (ours, theirs) {
-        (Ok(a), Ok(b)) if a == b => Ok(()),
-        (Ok(_), Ok(_)) => Err("it runs in another mount namespace".into()),
-        _ => Err("its mount namespace could not be read".into()),
-    }
-}
-
-/// The container whose cgroup a /proc/PID/cgroup text names, if any.
-fn container_of(proc_cgroup: &str) -> Option<String> {
-    proc_cgroup.lines().find_map(|line| {
-        let path = line.strip_prefix("0::")?;
-        let rest = path.strip_prefix(CONTAINER_CGROUPS)?;
-        Some(rest.split('/').next().unwrap_or(rest).to_string())
-    })
+    crate::host_process::verdict(info.ssi_pid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_container_cgroup_names_the_container() {
-        assert_eq!(container_of("0::/keel/web\n"), Some("web".into()));
-        assert_eq!(container_of("0::/keel/web/sub\n"), Some("web".into()));
-        assert_eq!(container_of("0::/init\n"), None);
-        assert_eq!(container_of("0::/keelish\n"), None);
-        assert_eq!(container_of("1:name=x:/keel/a\n"), None, "only the v2 line");
-    }
 
     #[test]
     fn the_kernel_is_always_obeyed_and_a_gone_sender_never() {
@@ -160,7 +127,7 @@ mod tests {
         assert_eq!(sender_verdict(&info), Ok(()));
         info.ssi_code = 0; // SI_USER
         info.ssi_pid = u32::MAX;
-        assert!(sender_verdict(&info).unwrap_err().contains("exited"));
+        assert!(sender_verdict(&info).is_err());
         info.ssi_pid = std::process::id();
         assert_eq!(sender_verdict(&info), Ok(()), "a process of the host");
     }

@@ -13,7 +13,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,6 +77,26 @@ pub(crate) struct ApiMux {
     accept: Option<JoinHandle<()>>,
 }
 
+/// Binds a socket at `public` that nobody but its owner can ever connect to: it is bound in
+/// a fresh 0700 directory beside `public`, made 0600 there, and only then renamed into
+/// place (a bind followed by a chmod in place would leave a moment with the umask's mode).
+fn bind_private(public: &Path) -> io::Result<UnixListener> {
+    let parent = public.parent().unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".api.sock.{}.d", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)?;
+    let staged = staging.join("api.sock");
+    let bound = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, public)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
 impl ApiMux {
     /// Binds `public` (mode 0600: whoever connects controls the guest as root; a stale socket
     /// there is replaced, anything else is an error) and serves it, spreading clients over
@@ -93,8 +113,7 @@ impl ApiMux {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = Arc::new(UnixListener::bind(public)?);
-        std::fs::set_permissions(public, std::fs::Permissions::from_mode(0o600))?;
+        let listener = Arc::new(bind_private(public)?);
         let pool = Arc::new(PortPool {
             leased: Mutex::new(vec![false; ports.len()]),
             sockets: ports,
@@ -266,6 +285,15 @@ mod tests {
         let ports = vec![fake_port(dir.path(), 0), fake_port(dir.path(), 1)];
         let public = dir.path().join("api.sock");
         let mux = ApiMux::start(&public, ports).unwrap();
+        let mode = std::fs::metadata(&public).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "only the owner may connect");
+        let leftovers: Vec<_> = std::fs::read_dir(public.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".api.sock"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
 
         let mut a = UnixStream::connect(&public).unwrap();
         let mut b = UnixStream::connect(&public).unwrap();

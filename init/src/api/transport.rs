@@ -1,4 +1,5 @@
-//! The two transports: the unix socket (root only, SO_PEERCRED) with a task per connection,
+//! The two transports: the unix socket (root processes of the host only: SO_PEERCRED and
+//! crate::host_process) with a task per connection,
 //! and the virtio-serial ports (port.rs) that successive host clients share.
 
 use super::*;
@@ -88,7 +89,25 @@ pub(super) async fn connection(
     allowed_uid: u32,
 ) {
     match stream.peer_cred() {
-        Ok(cred) if cred.uid() == allowed_uid => {}
+        Ok(cred) if cred.uid() == allowed_uid => {
+            // Root in a container is uid 0 too: only the host's own processes are served.
+            let host = match cred.pid() {
+                Some(pid) if pid > 0 => crate::host_process::verdict(pid as u32),
+                _ => Err("its pid is unknown".to_string()),
+            };
+            if let Err(why) = host {
+                log::warn!(
+                    "api: refused a connection from pid {}: {why}",
+                    cred.pid().unwrap_or(0)
+                );
+                let line = Response::Error(ApiError::forbidden(format!(
+                    "the Keel API serves only the host's own processes, not containers ({why})"
+                )))
+                .to_line(None);
+                let _ = stream.try_write(line.as_bytes());
+                return;
+            }
+        }
         Ok(cred) => {
             let line = Response::Error(ApiError::forbidden(format!(
                 "the Keel API is for root only (you are uid {})",
