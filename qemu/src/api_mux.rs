@@ -84,9 +84,7 @@ fn bind_private(public: &Path) -> io::Result<UnixListener> {
     let parent = public.parent().unwrap_or(Path::new("."));
     let staging = parent.join(format!(".api.sock.{}.d", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&staging)?;
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
     let staged = staging.join("api.sock");
     let bound = UnixListener::bind(&staged).and_then(|listener| {
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;

@@ -285,6 +285,9 @@ pub struct Security {
     /// A user namespace of its own. Its overlay is then mounted by the parent (PID 1) before
     /// clone3: mounted from inside, overlayfs could not use its trusted.* xattrs.
     pub userns: Option<IdMap>,
+    /// What is bound at /dev/init for `init = true`: the sealed copy of PID 1's binary
+    /// (crate::sealed_reaper).
+    pub reaper: Option<PathBuf>,
 }
 
 /// Docker's masked paths: kernel information and controls a container has no business with.
@@ -317,21 +320,6 @@ const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Where Keel's reaping init appears inside a container with `init = true`.
 pub const CONTAINER_INIT: &str = "/dev/init";
-
-/// The container's reaping init: PID 1's own binary, at /sbin/init in the root image but
-/// at /init on an initramfs-only host. Resolved by path in PID 1's mount namespace, where
-/// the plan is built: a bind mount from /proc/self/exe in the child's new mount namespace
-/// would name a mount of the old one, which the kernel refuses (EINVAL).
-pub fn reaper_binary() -> String {
-    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        std::fs::read_link("/proc/self/exe")
-            .ok()
-            .and_then(|p| p.to_str().map(str::to_string))
-            .unwrap_or_else(|| "/sbin/init".to_string())
-    })
-    .clone()
-}
 
 /// The argv that runs `process` under Keel's reaping init.
 pub fn wrap_with_init(argv: &[String]) -> Vec<String> {
@@ -792,7 +780,13 @@ pub fn build_plan(
             path: at(CONTAINER_INIT)?,
             mode: 0o755,
         });
-        steps.push(bind(&reaper_binary(), CONTAINER_INIT, 0)?);
+        let reaper = security.reaper.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "init = true, but there is no sealed reaper to bind at /dev/init",
+            )
+        })?;
+        steps.push(bind(&reaper.to_string_lossy(), CONTAINER_INIT, 0)?);
         steps.push(SetupStep::Remount {
             path: at(CONTAINER_INIT)?,
             flags: MS_RDONLY | MS_NOSUID | MS_NODEV,
@@ -1126,6 +1120,7 @@ mod tests {
                 },
             ],
             userns: None,
+            reaper: Some("/run/keel/reaper/sealed/init".into()),
         }
     }
 
@@ -1352,7 +1347,7 @@ mod tests {
         assert!(
             position(
                 &names,
-                &format!("bind-mount {} on /c/n/rootfs/dev/init", reaper_binary())
+                "bind-mount /run/keel/reaper/sealed/init on /c/n/rootfs/dev/init"
             ) < position(&names, "pivot_root")
         );
         assert_eq!(

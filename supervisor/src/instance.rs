@@ -512,6 +512,11 @@ impl Instance {
             time_namespace: runtime.time_namespace,
             mounts,
             userns: self.userns,
+            reaper: if iso.init {
+                Some(crate::sealed_reaper::sealed_reaper().map_err(SetupError::Reaper)?)
+            } else {
+                None
+            },
         };
         Ok((security, process))
     }

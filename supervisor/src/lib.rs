@@ -10,6 +10,7 @@
 //! - [`logs`]: output to per-container log files and the console;
 //! - [`paths`], [`events`]: where images and state live, and the supervisor's event type;
 //! - [`fds`]: PID 1's descriptor limit and count;
+//! - [`sealed_reaper`]: the read-only copy of PID 1's binary that containers run as /dev/init;
 //! - [`Supervisor`]: the state machine PID 1 drives.
 
 pub mod apply;
@@ -24,6 +25,7 @@ pub mod instance;
 pub mod logs;
 pub mod notify;
 pub mod paths;
+pub mod sealed_reaper;
 pub mod seccomp;
 pub mod setup_error;
 pub mod spawn;

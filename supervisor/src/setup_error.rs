@@ -109,6 +109,9 @@ pub enum SetupError {
     /// The cgroup BPF program that limits device access could not be loaded or attached.
     #[error("{0}")]
     DevicePolicy(#[source] io::Error),
+    /// The sealed copy of PID 1's binary for /dev/init could not be set up.
+    #[error("setting up /dev/init: {0}")]
+    Reaper(#[source] io::Error),
     #[error("clone3: {0}")]
     Clone(String),
 }
