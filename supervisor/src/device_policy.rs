@@ -143,6 +143,13 @@ fn program(rules: &[DeviceRule]) -> Vec<Insn> {
         if let Some(minor) = rule.minor {
             checks.push(insn(JNE_K, R5, 0, 0, minor as i32));
         }
+        if checks.is_empty() {
+            // A rule that matches everything ends the program: the verifier refuses
+            // instructions that can never run.
+            out.push(insn(ALU64_MOV_K, R0, 0, 0, 1));
+            out.push(insn(EXIT, 0, 0, 0, 0));
+            return out;
+        }
         let block_len = checks.len() + 2;
         for (i, mut check) in checks.into_iter().enumerate() {
             if check.code == JNE_K || check.code == JNE_X {
@@ -391,6 +398,14 @@ mod tests {
                 "program: {kind} {access} {major}:{minor}"
             );
         }
+    }
+
+    #[test]
+    fn the_unrestricted_policy_allows_everything_and_ends_there() {
+        let insns = program(UNRESTRICTED);
+        assert_eq!(run(&insns, DEV_BLOCK, ACC_READ | ACC_WRITE, 254, 0), 1);
+        assert_eq!(insns.last().map(|i| i.code), Some(EXIT));
+        assert_eq!(insns.len(), 8, "the prologue, then allow: {insns:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use keel_qemu::{QemuError, Vm};
 use keel_tests::{BOOT_TIMEOUT, STEP_TIMEOUT, bin_dir, boot, build_host, workspace_root};
 
 /// Every attempt of the escape program, in its order.
-const ATTEMPTS: [&str; 17] = [
+const ATTEMPTS: [&str; 21] = [
     "mount",
     "unshare-user",
     "unshare-net",
@@ -33,11 +33,15 @@ const ATTEMPTS: [&str; 17] = [
     "io-uring",
     "setuid-nnp",
     "inherited-fd",
+    "volume-mknod",
+    "tmpfs-mknod",
+    "init-overwrite",
+    "api-socket",
 ];
 
 /// What a privileged container must get through. The others depend on the guest (is there a
 /// /dev/mem, a disk to mknod, a leaked fd?), not on the container's privileges.
-const PRIVILEGED_GETS_THROUGH: [&str; 12] = [
+const PRIVILEGED_GETS_THROUGH: [&str; 14] = [
     "mount",
     "unshare-user",
     "unshare-net",
@@ -50,7 +54,25 @@ const PRIVILEGED_GETS_THROUGH: [&str; 12] = [
     "keyctl",
     "io-uring",
     "setuid-nnp",
+    "volume-mknod",
+    "tmpfs-mknod",
 ];
+
+/// What CAP_SYS_ADMIN must still not get through: it may mount a tmpfs without nodev, but
+/// the device policy refuses the nodes there; /dev/init and the API stay closed.
+const SYSADMIN_BLOCKED: [&str; 7] = [
+    "mknod-block",
+    "dev-mem",
+    "volume-mknod",
+    "tmpfs-mknod",
+    "init-overwrite",
+    "api-socket",
+    "inherited-fd",
+];
+
+/// The containers that must block every attempt: the default one, and the same in a user
+/// namespace of its own.
+const JAILS: [&str; 2] = ["jail", "jail-userns"];
 
 /// The spin loop is throttled to a fifth of a CPU, and under TCG the CPU is slow to begin with.
 const SPIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -257,11 +279,12 @@ impl EscapeReport {
     }
 }
 
-/// Every attempt fails in the default container; the privileged one gets through the same
-/// doors, so a blocked attempt is a wall and not a broken attempt.
+/// Every attempt fails in the default containers (with and without a user namespace); the
+/// privileged one gets through the same doors, so a blocked attempt is a wall and not a
+/// broken attempt; CAP_SYS_ADMIN still does not reach the devices, /dev/init or the API.
 fn escape_suite(vm: &Vm, checks: &mut Checks) {
     let mut problems = Vec::new();
-    for container in ["jail", "privileged"] {
+    for container in JAILS.iter().chain(&["privileged", "sysadmin"]) {
         let needle = format!("[{container}] escape: done");
         if let Err(e) = wait_output(vm, container, &needle, STEP_TIMEOUT) {
             problems.push(format!(
@@ -270,26 +293,31 @@ fn escape_suite(vm: &Vm, checks: &mut Checks) {
         }
     }
     let console = vm.console();
-    let jail = EscapeReport::parse(&console, "jail");
-    let privileged = EscapeReport::parse(&console, "privileged");
-
-    for name in ATTEMPTS {
-        match jail.attempts.get(name) {
-            Some(a) if a.allowed => {
-                problems.push(format!("jail: {name} got through: {}", a.detail))
+    let mut tables = String::new();
+    for jail in JAILS {
+        let report = EscapeReport::parse(&console, jail);
+        for name in ATTEMPTS {
+            match report.attempts.get(name) {
+                Some(a) if a.allowed => {
+                    problems.push(format!("{jail}: {name} got through: {}", a.detail))
+                }
+                Some(_) => {}
+                None => problems.push(format!("{jail}: no result for {name}")),
             }
-            Some(_) => {}
-            None => problems.push(format!("jail: no result for {name}")),
         }
+        let done = report.done.as_deref().unwrap_or_default();
+        if field(done, "allowed") != Some(0)
+            || field(done, "blocked") != Some(ATTEMPTS.len() as u64)
+        {
+            problems.push(format!(
+                "{jail}: expected `done blocked={} allowed=0`, got {:?}",
+                ATTEMPTS.len(),
+                report.done
+            ));
+        }
+        tables.push_str(&report.table());
     }
-    let done = jail.done.as_deref().unwrap_or_default();
-    if field(done, "allowed") != Some(0) || field(done, "blocked") != Some(ATTEMPTS.len() as u64) {
-        problems.push(format!(
-            "jail: expected `done blocked={} allowed=0`, got {:?}",
-            ATTEMPTS.len(),
-            jail.done
-        ));
-    }
+    let privileged = EscapeReport::parse(&console, "privileged");
     for name in PRIVILEGED_GETS_THROUGH {
         match privileged.attempts.get(name) {
             Some(a) if a.allowed => {}
@@ -297,13 +325,63 @@ fn escape_suite(vm: &Vm, checks: &mut Checks) {
             None => problems.push(format!("privileged: no result for {name}")),
         }
     }
+    let sysadmin = EscapeReport::parse(&console, "sysadmin");
+    for name in SYSADMIN_BLOCKED {
+        match sysadmin.attempts.get(name) {
+            Some(a) if a.allowed => {
+                problems.push(format!("sysadmin: {name} got through: {}", a.detail))
+            }
+            Some(_) => {}
+            None => problems.push(format!("sysadmin: no result for {name}")),
+        }
+    }
+    tables.push_str(&privileged.table());
+    tables.push_str(&sysadmin.table());
+    // The figures for the record: shown with --nocapture, and with any failure.
+    eprintln!("{tables}");
     if !problems.is_empty() {
         checks.fail(format!(
-            "escape suite:\n  {}\n\n{}\n{}",
+            "escape suite:\n  {}\n\n{tables}",
             problems.join("\n  "),
-            jail.table(),
-            privileged.table()
         ));
+    }
+}
+
+/// A container sharing the host's pid namespace signals PID 1: PID 1 logs that it ignored
+/// each signal and names the container, and the host stays up (the checks after this one
+/// need it).
+fn host_pid_signals(vm: &Vm, checks: &mut Checks) {
+    if let Err(e) = wait_output(vm, "hostpid", "[hostpid] escape: signal-pid1", STEP_TIMEOUT) {
+        return checks.fail(format!("hostpid: did not signal PID 1: {e}"));
+    }
+    for signal in ["SIGUSR1", "SIGTERM"] {
+        let needle = format!("keel: warning: ignored {signal} from pid");
+        match vm.wait_for_line_anywhere(&needle, STEP_TIMEOUT) {
+            Ok(line) => checks.check(line.contains("container hostpid"), || {
+                format!("hostpid: PID 1 did not name the container: {line}")
+            }),
+            Err(e) => checks.fail(format!(
+                "hostpid: PID 1 did not log that it ignored {signal}: {e}\n{}",
+                output_lines(&vm.console(), "hostpid")
+            )),
+        }
+    }
+    let console = vm.console();
+    checks.check(!console.contains("keel: stats pid1"), || {
+        "hostpid: PID 1 obeyed a container's SIGUSR1 (it logged its statistics)".into()
+    });
+    checks.check(!console.contains("shutting down for"), || {
+        "hostpid: PID 1 obeyed a container's SIGTERM and shut down".into()
+    });
+}
+
+/// Every copy of the host file PID 1 keeps is 0600: it may hold registry passwords.
+fn host_file_modes(vm: &Vm, checks: &mut Checks) {
+    match wait_output(vm, "modes", "[modes] modes: host.toml=", STEP_TIMEOUT) {
+        Ok(line) => checks.check(line.trim_end().ends_with("host.toml=600"), || {
+            format!("/run/keel/host.toml is not 0600: {line}")
+        }),
+        Err(e) => checks.fail(format!("modes: {e}")),
     }
 }
 
@@ -454,6 +532,8 @@ fn containers_cannot_escape_and_stay_within_their_limits() {
         .unwrap();
     let mut checks = Checks::default();
     escape_suite(&vm, &mut checks);
+    host_pid_signals(&vm, &mut checks);
+    host_file_modes(&vm, &mut checks);
     memory_hog(&vm, &mut checks);
     fork_bomb(&vm, &mut checks);
     cpu_throttling(&vm, &mut checks);

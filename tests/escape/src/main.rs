@@ -60,6 +60,12 @@ fn main() -> ExitCode {
     }
     if std::env::args_os()
         .nth(1)
+        .is_some_and(|a| a == "--signal-pid1")
+    {
+        return signal_pid1();
+    }
+    if std::env::args_os()
+        .nth(1)
         .is_some_and(|a| a == "--report-euid")
     {
         // SAFETY: geteuid has no preconditions.
@@ -92,6 +98,10 @@ fn main() -> ExitCode {
     report.run("io-uring", io_uring);
     report.run("setuid-nnp", || setuid_nnp(&scratch));
     report.run("inherited-fd", || inherited_fd(&inherited, &scratch));
+    report.run("volume-mknod", volume_mknod);
+    report.run("tmpfs-mknod", || tmpfs_mknod(&scratch));
+    report.run("init-overwrite", init_overwrite);
+    report.run("api-socket", api_socket);
     scratch.remove();
     report.finish();
     ExitCode::SUCCESS
@@ -261,7 +271,7 @@ impl Scratch {
     /// Not remove_dir_all: if an unmount ever failed, that would walk into the mount.
     fn remove(&self) {
         if let Ok(dir) = &self.dir {
-            for name in ["mnt", "j"] {
+            for name in ["mnt", "j", "devtmp"] {
                 let _ = fs::remove_dir(dir.join(name));
             }
             for name in ["blk", "mem", "suid-escape"] {
@@ -633,15 +643,7 @@ fn mknod_block(scratch: &Scratch) -> Outcome {
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
-    // The guest's disk if it has one, else sd's first disk (the node works even without one:
-    // then open fails with ENXIO, past every check).
-    let dev = fs::read_to_string("/sys/block/vda/dev")
-        .ok()
-        .and_then(|d| {
-            let (major, minor) = d.trim().split_once(':')?;
-            Some((major.parse().ok()?, minor.parse().ok()?))
-        })
-        .unwrap_or((8, 0));
+    let dev = first_disk();
     let outcome = match make_and_open(&path, libc::S_IFBLK, dev, "block device") {
         Ok(_fd) => allowed(format!(
             "created and opened block device {}:{} at {}",
@@ -950,5 +952,209 @@ fn inherited_fd(inherited: &[RawFd], scratch: &Scratch) -> Outcome {
         Ok(ChildEnd::Exited(code)) => not_attempted(format!("the child exited {code}")),
         Ok(ChildEnd::Signaled(signal)) => signaled(signal),
         Err(e) => not_attempted(format!("fork: {}", errname(e))),
+    }
+}
+
+/// The guest's first disk as (major, minor), or sd's first disk: the node works even without
+/// such a disk (open then fails with ENXIO, past every check).
+fn first_disk() -> (u32, u32) {
+    fs::read_to_string("/sys/block/vda/dev")
+        .ok()
+        .and_then(|d| {
+            let (major, minor) = d.trim().split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .unwrap_or((8, 0))
+}
+
+/// A block device node made in the directory `dir`, then opened.
+fn block_node_in(dir: &Path, what: &str) -> Outcome {
+    let path = dir.join(format!("keel-escape-blk.{}", std::process::id()));
+    let _ = fs::remove_file(&path);
+    let dev = first_disk();
+    let outcome = match make_and_open(&path, libc::S_IFBLK, dev, "block device") {
+        Ok(_fd) => allowed(format!(
+            "created and opened block device {}:{} in {what}",
+            dev.0, dev.1
+        )),
+        Err(outcome) => Outcome {
+            detail: format!("in {what}: {}", outcome.detail),
+            ..outcome
+        },
+    };
+    let _ = fs::remove_file(&path);
+    outcome
+}
+
+/// The volume the host file gives the container (KEEL_ESCAPE_VOLUME): writable, so the
+/// container can make nodes there; they must not work (nodev, the device policy).
+fn volume_mknod() -> Outcome {
+    let Some(dir) = std::env::var_os("KEEL_ESCAPE_VOLUME") else {
+        return not_attempted("KEEL_ESCAPE_VOLUME is not set");
+    };
+    block_node_in(Path::new(&dir), "a volume")
+}
+
+/// A tmpfs of the container's own, mounted without nodev (possible with CAP_SYS_ADMIN): only
+/// the device policy stands between a node there and the disk.
+fn tmpfs_mknod(scratch: &Scratch) -> Outcome {
+    let dir = match scratch.fresh_dir("devtmp") {
+        Ok(dir) => dir,
+        Err(outcome) => return outcome,
+    };
+    let target = cstring(&dir);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let ret = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            target.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=64k".as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        let outcome = failed("mount tmpfs without nodev", errno());
+        let _ = fs::remove_dir(&dir);
+        return outcome;
+    }
+    let outcome = block_node_in(&dir, "a tmpfs mounted without nodev");
+    // SAFETY: target is a valid path string.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    let _ = fs::remove_dir(&dir);
+    outcome
+}
+
+/// /dev/init, the reaper Keel binds into the container: making its bind writable is the
+/// container's own business, changing the file is not (CVE-2019-5736). ETXTBSY counts as
+/// getting through: only the running reaper stood in the way, not a wall.
+fn init_overwrite() -> Outcome {
+    let init = Path::new("/dev/init");
+    if !init.exists() {
+        return not_attempted("no /dev/init (the container needs init = true)");
+    }
+    let target = cstring(init);
+    let mut notes = Vec::new();
+    for (flags, what) in [
+        (libc::MS_REMOUNT | libc::MS_BIND, "bind remount rw"),
+        (libc::MS_REMOUNT, "superblock remount rw"),
+    ] {
+        // SAFETY: target is a valid path string; the other pointers may be null.
+        let ret = unsafe {
+            libc::mount(
+                ptr::null(),
+                target.as_ptr(),
+                ptr::null(),
+                flags,
+                ptr::null(),
+            )
+        };
+        notes.push(if ret == 0 {
+            format!("{what}: ok")
+        } else {
+            format!("{what}: {}", errname(errno()))
+        });
+    }
+    let before =
+        fs::metadata(init).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+    match OpenOptions::new().write(true).open(init) {
+        Ok(_) => {
+            return allowed(format!(
+                "opened /dev/init for writing ({})",
+                notes.join(", ")
+            ));
+        }
+        Err(e) if e.raw_os_error().is_some_and(|e| !refused(e)) => {
+            return allowed(format!(
+                "opening /dev/init for writing reached the file: {} ({})",
+                errname(e.raw_os_error().unwrap_or(0)),
+                notes.join(", ")
+            ));
+        }
+        Err(e) => notes.push(format!("open for writing: {e}")),
+    }
+    match fs::set_permissions(init, fs::Permissions::from_mode(0o4755)) {
+        Ok(()) => {
+            if let Ok(mode) = before {
+                let _ = fs::set_permissions(init, fs::Permissions::from_mode(mode & 0o7777));
+            }
+            allowed(format!(
+                "chmod 4755 /dev/init worked ({})",
+                notes.join(", ")
+            ))
+        }
+        Err(e) if e.raw_os_error().is_some_and(refused) => {
+            blocked(format!("chmod: {e}; {}", notes.join(", ")))
+        }
+        Err(e) => allowed(format!("chmod reached the file: {e}; {}", notes.join(", "))),
+    }
+}
+
+/// PID 1's API socket, if the host file gave the container its directory
+/// (KEEL_ESCAPE_API): root in a container must not be served.
+fn api_socket() -> Outcome {
+    let Some(path) = std::env::var_os("KEEL_ESCAPE_API") else {
+        return not_attempted("KEEL_ESCAPE_API is not set");
+    };
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => return failed_io("connect to the API socket", &e),
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    // A server that refuses may answer and close before reading: the answer is read even
+    // if the request could not be written.
+    let written = stream.write_all(b"{\"version\":1,\"request\":{\"op\":\"ps\"}}\n");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.contains(&b'\n') {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if answer.is_empty() && written.is_ok() => {
+                return failed_io("read the answer", &e);
+            }
+            Err(_) => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    if let (Err(e), false) = (&written, answer.contains("forbidden")) {
+        return failed_io("write a request", e);
+    }
+    let first: String = answer
+        .lines()
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(160)
+        .collect();
+    if answer.contains("forbidden") {
+        blocked(format!("the API refused: {first}"))
+    } else if answer.is_empty() {
+        blocked("the API closed the connection without an answer")
+    } else {
+        allowed(format!("the API answered: {first}"))
+    }
+}
+
+/// `--signal-pid1`, for a container sharing the host's pid namespace: SIGUSR1 (statistics)
+/// and SIGTERM (power off) to pid 1, which must ignore both from a container. Only the test
+/// can judge (by PID 1's log and the host staying up); this reports what was sent, then waits.
+fn signal_pid1() -> ExitCode {
+    let mut sent = Vec::new();
+    for (signal, name) in [(libc::SIGUSR1, "SIGUSR1"), (libc::SIGTERM, "SIGTERM")] {
+        // SAFETY: kill has no pointer arguments.
+        let ret = unsafe { libc::kill(1, signal) };
+        sent.push(if ret == 0 {
+            format!("{name} sent")
+        } else {
+            format!("{name}: {}", errname(errno()))
+        });
+    }
+    say(&format!("escape: signal-pid1 {}", sent.join(", ")));
+    // Alive until the container is stopped: PID 1 checks a sender through its /proc entry,
+    // and one that is gone could not be told apart from any other refusal.
+    loop {
+        // SAFETY: pause has no preconditions.
+        unsafe { libc::pause() };
     }
 }
