@@ -569,6 +569,7 @@ pub fn build_exec_plan(
             mount: false,
         },
         steps,
+        rootfs: None,
         exec_paths: exec_candidates(&argv[0], path_var)
             .iter()
             .map(cstring)
@@ -903,6 +904,7 @@ pub fn build_plan(
         hold: matches!(iso.network, NetworkMode::Bridged(_)),
         namespaces: namespaces_of(iso, security.time_namespace),
         steps,
+        rootfs: Some(path_cstring(root)?),
         exec_paths,
         argv: argv.iter().map(cstring).collect::<io::Result<_>>()?,
         envp: process.env.iter().map(cstring).collect::<io::Result<_>>()?,

@@ -4,7 +4,8 @@
 //! - [`apply`]: what a new host file changes on a running host (`keel apply`);
 //! - [`container`]: pure logic from definition + image to the process and setup plan;
 //! - [`instance`]: one container prepared once and started any number of times;
-//! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs;
+//! - [`spawn`]: the clone3 child that walks that plan with raw system calls, then execs
+//!   (paths under the rootfs resolved inside it by `in_root`);
 //! - [`cgroup`]: hand-written cgroup v2 (hierarchy, limits, kill);
 //! - [`device_policy`]: the cgroup BPF program that decides which devices may be opened;
 //! - [`logs`]: output to per-container log files and the console;
@@ -21,6 +22,7 @@ pub mod device_policy;
 pub mod events;
 pub mod fds;
 pub mod health;
+mod in_root;
 pub mod instance;
 pub mod logs;
 pub mod notify;

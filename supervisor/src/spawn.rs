@@ -14,13 +14,14 @@
 //! capabilities → seccomp (here if no_new_privs is on, as late as possible) → fds and cwd →
 //! execve. [`crate::container::build_plan`] decides the order; this module executes it.
 
-use std::ffi::{CString, c_char};
+use std::ffi::{CStr, CString, c_char};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::caps::{self, CapSet};
+use crate::in_root::InRootPath;
 use crate::seccomp::Program;
 
 /// libc's constants are deprecated, overflowing `c_int`s; clone3 takes a u64.
@@ -266,6 +267,12 @@ pub struct SetupPlan {
     /// (PID 1 first connects its network namespace to a bridge).
     pub hold: bool,
     pub steps: Vec<SetupStep>,
+    /// The container's root directory on the host. Until pivot_root, every path of a step
+    /// strictly under it is resolved inside it (openat2 RESOLVE_IN_ROOT), never by path
+    /// from the host's root: a symlink the container put there (in its files or in a volume
+    /// another container shares), even one swapped in after a check, cannot lead a mount,
+    /// mkdir or mknod onto the host (CVE-2021-30465).
+    pub rootfs: Option<CString>,
     /// execve candidates tried in order: the program resolved against each PATH entry.
     pub exec_paths: Vec<CString>,
     pub argv: Vec<CString>,
@@ -479,7 +486,7 @@ unsafe fn errno() -> libc::c_int {
 ///
 /// # Safety
 /// Only in the freshly cloned child, see [`run_child`].
-unsafe fn run_step(step: &SetupStep) -> bool {
+unsafe fn run_step(step: &SetupStep, root: Option<&CStr>) -> bool {
     // SAFETY: (whole body) libc calls on NUL-terminated strings and plain structs that the
     // parent prepared, or on stack buffers.
     unsafe {
@@ -493,16 +500,22 @@ unsafe fn run_step(step: &SetupStep) -> bool {
                 flags,
                 data,
             } => {
+                let Some(target) = InRootPath::open(root, target, libc::O_PATH) else {
+                    return false;
+                };
                 libc::mount(
                     ptr(source),
-                    target.as_ptr(),
+                    target.path(),
                     ptr(fstype),
                     *flags,
                     ptr(data).cast(),
                 ) == 0
             }
             SetupStep::Mkdir { path, mode } => {
-                libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST
+                let Some((dir, name)) = InRootPath::parent(root, path) else {
+                    return false;
+                };
+                libc::mkdirat(dir.dirfd(), name, *mode) == 0 || errno() == libc::EEXIST
             }
             SetupStep::DeviceNode {
                 path,
@@ -511,19 +524,26 @@ unsafe fn run_step(step: &SetupStep) -> bool {
                 uid,
                 gid,
             } => {
-                libc::mknod(path.as_ptr(), *mode, *rdev) == 0
-                    && libc::lchown(path.as_ptr(), *uid, *gid) == 0
+                let Some((dir, name)) = InRootPath::parent(root, path) else {
+                    return false;
+                };
+                libc::mknodat(dir.dirfd(), name, *mode, *rdev) == 0
+                    && libc::fchownat(dir.dirfd(), name, *uid, *gid, libc::AT_SYMLINK_NOFOLLOW) == 0
             }
             SetupStep::Touch { path, mode } => {
-                let fd = libc::open(
-                    path.as_ptr(),
-                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
-                    *mode as libc::c_uint,
-                );
-                fd >= 0 && libc::close(fd) == 0
+                let Some(file) =
+                    InRootPath::open_mode(root, path, libc::O_CREAT | libc::O_WRONLY, *mode as u64)
+                else {
+                    return false;
+                };
+                drop(file);
+                true
             }
             SetupStep::Symlink { target, link } => {
-                libc::symlink(target.as_ptr(), link.as_ptr()) == 0
+                let Some((dir, name)) = InRootPath::parent(root, link) else {
+                    return false;
+                };
+                libc::symlinkat(target.as_ptr(), dir.dirfd(), name) == 0
             }
             SetupStep::PivotRoot { new_root } => {
                 libc::chdir(new_root.as_ptr()) == 0
@@ -594,9 +614,12 @@ unsafe fn run_step(step: &SetupStep) -> bool {
                     ) == 0
             }
             SetupStep::Remount { path, flags } => {
+                let Some(target) = InRootPath::open(root, path, libc::O_PATH) else {
+                    return false;
+                };
                 libc::mount(
                     std::ptr::null(),
-                    path.as_ptr(),
+                    target.path(),
                     std::ptr::null(),
                     libc::MS_BIND | libc::MS_REMOUNT | *flags,
                     std::ptr::null(),
@@ -772,9 +795,15 @@ unsafe fn run_child(
         libc::close(sync_fd);
         // Files and directories the plan creates get exactly the modes it names.
         libc::umask(0);
+        // Paths under the rootfs resolve inside it until pivot_root; after it the container's
+        // root is the process's own, and `/` is as far as any path can climb.
+        let mut root = plan.rootfs.as_deref();
         for (index, step) in plan.steps.iter().enumerate() {
-            if !run_step(step) {
+            if !run_step(step, root) {
                 fail(index as u32);
+            }
+            if matches!(step, SetupStep::PivotRoot { .. }) {
+                root = None;
             }
         }
         libc::umask(0o022);

@@ -375,6 +375,23 @@ fn host_pid_signals(vm: &Vm, checks: &mut Checks) {
     });
 }
 
+/// A mount target behind a symlink another container swapped into a shared volume resolves
+/// inside the container's root: the victim starts, and nothing appears in the host's /dev.
+fn symlink_swap(vm: &Vm, checks: &mut Checks) {
+    if let Err(e) = wait_output(vm, "victim", "[victim] victim: started", STEP_TIMEOUT) {
+        return checks.fail(format!(
+            "victim: did not start beside the swapped symlink: {e}\n{}",
+            output_lines(&vm.console(), "swapper")
+        ));
+    }
+    match wait_output(vm, "hostview", "[hostview] hostview: host", STEP_TIMEOUT) {
+        Ok(line) => checks.check(line.trim_end().ends_with("absent"), || {
+            format!("the victim's tmpfs target resolved on the host: {line}")
+        }),
+        Err(e) => checks.fail(format!("hostview: {e}")),
+    }
+}
+
 /// Every copy of the host file PID 1 keeps is 0600: it may hold registry passwords.
 fn host_file_modes(vm: &Vm, checks: &mut Checks) {
     match wait_output(vm, "modes", "[modes] modes: host.toml=", STEP_TIMEOUT) {
@@ -534,6 +551,7 @@ fn containers_cannot_escape_and_stay_within_their_limits() {
     escape_suite(&vm, &mut checks);
     host_pid_signals(&vm, &mut checks);
     host_file_modes(&vm, &mut checks);
+    symlink_swap(&vm, &mut checks);
     memory_hog(&vm, &mut checks);
     fork_bomb(&vm, &mut checks);
     cpu_throttling(&vm, &mut checks);
