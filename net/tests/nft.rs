@@ -23,7 +23,7 @@ use netlink_packet_netfilter::nftables::{
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use nix::sched::{CloneFlags, setns, unshare};
-use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
 const CONTAINER: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
@@ -87,7 +87,7 @@ async fn add_address(handle: &Handle, name: &str, addr: Ipv4Addr) {
 
 /// In the calling thread's (fresh) namespace: lo up, veth0 = 10.9.0.1/24, and its peer
 /// veth1 = 10.9.0.2/24 in a second namespace where a TCP server answers on port 80.
-fn setup_host_and_container() {
+fn setup_host_and_container() -> File {
     let host_ns = File::open("/proc/thread-self/ns/net").expect("open own netns");
     unshare(CloneFlags::CLONE_NEWNET).expect("unshare container netns");
     let container_ns = File::open("/proc/thread-self/ns/net").expect("open container netns");
@@ -148,6 +148,7 @@ fn setup_host_and_container() {
     // /proc/sys/net is resolved in the opening thread's namespace.
     std::fs::write("/proc/sys/net/ipv4/conf/veth0/route_localnet", "1")
         .expect("route_localnet on veth0");
+    container_ns
 }
 
 /// Connects, says ping, returns the server's answer (which names the source it saw).
@@ -257,7 +258,7 @@ fn published_ports_forward_and_are_replaced() {
         return;
     }
     in_private_netns(|| {
-        setup_host_and_container();
+        let _container_ns = setup_host_and_container();
         assert!(!table_exists());
 
         let full = ruleset(&[
@@ -267,8 +268,9 @@ fn published_ports_forward_and_are_replaced() {
         ]);
         nft::apply(&full).expect("apply");
         assert!(table_exists());
-        // 3 ports x (prerouting + output) + outbound, loopback and hairpin masquerade
-        assert_eq!(rule_count(), 9);
+        // 3 ports x (prerouting + output) + outbound, loopback and hairpin masquerade + the
+        // loopback drop in input
+        assert_eq!(rule_count(), 10);
 
         // The host's own address, through the output chain.
         let answer = exchange(HOST, 8080).expect("10.9.0.1:8080 forwarded to the container");
@@ -286,10 +288,10 @@ fn published_ports_forward_and_are_replaced() {
 
         // Applying again replaces the table rather than appending to it.
         nft::apply(&full).expect("second apply");
-        assert_eq!(rule_count(), 9);
+        assert_eq!(rule_count(), 10);
         let fewer = ruleset(&[(Protocol::Tcp, None, 8080)]);
         nft::apply(&fewer).expect("apply with one port");
-        assert_eq!(rule_count(), 5);
+        assert_eq!(rule_count(), 6);
         let refused = exchange(HOST, 8081).expect_err("8081 no longer published");
         assert_eq!(refused.kind(), ErrorKind::ConnectionRefused);
         assert_eq!(
@@ -305,7 +307,7 @@ fn published_ports_forward_and_are_replaced() {
             err.to_string().starts_with("invalid nftables ruleset"),
             "{err}"
         );
-        assert_eq!(rule_count(), 5);
+        assert_eq!(rule_count(), 6);
 
         // No ports: the connection reaches the host itself, where nothing listens.
         nft::apply(&Ruleset::default()).expect("apply empty");
@@ -339,8 +341,91 @@ fn remove_without_table_succeeds() {
             ports: vec![],
         };
         nft::apply(&r).expect("apply without the bridge");
-        assert_eq!(rule_count(), 3);
+        // outbound, loopback and hairpin masquerade; the loopback drop in input
+        assert_eq!(rule_count(), 4);
         nft::remove().expect("remove");
         assert!(!table_exists());
+    });
+}
+
+/// CVE-2020-8558: with route_localnet on the bridge (as Keel sets it), a container that
+/// routes 127.0.0.0/8 to its gateway reaches services the host binds to 127.0.0.1. The
+/// container here does it with a route; one with NET_RAW would craft the packets. Without
+/// the network in the ruleset the connection goes through (so the test can fail); with it,
+/// the input rule drops it.
+#[test]
+fn a_container_cannot_reach_the_hosts_loopback() {
+    if !should_run("a_container_cannot_reach_the_hosts_loopback") {
+        return;
+    }
+    in_private_netns(|| {
+        let container_ns = setup_host_and_container();
+        let host_ns = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let secret = TcpListener::bind((Ipv4Addr::LOCALHOST, 7070)).expect("bind 127.0.0.1:7070");
+        std::thread::spawn(move || {
+            for stream in secret.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let _ = s.write_all(b"host loopback service\n");
+            }
+        });
+
+        // The container's side: no 127/8 of its own, 127/8 via the gateway.
+        setns(&container_ns, CloneFlags::CLONE_NEWNET).expect("setns to container netns");
+        std::fs::write("/proc/sys/net/ipv4/conf/veth1/route_localnet", "1")
+            .expect("route_localnet on veth1");
+        rt().block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
+            tokio::spawn(conn);
+            // Its own 127.0.0.1 goes, and the local routes with it.
+            let lo = link_index(&handle, "lo").await;
+            let mut addresses = handle.address().get().set_link_index_filter(lo).execute();
+            while let Some(address) = addresses.try_next().await.expect("lo's addresses") {
+                handle
+                    .address()
+                    .del(address)
+                    .execute()
+                    .await
+                    .expect("removing an address of lo");
+            }
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::new(127, 0, 0, 0), 8)
+                .gateway(HOST)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .expect("127.0.0.0/8 via the gateway");
+        });
+        let attempt = |container_ns: &File| {
+            setns(container_ns, CloneFlags::CLONE_NEWNET).expect("setns to container netns");
+            let result = TcpStream::connect_timeout(
+                &SocketAddr::from((Ipv4Addr::LOCALHOST, 7070)),
+                Duration::from_secs(2),
+            )
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer)
+            });
+            setns(&host_ns, CloneFlags::CLONE_NEWNET).expect("setns back to host netns");
+            result
+        };
+        setns(&host_ns, CloneFlags::CLONE_NEWNET).expect("setns back to host netns");
+
+        nft::apply(&Ruleset::default()).expect("apply without networks");
+        assert_eq!(
+            attempt(&container_ns).expect("without the rule the attack works"),
+            "host loopback service\n"
+        );
+        nft::apply(&ruleset(&[])).expect("apply with the network");
+        let refused = attempt(&container_ns).expect_err("the input rule drops it");
+        assert!(
+            matches!(refused.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+            "{refused}"
+        );
+        nft::remove().expect("remove");
     });
 }

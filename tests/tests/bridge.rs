@@ -1,7 +1,7 @@
 //! End-to-end container networks: bridged containers finding each other by name, outbound
 //! NAT to QEMU's gateway, published ports from outside the guest, from the guest itself and
-//! from a neighbour (hairpin), `network = "none"` seeing only lo, ports withdrawn with the
-//! container; and two guests on a QEMU socket network reaching each other's published ports.
+//! from a neighbour (hairpin), networks walled off from each other and an internal one from
+//! the outside, `network = "none"` seeing only lo, ports withdrawn with the container; and two guests on a QEMU socket network reaching each other's published ports.
 //!
 //! Everything inside the guest is checked by `exec` over the control API, so each check
 //! waits on its own answer rather than on time. (Debian's busybox 1.35 wget crashes with
@@ -158,7 +158,10 @@ fn bridged_containers_reach_each_other_the_gateway_and_published_ports() {
         work.path(),
         "alpha",
         true,
-        "[containers.isolated]\nimage = \"bb\"\nnetwork = \"none\"\ncommand = [\"sleep\", \"1000000\"]\n",
+        "[containers.isolated]\nimage = \"bb\"\nnetwork = \"none\"\ncommand = [\"sleep\", \"1000000\"]\n\n\
+         [networks.other]\nsubnet = \"10.90.0.0/24\"\nmasquerade = false\n\n\
+         [containers.stranger]\nimage = \"bb\"\nnetwork = \"other\"\n\
+         command = [\"sh\", \"-c\", \"mkdir -p /www && echo stranger > /www/index.html && exec httpd -f -p 80 -h /www\"]\n",
     );
     let dir = build_host(&host, &work.path().join("out"));
     let sockets = sockets_dir();
@@ -168,7 +171,7 @@ fn bridged_containers_reach_each_other_the_gateway_and_published_ports() {
     vm.wait_for_line("keel: ready uptime_ms=", BOOT_TIMEOUT)
         .unwrap();
     let mut guest = Guest::connect(&vm);
-    for name in ["web", "tool", "hosttool", "isolated"] {
+    for name in ["web", "tool", "hosttool", "isolated", "stranger"] {
         guest.wait_running(name);
     }
 
@@ -218,6 +221,50 @@ fn bridged_containers_reach_each_other_the_gateway_and_published_ports() {
         STEP_TIMEOUT,
     );
     assert_eq!(out.trim(), "web on alpha");
+
+    // Networks are walled off from each other, and an internal one (masquerade = false)
+    // from everything beyond the host; published ports stay open to all.
+    let address_of = |guest: &mut Guest, name: &str| {
+        let (_, out) = guest.exec(name, "ip -o -4 addr show eth0");
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_else(|| panic!("no address for {name}: {out}"))
+            .to_string()
+    };
+    let stranger = address_of(&mut guest, "stranger");
+    let web = address_of(&mut guest, "web");
+    let out = guest.exec_ok(
+        "hosttool",
+        &format!("timeout 5 wget -q -O - http://{stranger}/"),
+        STEP_TIMEOUT,
+    );
+    assert_eq!(out.trim(), "stranger", "the host reaches every network");
+    for (from, url) in [
+        ("tool", format!("http://{stranger}/")),
+        ("stranger", format!("http://{web}/")),
+    ] {
+        let (code, out) = guest.exec(from, &format!("timeout 5 wget -q -O - {url}"));
+        assert_ne!(code, 0, "{from} reached {url} on another network: {out}");
+    }
+    let out = guest.exec_ok(
+        "stranger",
+        "timeout 5 wget -q -O - http://10.0.2.15:8080/",
+        STEP_TIMEOUT,
+    );
+    assert_eq!(
+        out.trim(),
+        "web on alpha",
+        "a published port is open to every network"
+    );
+    // The listener is never answered when the wall holds; its thread ends with the test.
+    let (port, _unanswered) = serve_once("the internal network got out");
+    let (code, out) = guest.exec(
+        "stranger",
+        &format!("timeout 5 wget -q -O - http://10.0.2.2:{port}/"),
+    );
+    assert_ne!(code, 0, "an internal network reached the outside: {out}");
 
     // network = "none": only lo.
     let (_, links) = guest.exec("isolated", "ip -o link");

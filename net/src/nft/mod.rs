@@ -1,5 +1,5 @@
-//! NAT for container networks: one nftables table, `ip keel`, programmed over a
-//! NETLINK_NETFILTER socket.
+//! NAT and isolation for container networks: one nftables table, `ip keel`, programmed over
+//! a NETLINK_NETFILTER socket (the filter rules that keep networks apart: `isolation`).
 //!
 //! The guest has no `nft` binary and no libnftnl, so the table is encoded here with
 //! netlink-packet-netfilter's typed nf_tables messages. The crate has no nat, masq, fib or
@@ -24,11 +24,13 @@ use netlink_packet_core::{
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Hook, Immediate,
     InetHookNumber, ListAttribute, Meta, MetaKey, NfTablesMessage, Operator, Payload, Register,
-    RuleAttribute, RuleMessage, TableAttribute, TableMessage,
+    RuleAttribute, RuleMessage, TableAttribute, TableMessage, Verdict, VerdictAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+mod isolation;
 
 /// One network whose containers are NATed: the bridge they hang off and its subnet.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,6 +141,7 @@ const CHAIN_POSTROUTING: &str = "postrouting";
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 
 // include/uapi/linux/netfilter.h
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 
 // nf_tables.h, enum nft_payload_bases
@@ -269,7 +272,7 @@ fn apply_batch(ruleset: &Ruleset, first_seq: u32) -> Result<Vec<Message>, NftErr
     ] {
         b.push(
             &format!("add chain ip keel {name} (type nat, priority {priority})"),
-            add_nat_chain(name, hook, priority),
+            add_chain("nat", name, hook, priority),
             NLM_F_CREATE,
         );
     }
@@ -324,6 +327,20 @@ fn apply_batch(ruleset: &Ruleset, first_seq: u32) -> Result<Vec<Message>, NftErr
             }
         }
     }
+    for (name, hook, priority) in isolation::CHAINS {
+        b.push(
+            &format!("add chain ip keel {name} (type filter, priority {priority})"),
+            add_chain("filter", name, hook, priority),
+            NLM_F_CREATE,
+        );
+    }
+    for rule in isolation::rules(&ruleset.networks) {
+        b.push(
+            &format!("add rule ip keel {}: {}", rule.chain, rule.text),
+            add_rule(rule.chain, rule.exprs),
+            NLM_F_CREATE | NLM_F_APPEND,
+        );
+    }
     Ok(b.finish())
 }
 
@@ -368,7 +385,7 @@ fn delete_table() -> NfTablesMessage {
     })
 }
 
-fn add_nat_chain(name: &str, hook: InetHookNumber, priority: i32) -> NfTablesMessage {
+fn add_chain(kind: &str, name: &str, hook: InetHookNumber, priority: i32) -> NfTablesMessage {
     NfTablesMessage::NewChain(ChainMessage {
         attributes: vec![
             ChainAttribute::Table(TABLE.to_string()),
@@ -379,7 +396,7 @@ fn add_nat_chain(name: &str, hook: InetHookNumber, priority: i32) -> NfTablesMes
                 Hook::Priority(priority as u32),
             ]),
             ChainAttribute::Policy(NF_ACCEPT),
-            ChainAttribute::Type("nat".to_string()),
+            ChainAttribute::Type(kind.to_string()),
         ],
     })
 }
@@ -468,7 +485,18 @@ fn loopback_masquerade_rule(net: &NatNetwork) -> Vec<Expressions> {
 /// reply straight from the neighbour over the bridge, bypassing the host's conntrack
 /// entry, and drop it.
 fn hairpin_masquerade_rule(net: &NatNetwork) -> Vec<Expressions> {
-    let mut e = vec![
+    let mut e = ct_status_dnat(Operator::NotEqual);
+    e.extend(saddr_in(network_address(net), net.prefix_len));
+    e.push(meta(MetaKey::Oifname));
+    e.push(cmp(Operator::Equal, ifname(&net.bridge)));
+    e.push(masquerade());
+    e
+}
+
+/// `ct status & dnat` compared with 0 by `op`: NotEqual matches connections a published
+/// port's DNAT made, Equal all others.
+fn ct_status_dnat(op: Operator) -> Vec<Expressions> {
+    vec![
         raw_expr(
             "ct",
             vec![
@@ -484,22 +512,26 @@ fn hairpin_masquerade_rule(net: &NatNetwork) -> Vec<Expressions> {
             Bitwise::Mask(DataAttribute::Value(IPS_DST_NAT.to_ne_bytes().to_vec())),
             Bitwise::Xor(DataAttribute::Value(vec![0; 4])),
         ]),
-        cmp(Operator::NotEqual, vec![0; 4]),
-    ];
-    e.extend(saddr_in(network_address(net), net.prefix_len));
-    e.push(meta(MetaKey::Oifname));
-    e.push(cmp(Operator::Equal, ifname(&net.bridge)));
-    e.push(masquerade());
-    e
+        cmp(op, vec![0; 4]),
+    ]
 }
+
+/// Offsets of the source and destination addresses in the IPv4 header.
+const SADDR_OFFSET: u32 = 12;
+const DADDR_OFFSET: u32 = 16;
 
 /// `ip saddr NET/LEN`; nothing for /0, which matches everything.
 fn saddr_in(net: Ipv4Addr, prefix_len: u8) -> Vec<Expressions> {
+    addr_in(SADDR_OFFSET, net, prefix_len)
+}
+
+/// `ip saddr` or `ip daddr` (by header offset) in NET/LEN; nothing for /0.
+fn addr_in(offset: u32, net: Ipv4Addr, prefix_len: u8) -> Vec<Expressions> {
     if prefix_len == 0 {
         return Vec::new();
     }
     let mask = prefix_mask(prefix_len);
-    let mut e = vec![payload(NFT_PAYLOAD_NETWORK_HEADER, 12, 4)];
+    let mut e = vec![payload(NFT_PAYLOAD_NETWORK_HEADER, offset, 4)];
     if prefix_len < 32 {
         e.push(Expressions::Bitwise(vec![
             Bitwise::SourceRegister(Register::Reg1),
@@ -828,8 +860,10 @@ mod tests {
     #[test]
     fn batch_structure() {
         let msgs = apply_batch(&sample(), 100).unwrap();
-        // begin, add/del/add table, 3 chains, 2 ports x 2 chains, 3 + 2 postrouting rules, end
-        assert_eq!(msgs.len(), 1 + 3 + 3 + 4 + 3 + 2 + 1);
+        // begin, add/del/add table, 3 nat chains, 2 ports x 2 chains, 3 + 2 postrouting
+        // rules, 2 filter chains, 2 loopback + 2 cross-network + 1 internal rule, end
+        assert_eq!(msgs.len(), 1 + 3 + 3 + 4 + 3 + 2 + 2 + 5 + 1);
+        let filter_chains = 1 + 3 + 3 + 4 + 3 + 2;
         let types: Vec<u16> = msgs.iter().map(|m| header(m).0).collect();
         assert_eq!(types[0], NFNL_MSG_BATCH_BEGIN);
         assert_eq!(*types.last().unwrap(), NFNL_MSG_BATCH_END);
@@ -839,10 +873,26 @@ mod tests {
         );
         assert_eq!(&types[4..7], &[NFT_MSG_NEWCHAIN; 3]);
         assert!(
-            types[7..types.len() - 1]
+            types[7..filter_chains]
                 .iter()
                 .all(|t| *t == NFT_MSG_NEWRULE)
         );
+        assert_eq!(
+            &types[filter_chains..filter_chains + 2],
+            &[NFT_MSG_NEWCHAIN; 2]
+        );
+        assert!(
+            types[filter_chains + 2..types.len() - 1]
+                .iter()
+                .all(|t| *t == NFT_MSG_NEWRULE)
+        );
+        for (m, name) in msgs[filter_chains..filter_chains + 2]
+            .iter()
+            .zip(["input", "forward"])
+        {
+            assert!(contains(&m.bytes, &str_attr(3, name)), "{name}");
+            assert!(contains(&m.bytes, &str_attr(7, "filter")), "{name}");
+        }
 
         // Sequence numbers are consecutive, so a refused one names its message.
         for (i, m) in msgs.iter().enumerate() {
@@ -887,12 +937,16 @@ mod tests {
 
         // Rules go to the right chains.
         let chain_of = |m: &Message| {
-            ["prerouting", "output", "postrouting"]
+            ["prerouting", "output", "postrouting", "input", "forward"]
                 .into_iter()
                 .find(|c| contains(&m.bytes, &str_attr(2, c)))
                 .unwrap()
         };
-        let rule_chains: Vec<&str> = msgs[7..msgs.len() - 1].iter().map(chain_of).collect();
+        let rule_chains: Vec<&str> = msgs[7..filter_chains]
+            .iter()
+            .chain(&msgs[filter_chains + 2..msgs.len() - 1])
+            .map(chain_of)
+            .collect();
         assert_eq!(
             rule_chains,
             [
@@ -904,9 +958,39 @@ mod tests {
                 "postrouting",
                 "postrouting",
                 "postrouting",
-                "postrouting"
+                "postrouting",
+                "input",
+                "input",
+                "forward",
+                "forward",
+                "forward"
             ]
         );
+    }
+
+    #[test]
+    fn networks_are_walled_off_from_loopback_each_other_and_when_internal_the_world() {
+        let texts: Vec<String> = isolation::rules(&sample().networks)
+            .into_iter()
+            .map(|r| format!("{}: {}", r.chain, r.text))
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "input: iifname keel0 ip daddr 127.0.0.0/8 ct status != dnat drop",
+                "input: iifname internal ip daddr 127.0.0.0/8 ct status != dnat drop",
+                "forward: iifname keel0 oifname internal ct status != dnat drop",
+                "forward: iifname internal oifname keel0 ct status != dnat drop",
+                "forward: iifname internal oifname != internal ct status != dnat drop",
+            ]
+        );
+        // The drop verdict: NFTA_DATA_VERDICT { NFTA_VERDICT_CODE = NF_DROP (0) }.
+        let msgs = apply_batch(&sample(), 1).unwrap();
+        let last_rule = &msgs[msgs.len() - 2].bytes;
+        assert!(contains(
+            last_rule,
+            &[0x0c, 0x00, 0x02, 0x80, 0x08, 0x00, 0x01, 0x00, 0, 0, 0, 0]
+        ));
     }
 
     #[test]
@@ -986,7 +1070,8 @@ mod tests {
         ];
         let mut keel0 = vec![0x14, 0, 1, 0];
         keel0.extend(ifname("keel0"));
-        let post = &msgs[11..msgs.len() - 1];
+        // After the 4 dnat rules, before the 2 filter chains and their 5 rules.
+        let post = &msgs[11..msgs.len() - 1 - 2 - 5];
         assert_eq!(post.len(), 5);
         for m in post {
             assert!(m.bytes.ends_with(masq));
@@ -1020,7 +1105,8 @@ mod tests {
     #[test]
     fn empty_ruleset_is_table_and_chains() {
         let msgs = apply_batch(&Ruleset::default(), 1).unwrap();
-        assert_eq!(msgs.len(), 8);
+        // begin, 3 table messages, 3 nat and 2 filter chains, end
+        assert_eq!(msgs.len(), 10);
     }
 
     #[test]
