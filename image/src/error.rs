@@ -102,6 +102,9 @@ pub enum ImageError {
     #[error("image indexes nested more than {0} deep")]
     NestedTooDeep(usize),
     /// A layer entry would be written outside the destination.
+    /// A layer went past one of the unpack limits (crate::unpack_limits).
+    #[error("layer {layer}: {reason}")]
+    LimitExceeded { layer: String, reason: String },
     #[error("layer entry {path:?}: {reason}")]
     UnsafePath {
         /// The entry name as found in the tar.

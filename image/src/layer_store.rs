@@ -38,6 +38,7 @@ use crate::ImageError;
 use crate::layout::{ImageLayout, Layer};
 use crate::remove_tree::remove_tree;
 use crate::unpack::{DIR_FLAGS, IdShift, unpack_into};
+use crate::unpack_limits::UnpackLimits;
 
 /// Prefix of the store's in-progress (or crashed) layer directories.
 const TMP_PREFIX: &str = ".tmp-";
@@ -74,6 +75,19 @@ pub fn unpack_image_shifted(
     store_dir: &Path,
     shift: Option<IdShift>,
 ) -> Result<Vec<PathBuf>, ImageError> {
+    unpack_image_limited(layout, store_dir, shift, &UnpackLimits::default())
+}
+
+/// [`unpack_image_shifted`] within `limits`: every layer, and the layers this call unpacks
+/// together, stay under `limits.max_unpacked_bytes` (layers already in the store were checked
+/// when they were unpacked).
+pub fn unpack_image_limited(
+    layout: &ImageLayout,
+    store_dir: &Path,
+    shift: Option<IdShift>,
+    limits: &UnpackLimits,
+) -> Result<Vec<PathBuf>, ImageError> {
+    let mut budget = limits.max_unpacked_bytes;
     let store_io =
         |what: &str, e: Errno| ImageError::io(format!("{what} {}", store_dir.display()), e.into());
     fs::create_dir_all(store_dir)
@@ -100,9 +114,12 @@ pub fn unpack_image_shifted(
             Err(Errno::NOENT) => {}
             Err(e) => return Err(store_io(&format!("inspecting {name} in"), e)),
         }
-        let tmp = extract_to_tmp(&store, store_dir, &layer, &name, shift);
+        let tmp = extract_to_tmp(&store, store_dir, &layer, &name, shift, limits, budget);
         match tmp {
-            Ok(tmp) => pending.push((tmp, name)),
+            Ok((tmp, stream_bytes)) => {
+                budget = budget.saturating_sub(stream_bytes);
+                pending.push((tmp, name));
+            }
             Err(e) => {
                 for (tmp, _) in &pending {
                     let _ = remove_tree(&store, OsStr::new(tmp));
@@ -142,14 +159,17 @@ pub fn unpack_image_shifted(
 }
 
 /// Unpacks one layer into a fresh tmp dir of the store (verifying its digest); returns the
-/// tmp dir's name. Nothing is synced yet: see `unpack_image_shifted`.
+/// tmp dir's name and its tar stream's size. Nothing is synced yet: see
+/// `unpack_image_limited`.
 fn extract_to_tmp(
     store: &OwnedFd,
     store_dir: &Path,
     layer: &Layer,
     name: &str,
     shift: Option<IdShift>,
-) -> Result<String, ImageError> {
+    limits: &UnpackLimits,
+    budget: u64,
+) -> Result<(String, u64), ImageError> {
     let tmp_name = loop {
         let candidate = format!(
             "{TMP_PREFIX}{name}-{}-{}",
@@ -179,15 +199,17 @@ fn extract_to_tmp(
         fchown(&root, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
             .map_err(|e| io_err("chowning", e))?;
         fchmod(&root, Mode::from_raw_mode(0o755)).map_err(|e| io_err("chmoding", e))?;
-        unpack_into(layer, root, &tmp_path, shift)
+        unpack_into(layer, root, &tmp_path, shift, limits, budget)
     })();
-    if let Err(e) = result {
-        // Best effort: the error that caused this matters more than a failed cleanup, and
-        // a leftover tmp dir is never trusted and is swept later.
-        let _ = remove_tree(store, OsStr::new(&tmp_name));
-        return Err(e);
+    match result {
+        Ok(stats) => Ok((tmp_name, stats.stream_bytes)),
+        Err(e) => {
+            // Best effort: the error that caused this matters more than a failed cleanup,
+            // and a leftover tmp dir is never trusted and is swept later.
+            let _ = remove_tree(store, OsStr::new(&tmp_name));
+            Err(e)
+        }
     }
-    Ok(tmp_name)
 }
 
 /// Renames a synced tmp dir to its final `name`; another unpacker's complete copy wins.

@@ -38,6 +38,7 @@ pub mod layout;
 mod layout_index;
 mod remove_tree;
 pub mod unpack;
+pub mod unpack_limits;
 
 #[cfg(feature = "builder")]
 pub mod archive;

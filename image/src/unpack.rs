@@ -64,6 +64,7 @@
 //!   before modes, since chown clears setuid). Owners may be shifted into a user
 //!   namespace's range ([`IdShift`]); an owner outside the range is refused.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
@@ -71,6 +72,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{
@@ -84,6 +86,7 @@ use crate::ImageError;
 use crate::digest::HashingReader;
 use crate::layout::{Layer, decompress};
 use crate::remove_tree::remove_tree;
+use crate::unpack_limits::{CountingReader, TarGuard, UnpackLimits};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const WHITEOUT_META_PREFIX: &[u8] = b".wh..wh.";
@@ -130,6 +133,9 @@ pub struct UnpackStats {
     pub opaque_dirs: u64,
     /// Bytes of regular-file content written.
     pub bytes: u64,
+    /// Bytes of the decompressed tar stream, headers included: what counts against
+    /// [`UnpackLimits::max_unpacked_bytes`].
+    pub stream_bytes: u64,
 }
 
 /// Extracts one layer into `dest`, which must be an existing, empty directory.
@@ -184,21 +190,29 @@ pub fn unpack_layer_shifted(
             reason: "destination directory is not empty".into(),
         });
     }
-    unpack_into(layer, root, dest, shift)
+    let limits = UnpackLimits::default();
+    unpack_into(layer, root, dest, shift, &limits, limits.max_unpacked_bytes)
 }
 
-/// Streams `layer` into the directory `root` (shown as `dest` in errors).
+/// Streams `layer` into the directory `root` (shown as `dest` in errors), within `limits`
+/// and what is left of the image's `budget` of unpacked bytes.
 pub(crate) fn unpack_into(
     layer: &Layer,
     root: OwnedFd,
     dest: &Path,
     shift: Option<IdShift>,
+    limits: &UnpackLimits,
+    budget: u64,
 ) -> Result<UnpackStats, ImageError> {
     let expected = layer.digest_hex()?.to_owned();
     let compression = layer.compression()?;
     let file = fs::File::open(&layer.path)
         .map_err(|e| ImageError::io(format!("opening layer {}", layer.path.display()), e))?;
-    let mut hashing = HashingReader::new(io::BufReader::new(file));
+    let compressed = Rc::new(Cell::new(0));
+    let mut hashing = HashingReader::new(io::BufReader::new(CountingReader::new(
+        file,
+        Rc::clone(&compressed),
+    )));
     let mut unpacker = Unpacker {
         root,
         shift,
@@ -208,20 +222,35 @@ pub(crate) fn unpack_into(
     };
     {
         let stream = decompress(compression, &mut hashing)?;
-        let mut archive = tar::Archive::new(stream);
-        let entries = archive
-            .entries()
-            .map_err(|e| ImageError::io(format!("reading layer {}", layer.digest), e))?;
+        let guard = TarGuard::new(stream, *limits, budget, compressed);
+        let violation = guard.violation();
+        // A refusal of the guard is the error to report, not what the tar reader made of it.
+        let read_error = |e: io::Error| match violation.borrow().as_ref() {
+            Some(reason) => ImageError::LimitExceeded {
+                layer: layer.digest.clone(),
+                reason: reason.clone(),
+            },
+            None => ImageError::io(format!("reading layer {}", layer.digest), e),
+        };
+        let mut archive = tar::Archive::new(guard);
+        let entries = archive.entries().map_err(read_error)?;
         for entry in entries {
-            let entry =
-                entry.map_err(|e| ImageError::io(format!("reading layer {}", layer.digest), e))?;
-            unpacker.apply(entry)?;
+            let entry = entry.map_err(read_error)?;
+            unpacker
+                .apply(entry)
+                .map_err(|e| match violation.borrow().as_ref() {
+                    Some(reason) => ImageError::LimitExceeded {
+                        layer: layer.digest.clone(),
+                        reason: reason.clone(),
+                    },
+                    None => e,
+                })?;
         }
         // Drain the decoder too: trailing zero blocks and the compression trailer are part
         // of the blob, and a truncated compressed stream must fail here.
         let mut rest = archive.into_inner();
-        io::copy(&mut rest, &mut io::sink())
-            .map_err(|e| ImageError::io(format!("reading layer {}", layer.digest), e))?;
+        io::copy(&mut rest, &mut io::sink()).map_err(read_error)?;
+        unpacker.stats.stream_bytes = rest.total();
     }
     let (actual, _) = hashing
         .finish()
