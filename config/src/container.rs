@@ -281,7 +281,7 @@ pub(crate) mod raw {
     }
 }
 
-fn size(
+pub(crate) fn size(
     loc: &Locator<'_>,
     value: &Spanned<raw::Size>,
     key: String,

@@ -70,6 +70,9 @@ impl std::error::Error for ConfigError {}
 /// The name of a host whose file names none and whose network offers none.
 pub const DEFAULT_HOSTNAME: &str = "keel";
 
+/// What one image may unpack to unless the host file says otherwise: 8 GiB.
+pub const DEFAULT_MAX_UNPACKED_BYTES: u64 = 8 << 30;
+
 /// A validated host file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
@@ -87,6 +90,8 @@ pub struct HostConfig {
     pub shutdown_timeout_ms: u64,
     /// `keel build` protects the root image with dm-verity (`[host] verity = true`).
     pub verity: bool,
+    /// The most one image's layers may unpack to (`[host] max_unpacked_size`).
+    pub max_unpacked_bytes: u64,
     pub interfaces: BTreeMap<String, Interface>,
     /// Registries by `HOST[:PORT]`.
     pub registries: BTreeMap<String, Registry>,
@@ -237,6 +242,7 @@ mod raw {
         pub shutdown_timeout: Option<Spanned<String>>,
         #[serde(default)]
         pub verity: bool,
+        pub max_unpacked_size: Option<Spanned<container::raw::Size>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -385,7 +391,8 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
     };
 
     let shutdown_timeout_ms = match &host.shutdown_timeout {
-        None => (stop_timeout_ms * 3).max(30_000),
+        // Saturating: a stop_timeout of years must not wrap around to a short shutdown.
+        None => stop_timeout_ms.saturating_mul(3).max(30_000),
         Some(text) => parse_duration_ms(text.get_ref())
             .filter(|ms| *ms >= 1000)
             .ok_or_else(|| {
@@ -395,6 +402,11 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
                     "expected a duration of at least 1s, such as \"60s\" or \"2m\"",
                 )
             })?,
+    };
+
+    let max_unpacked_bytes = match &host.max_unpacked_size {
+        None => DEFAULT_MAX_UNPACKED_BYTES,
+        Some(value) => container::size(loc, value, "host.max_unpacked_size".into(), 1 << 20)?,
     };
 
     let mut interfaces = BTreeMap::new();
@@ -469,6 +481,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         stop_timeout_ms,
         shutdown_timeout_ms,
         verity: host.verity,
+        max_unpacked_bytes,
         interfaces,
         registries,
         networks,

@@ -102,6 +102,10 @@ pub enum ImageError {
     #[error("image indexes nested more than {0} deep")]
     NestedTooDeep(usize),
     /// A layer entry would be written outside the destination.
+    /// A layer that must already be in the store is not (see
+    /// crate::layer_store::unpacked_layers).
+    #[error("layer {layer} is not unpacked in {}", store.display())]
+    NotUnpacked { layer: String, store: PathBuf },
     /// A layer went past one of the unpack limits (crate::unpack_limits).
     #[error("layer {layer}: {reason}")]
     LimitExceeded { layer: String, reason: String },

@@ -158,6 +158,31 @@ pub fn unpack_image_limited(
     Ok(dirs)
 }
 
+/// The directories of `layout`'s layers (shifted by `shift`), bottom layer first, if every
+/// one is already unpacked in `store_dir`; an error naming the first missing layer
+/// otherwise. Reads only the store's directory entries: PID 1 checks with this, and leaves
+/// the unpacking itself to a process of its own.
+pub fn unpacked_layers(
+    layout: &ImageLayout,
+    store_dir: &Path,
+    shift: Option<IdShift>,
+) -> Result<Vec<PathBuf>, ImageError> {
+    let mut dirs = Vec::new();
+    for layer in layout.layers() {
+        let dir = store_dir.join(layer_dir_name(layer.digest_hex()?, shift));
+        match fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => dirs.push(dir),
+            _ => {
+                return Err(ImageError::NotUnpacked {
+                    layer: layer.digest.clone(),
+                    store: store_dir.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(dirs)
+}
+
 /// Unpacks one layer into a fresh tmp dir of the store (verifying its digest); returns the
 /// tmp dir's name and its tar stream's size. Nothing is synced yet: see
 /// `unpack_image_limited`.

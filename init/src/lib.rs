@@ -18,4 +18,5 @@ pub mod puller;
 pub mod reaper;
 pub mod stage1;
 pub mod state;
+pub mod unpacker;
 pub mod var;

@@ -11,7 +11,7 @@
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
 use keel_init::power_signals::{PowerRequest, PowerSignals};
-use keel_init::{delivery, early, etc, logger, modules, net, power, puller, reaper, var};
+use keel_init::{delivery, early, etc, logger, modules, net, power, puller, reaper, unpacker, var};
 
 mod control;
 
@@ -72,6 +72,14 @@ fn main() {
             }
         };
         std::process::exit(code);
+    }
+    // Started by PID 1 to unpack an image's layers, within limits.
+    if args.get(1).is_some_and(|a| a == "--unpack") {
+        let rest: Vec<String> = args[2..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        std::process::exit(unpacker::run(Path::new(delivery::EFFECTIVE), &rest));
     }
     let outcome = std::panic::catch_unwind(boot_and_serve);
     let why = match outcome {
@@ -340,6 +348,7 @@ async fn serve(
         modules: Vec::new(),
         stop_timeout_ms: stop_timeout.as_millis() as u64,
         shutdown_timeout_ms: 30_000,
+        max_unpacked_bytes: keel_config::DEFAULT_MAX_UNPACKED_BYTES,
         interfaces: Default::default(),
         registries: Default::default(),
         networks: Default::default(),

@@ -36,6 +36,15 @@ pub fn setup_hierarchy(root: &Path) -> io::Result<Cgroup> {
     if let Some(min) = pid1_memory_min(&meminfo) {
         write_protection(&init.join("memory.min"), &min.to_string());
     }
+    // Image unpacking runs in a process of its own in a cgroup of its own, so that a hostile
+    // layer's decompressor cannot take the machine's memory (see UNPACK_CGROUP).
+    let unpack = root.join(UNPACK_CGROUP);
+    create_dir(&unpack)?;
+    if let Some(max) = unpack_memory_max(&meminfo) {
+        write_protection(&unpack.join("memory.max"), &max.to_string());
+    }
+    write_protection(&unpack.join("memory.swap.max"), "0");
+    write_protection(&unpack.join("pids.max"), "64");
     let task_limits = ["/proc/sys/kernel/pid_max", "/proc/sys/kernel/threads-max"].map(|f| {
         fs::read_to_string(f)
             .ok()
@@ -47,13 +56,21 @@ pub fn setup_hierarchy(root: &Path) -> io::Result<Cgroup> {
     Ok(Cgroup { path: keel })
 }
 
-/// Memory PID 1 keeps under pressure: 64 MiB, or an eighth of a smaller machine.
-const PID1_MEMORY_MIN: u64 = 64 << 20;
-/// Tasks the containers together leave to PID 1 and its helpers.
-const PID1_TASK_RESERVE: u64 = 512;
+/// The cgroup (under the root) the image unpacker runs in: `keel-init --unpack` moves itself
+/// there before it opens a layer.
+pub const UNPACK_CGROUP: &str = "keel-unpack";
 
-fn pid1_memory_min(meminfo: &str) -> Option<u64> {
-    let total_kb: u64 = meminfo
+/// The unpacker's memory: 1 GiB, or a quarter of a smaller machine.
+const UNPACK_MEMORY_MAX: u64 = 1 << 30;
+
+fn unpack_memory_max(meminfo: &str) -> Option<u64> {
+    let total = mem_total(meminfo)?;
+    Some(UNPACK_MEMORY_MAX.min(total / 4))
+}
+
+/// MemTotal in bytes.
+fn mem_total(meminfo: &str) -> Option<u64> {
+    let kb: u64 = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))?
         .trim()
@@ -61,7 +78,16 @@ fn pid1_memory_min(meminfo: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    Some(PID1_MEMORY_MIN.min(total_kb.saturating_mul(1024) / 8))
+    Some(kb.saturating_mul(1024))
+}
+
+/// Memory PID 1 keeps under pressure: 64 MiB, or an eighth of a smaller machine.
+const PID1_MEMORY_MIN: u64 = 64 << 20;
+/// Tasks the containers together leave to PID 1 and its helpers.
+const PID1_TASK_RESERVE: u64 = 512;
+
+fn pid1_memory_min(meminfo: &str) -> Option<u64> {
+    Some(PID1_MEMORY_MIN.min(mem_total(meminfo)? / 8))
 }
 
 /// The `pids.max` of all containers together: the kernel's task limit less PID 1's reserve.
@@ -270,6 +296,11 @@ mod tests {
             "an eighth of a small machine"
         );
         assert_eq!(pid1_memory_min("nothing"), None);
+        assert_eq!(
+            unpack_memory_max("MemTotal: 2048000 kB\n"),
+            Some(512_000 * 1024)
+        );
+        assert_eq!(unpack_memory_max("MemTotal: 24000000 kB\n"), Some(1 << 30));
         assert_eq!(containers_pids_max([Some(32768), Some(15000)]), Some(14488));
         assert_eq!(containers_pids_max([Some(600), None]), Some(512));
         assert_eq!(containers_pids_max([None, None]), None);

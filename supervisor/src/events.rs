@@ -29,4 +29,8 @@ pub enum Event {
     PullRetry {
         image: String,
     },
+    /// An image unpack's time limit: killed if it still runs.
+    UnpackTimeout {
+        pid: libc::pid_t,
+    },
 }

@@ -92,8 +92,8 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Unpacks the image's layers into the shared store (once per layer), creates the
-    /// container's directories and its cgroup with the configured limits.
+    /// Finds the image's layers in the shared store (unpacked there beforehand), creates
+    /// the container's directories and its cgroup with the configured limits.
     ///
     /// With a user namespace (`userns`), the layers are unpacked with their owners shifted
     /// into the container's id range, and its upper directory belongs to its root.
@@ -110,13 +110,13 @@ impl Instance {
             gid: m.gid,
             size: m.size,
         });
-        let mut lowers =
-            keel_image::layer_store::unpack_image_shifted(&layout, &paths.layers, shift).map_err(
-                |source| SetupError::Unpack {
-                    image: config.image.clone(),
-                    source,
-                },
-            )?;
+        // Unpacked beforehand by a process of its own (`keel-init --unpack`, see the
+        // supervisor's unpacks): PID 1 only looks the layers up.
+        let mut lowers = keel_image::layer_store::unpacked_layers(&layout, &paths.layers, shift)
+            .map_err(|source| SetupError::Unpack {
+                image: config.image.clone(),
+                source,
+            })?;
         // An opaque marker at a layer's root hides everything below it, but overlayfs
         // ignores opaqueness on a lower layer's root: leave the hidden layers out instead.
         if let Some(top_opaque) = lowers

@@ -4,6 +4,8 @@
 //! The tests use the binaries of the same profile they were built with (`cargo build
 //! --release --bins` before `cargo test --release`, which `scripts/test` does).
 
+pub mod bomb_image;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -392,6 +392,43 @@ fn symlink_swap(vm: &Vm, checks: &mut Checks) {
     }
 }
 
+/// The bomb image's layer is refused by the unpacker, with the image, the layer and the
+/// limit named, while PID 1 goes on: the API answers and the web container serves.
+fn bomb_layer(vm: &Vm, checks: &mut Checks) {
+    let refusal =
+        match vm.wait_for_line_anywhere("unpacking image bomb: layer sha256:", STEP_TIMEOUT) {
+            Ok(line) => line,
+            Err(e) => return checks.fail(format!("bomb-image: no refusal of the bomb layer: {e}")),
+        };
+    checks.check(
+        refusal.contains("more than the limit of 67108864 bytes (max_unpacked_size)"),
+        || format!("bomb-image: the refusal does not name the limit: {refusal}"),
+    );
+    match vm.wait_for_line_anywhere(
+        "keel: error: bomb-image: cannot be started: unpacking image bomb",
+        STEP_TIMEOUT,
+    ) {
+        Ok(_) => {}
+        Err(e) => checks.fail(format!("bomb-image: PID 1 did not fail the container: {e}")),
+    }
+    let api = keel_api::Client::connect_unix(vm.api_socket()).and_then(|mut client| {
+        client.set_timeout(Some(STEP_TIMEOUT))?;
+        client.ps()
+    });
+    match api {
+        Ok(ps) => checks.check(
+            ps.iter()
+                .any(|c| c.name == "bomb-image" && c.state == "failed"),
+            || format!("bomb-image is not failed in ps: {ps:?}"),
+        ),
+        Err(e) => checks.fail(format!("the API does not answer beside the bomb: {e}")),
+    }
+    match vm.http_get(80, "/", STEP_TIMEOUT) {
+        Ok(r) if r.status == 200 => {}
+        other => checks.fail(format!("web does not serve beside the bomb: {other:?}")),
+    }
+}
+
 /// Every copy of the host file PID 1 keeps is 0600: it may hold registry passwords.
 fn host_file_modes(vm: &Vm, checks: &mut Checks) {
     match wait_output(vm, "modes", "[modes] modes: host.toml=", STEP_TIMEOUT) {
@@ -537,6 +574,7 @@ fn containers_cannot_escape_and_stay_within_their_limits() {
     let layer_bin = work.path().join("escape/bin");
     std::fs::create_dir_all(&layer_bin).unwrap();
     std::fs::copy(&escape, layer_bin.join("keel-escape")).unwrap();
+    keel_tests::bomb_image::write_bomb_layout(&work.path().join("bomb"), 256 << 20);
     let template =
         std::fs::read_to_string(root.join("tests/hosts/isolation/host.toml.in")).unwrap();
     let host = work.path().join("host.toml");
@@ -552,6 +590,7 @@ fn containers_cannot_escape_and_stay_within_their_limits() {
     host_pid_signals(&vm, &mut checks);
     host_file_modes(&vm, &mut checks);
     symlink_swap(&vm, &mut checks);
+    bomb_layer(&vm, &mut checks);
     memory_hog(&vm, &mut checks);
     fork_bomb(&vm, &mut checks);
     cpu_throttling(&vm, &mut checks);

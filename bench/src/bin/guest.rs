@@ -173,6 +173,10 @@ fn run() -> Result<(), String> {
     for dir in [&paths.layers, &paths.containers, &paths.logs] {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
+    // Instance::prepare only looks the layers up: PID 1 leaves unpacking to a helper.
+    let layout = paths.open_image("bench").map_err(|e| e.to_string())?;
+    keel_image::layer_store::unpack_image(&layout, &paths.layers)
+        .map_err(|e| format!("unpacking the image: {e}"))?;
     let mut runtime = Runtime::new(paths, cgroups);
     let stamp = Instance::prepare(&runtime, "stamp", &config.containers["stamp"], None)
         .map_err(|e| e.to_string())?;
@@ -435,7 +439,7 @@ impl Bare {
 /// The image's layers mounted once as a read-only overlay: crun wants a directory.
 fn mount_crun_rootfs(paths: &Paths) -> Result<PathBuf, String> {
     let layout = paths.open_image("bench").map_err(|e| e.to_string())?;
-    // Already unpacked by Instance::prepare: this only returns the same directories.
+    // Already unpacked before Instance::prepare: this only returns the same directories.
     let lowers = keel_image::layer_store::unpack_image(&layout, &paths.layers)
         .map_err(|e| format!("unpacking the image: {e}"))?;
     let lowerdir: Vec<String> = lowers

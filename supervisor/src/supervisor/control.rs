@@ -118,6 +118,8 @@ impl Supervisor {
             m.failures = 0;
             m.state = ContainerState::Waiting;
         }
+        let image = self.managed(name)?.config.image.clone();
+        self.retry_failed_unpacks(&image);
         self.start(name);
         self.advance();
         match &self.managed(name)?.state {

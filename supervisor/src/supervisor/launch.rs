@@ -84,6 +84,24 @@ pub(super) async fn report_start_failure(name: String, pipe: OwnedFd, steps: Vec
 
 impl Supervisor {
     pub(super) fn start(&mut self, name: &str) {
+        let needs_layers = self
+            .containers
+            .get(name)
+            .is_some_and(|m| m.instance.is_none());
+        if needs_layers {
+            match self.layers_ready(name) {
+                LayersReady::Ready => {}
+                // Started again by `advance` once the unpack has ended.
+                LayersReady::Pending => return,
+                LayersReady::Failed(why) => {
+                    log::error!("{name}: cannot be started: {why}");
+                    if let Some(m) = self.containers.get_mut(name) {
+                        m.state = ContainerState::Failed(why);
+                    }
+                    return;
+                }
+            }
+        }
         let Some(managed) = self.containers.get_mut(name) else {
             return;
         };

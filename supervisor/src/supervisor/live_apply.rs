@@ -160,6 +160,17 @@ impl Supervisor {
         self.pulls.retain(|image, pull| {
             new.images.contains_key(image) || matches!(pull.state, PullState::Running { .. })
         });
+        // An image whose definition changed gets a new unpack if its last one failed (its
+        // layers are looked up afresh anyway).
+        let changed_images: Vec<String> = new
+            .images
+            .iter()
+            .filter(|(name, image)| self.config.images.get(*name) != Some(*image))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for image in &changed_images {
+            self.retry_failed_unpacks(image);
+        }
         let mut warnings = Vec::new();
         for e in self.networks.set_members(new) {
             log::error!("container networks: {e}");

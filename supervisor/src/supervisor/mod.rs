@@ -23,6 +23,7 @@ mod phases;
 mod policy;
 mod probes;
 mod pulls;
+mod unpacks;
 mod userns;
 
 use std::collections::BTreeMap;
@@ -59,6 +60,7 @@ use launch::*;
 use live_apply::Applying;
 use managed::*;
 use pulls::*;
+use unpacks::*;
 
 /// Where the host as a whole is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,12 @@ pub struct Supervisor {
     network_online: bool,
     /// `pull_at = "boot"` images by name: their containers wait until they are pulled.
     pulls: BTreeMap<String, Pull>,
+    /// Images whose layers are (being) unpacked by a helper process, by image and id shift.
+    unpacks: BTreeMap<UnpackKey, UnpackState>,
+    /// Where each running unpack leaves its error, by pid.
+    unpack_errors: BTreeMap<libc::pid_t, std::path::PathBuf>,
+    /// Numbers the unpacks' error files.
+    unpack_serial: u64,
     /// The host file in force: the booted one, then the last one applied.
     config: HostConfig,
     applying: Option<Applying>,
@@ -142,6 +150,9 @@ impl Supervisor {
             execs: BTreeMap::new(),
             networks: ContainerNetworks::new(config),
             network_online: false,
+            unpacks: BTreeMap::new(),
+            unpack_errors: BTreeMap::new(),
+            unpack_serial: 0,
             pulls: config
                 .images
                 .iter()
@@ -186,6 +197,7 @@ impl Supervisor {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
+            Event::UnpackTimeout { pid } => self.unpack_timed_out(pid),
             Event::PullRetry { image } => {
                 if let Some(pull) = self.pulls.get_mut(&image)
                     && pull.state == PullState::Waiting
