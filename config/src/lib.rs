@@ -734,6 +734,10 @@ pub fn parse_size(text: &str) -> Option<u64> {
 }
 
 /// Parses "10s", "500ms", "2m" into milliseconds.
+/// The longest duration a host file may give (30 days): every timer and deadline computed
+/// from a duration then stays far from overflowing.
+pub const MAX_DURATION_MS: u64 = 30 * 24 * 3600 * 1000;
+
 pub fn parse_duration_ms(text: &str) -> Option<u64> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit())?;
@@ -745,7 +749,7 @@ pub fn parse_duration_ms(text: &str) -> Option<u64> {
         "m" => 60_000,
         _ => return None,
     };
-    n.checked_mul(factor)
+    n.checked_mul(factor).filter(|ms| *ms <= MAX_DURATION_MS)
 }
 
 #[cfg(test)]

@@ -342,6 +342,9 @@ fn sizes_and_durations() {
     assert_eq!(parse_duration_ms("2m"), Some(120_000));
     assert_eq!(parse_duration_ms("10"), None);
     assert_eq!(parse_duration_ms("1h"), None);
+    assert_eq!(parse_duration_ms("43200m"), Some(MAX_DURATION_MS));
+    assert_eq!(parse_duration_ms("43201m"), None, "over 30 days");
+    assert_eq!(parse_duration_ms("18446744073709551615ms"), None);
 }
 
 #[test]

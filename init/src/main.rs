@@ -384,7 +384,7 @@ async fn serve(
         let requested = tokio::select! {
             _ = signals.child.recv() => { guarded("reaping", || reap(&mut supervisor)); None }
             Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
-            Some(call) = calls.recv() => control::handle(&mut supervisor, call, base_sha256.as_deref()),
+            Some(call) = calls.recv() => guarded_call(&mut supervisor, call, base_sha256.as_deref()),
             Ok(()) = online_rx.changed() => {
                 let online = *online_rx.borrow_and_update();
                 guarded("network-online", || supervisor.set_network_online(online));
@@ -439,7 +439,11 @@ async fn serve(
     // (killing strays, unmounting).
     // The host file in force: `keel apply` may have changed it since boot.
     let total = Duration::from_millis(supervisor.config().shutdown_timeout_ms);
-    let deadline = tokio::time::Instant::now() + total.saturating_sub(KILL_GRACE);
+    let now = tokio::time::Instant::now();
+    // checked: a deadline from the host file must never be able to panic PID 1.
+    let deadline = now
+        .checked_add(total.saturating_sub(KILL_GRACE))
+        .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
     log::info!(
         "shutting down for {}: stopping containers, dependents first (deadline {} ms)",
         action.name(),
@@ -450,7 +454,7 @@ async fn serve(
         tokio::select! {
             _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
             Some(event) = events.recv() => guarded("a supervisor event", || supervisor.on_event(event)),
-            Some(call) = calls.recv() => { control::handle(&mut supervisor, call, base_sha256.as_deref()); }
+            Some(call) = calls.recv() => { guarded_call(&mut supervisor, call, base_sha256.as_deref()); }
             _ = tokio::time::sleep_until(deadline) => {
                 log::warn!("shutdown deadline reached");
                 break;
@@ -473,6 +477,20 @@ async fn serve(
     net::release_dhcp(Duration::from_secs(1)).await;
     kill_everything_else();
     reap(&mut supervisor);
+    action
+}
+
+/// Handles one API call like [`guarded`]: a panic in it is logged, the call's reply channel
+/// is dropped with it (its client gets an error, the connection ends), and PID 1 serves on.
+fn guarded_call(
+    supervisor: &mut Supervisor,
+    call: keel_init::api::Call,
+    base_sha256: Option<&str>,
+) -> Option<Action> {
+    let mut action = None;
+    guarded("an API request", || {
+        action = control::handle(supervisor, call, base_sha256);
+    });
     action
 }
 

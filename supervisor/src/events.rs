@@ -24,6 +24,9 @@ pub enum Event {
     },
     Ready {
         name: String,
+        /// Cleared when the supervisor takes the event: until then the container's notify
+        /// socket queues no other (see crate::notify).
+        queued: ReadyQueued,
     },
     /// Time to try pulling a boot image again.
     PullRetry {
@@ -34,3 +37,24 @@ pub enum Event {
         pid: libc::pid_t,
     },
 }
+
+/// The flag that keeps one container's notify socket to one queued `Ready` at a time, so a
+/// container sending READY=1 in a loop cannot grow the event queue. Events compare equal
+/// whatever their flags.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyQueued(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl ReadyQueued {
+    /// The supervisor has taken the event: the next READY=1 may be queued.
+    pub fn taken(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl PartialEq for ReadyQueued {
+    fn eq(&self, _: &ReadyQueued) -> bool {
+        true
+    }
+}
+
+impl Eq for ReadyQueued {}

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::events::Event;
+use std::sync::atomic::Ordering;
+
+use crate::events::{Event, ReadyQueued};
 
 /// Where the socket appears inside the container.
 pub const CONTAINER_SOCKET: &str = "/dev/notify.sock";
@@ -36,12 +38,19 @@ pub fn listen(name: &str, path: &Path, events: UnboundedSender<Event>) -> std::i
     let name = name.to_string();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 4096];
+        // At most one Ready of this container waits in the event queue at any time.
+        let queued = ReadyQueued::default();
         loop {
             match socket.recv(&mut buf).await {
                 Ok(n) => {
-                    if says_ready(&buf[..n])
-                        && events.send(Event::Ready { name: name.clone() }).is_err()
-                    {
+                    if !says_ready(&buf[..n]) || queued.0.swap(true, Ordering::Relaxed) {
+                        continue;
+                    }
+                    let event = Event::Ready {
+                        name: name.clone(),
+                        queued: queued.clone(),
+                    };
+                    if events.send(event).is_err() {
                         return;
                     }
                 }
@@ -76,6 +85,39 @@ mod tests {
         let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
         client.send_to(b"STATUS=starting", &path).unwrap();
         client.send_to(b"READY=1\n", &path).unwrap();
-        assert_eq!(rx.recv().await, Some(Event::Ready { name: "web".into() }));
+        let Some(Event::Ready { name, queued }) = rx.recv().await else {
+            panic!("no Ready event");
+        };
+        assert_eq!(name, "web");
+
+        // A flood while that one is not taken queues nothing more; once taken, the next
+        // READY=1 is queued again.
+        // The socket queue is short: the listener task must run between sends.
+        client.set_nonblocking(true).unwrap();
+        let send = |message: &'static [u8]| {
+            let client = &client;
+            let path = &path;
+            async move {
+                loop {
+                    match client.send_to(message, path) {
+                        Ok(_) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            tokio::task::yield_now().await
+                        }
+                        Err(e) => panic!("send: {e}"),
+                    }
+                }
+            }
+        };
+        for _ in 0..500 {
+            send(b"READY=1").await;
+        }
+        queued.taken();
+        send(b"READY=1").await;
+        assert!(matches!(rx.recv().await, Some(Event::Ready { .. })));
+        // Everything sent has been read by now (datagrams are read in order, and the
+        // one after the flood made it through): the queue holds nothing else.
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err(), "the flood queued more events");
     }
 }

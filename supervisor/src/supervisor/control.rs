@@ -150,7 +150,10 @@ impl Supervisor {
         if let Some(m) = self.containers.get_mut(name) {
             m.held = true;
         }
-        self.send_stop(name, timeout_ms.map(Duration::from_millis));
+        // An API value, unchecked: held to the host file's longest duration.
+        let timeout =
+            timeout_ms.map(|ms| Duration::from_millis(ms.min(keel_config::MAX_DURATION_MS)));
+        self.send_stop(name, timeout);
         Ok(())
     }
 

@@ -242,7 +242,8 @@ impl Supervisor {
                 passed,
                 detail,
             } => self.on_health(&name, generation, passed, &detail),
-            Event::Ready { name } => {
+            Event::Ready { name, queued } => {
+                queued.taken();
                 if let Some(m) = self.containers.get_mut(&name)
                     && let ContainerState::Running(run) = &mut m.state
                     && !run.ready
