@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -1380,21 +1380,14 @@ fn failing_reader_midway_leaves_no_completed_layer() {
     let img = ImageLayout::open(&layout).unwrap();
     let fifo = blob_fifo(&layout, &hex);
     let half = tar[..tar.len() / 2].to_vec();
+    // Opened read-write, the FIFO opens at once whenever the unpack gets to it (a loaded
+    // machine may take long): the writes wait for the reader, nothing gives up on a timer.
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
     let writer = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        // Opening for writing fails until the unpack opens the layer for reading.
-        while fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-            .open(&fifo)
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let mut f = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
         // The stream then ends: the reader sees a truncated layer midway.
         let _ = f.write_all(&half);
     });
@@ -1445,25 +1438,13 @@ fn killed_unpack_leaves_no_completed_layer_and_is_swept() {
         .env("KEEL_ADV_CRASH_STORE", &store)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Wait for the child to open the FIFO (opening for writing fails until then).
-    let mut pipe = loop {
-        match fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-            .open(&fifo)
-        {
-            Ok(_) => break fs::OpenOptions::new().write(true).open(&fifo).unwrap(),
-            Err(_) if Instant::now() < deadline => {
-                assert!(
-                    child.try_wait().unwrap().is_none(),
-                    "the child exited early"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("the child never opened the layer: {e}"),
-        }
-    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // Read-write: opens at once, and the write below waits for the child to read.
+    let mut pipe = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
     pipe.write_all(&tar[..tar.len() / 2]).unwrap();
     // Wait until the child has written files into its tmp dir: it is midway.
     let tmp = loop {
