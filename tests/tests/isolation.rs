@@ -429,12 +429,26 @@ fn bomb_layer(vm: &Vm, checks: &mut Checks) {
     }
 }
 
-/// Every copy of the host file PID 1 keeps is 0600: it may hold registry passwords.
+/// Every copy of the host file PID 1 keeps is 0600: it may hold registry passwords. PID 1's
+/// memory.min, the containers' pids.max and the unpacker's memory.max are set.
 fn host_file_modes(vm: &Vm, checks: &mut Checks) {
     match wait_output(vm, "modes", "[modes] modes: host.toml=", STEP_TIMEOUT) {
         Ok(line) => checks.check(line.trim_end().ends_with("host.toml=600"), || {
             format!("/run/keel/host.toml is not 0600: {line}")
         }),
+        Err(e) => checks.fail(format!("modes: {e}")),
+    }
+    // PID 1 keeps memory and tasks no container can take, and the unpacker is bounded.
+    match wait_output(vm, "modes", "[modes] modes: init memory.min=", STEP_TIMEOUT) {
+        Ok(line) => {
+            let number = |key: &str| field(&line, key);
+            checks.check(
+                number("memory.min").is_some_and(|n| n > 0)
+                    && number("pids.max").is_some_and(|n| n > 0)
+                    && number("unpack memory.max").is_some_and(|n| n > 0),
+                || format!("PID 1's protections are not set: {line}"),
+            );
+        }
         Err(e) => checks.fail(format!("modes: {e}")),
     }
 }
