@@ -27,6 +27,9 @@ use keel_image::layout::{ImageLayout, Layer, MEDIA_TYPE_LAYER_TAR};
 use keel_image::unpack::{IdShift, UnpackStats, unpack_layer, unpack_layer_shifted};
 use tar::EntryType;
 
+mod common;
+use common::sha256_hex;
+
 const ORIGINAL: &[u8] = b"original";
 
 // ---------------------------------------------------------------------------------------
@@ -179,14 +182,6 @@ fn long(b: &mut tar::Builder<Vec<u8>>, kind: EntryType, value: &[u8]) {
     data.push(0);
     let h = header(kind, b"././@LongLink", 0, data.len() as u64);
     b.append(&h, &data[..]).unwrap();
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1297,35 +1292,8 @@ fn setuid_setgid_and_sticky_bits_are_kept() {
 
 /// Writes a one-layer OCI layout around `tar` and returns the layer's hex digest.
 fn make_layout(dir: &Path, tar: &[u8]) -> String {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8], media_type: &str| {
-        let hex = sha256_hex(data);
-        fs::write(blobs.join(&hex), data).unwrap();
-        serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": data.len()})
-    };
-    let hex = sha256_hex(tar);
-    let layer = put(tar, MEDIA_TYPE_LAYER_TAR);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{hex}")]},
-    });
-    let config = put(
-        config.to_string().as_bytes(),
-        "application/vnd.oci.image.config.v1+json",
-    );
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": config, "layers": [layer],
-    });
-    let manifest = put(
-        manifest.to_string().as_bytes(),
-        "application/vnd.oci.image.manifest.v1+json",
-    );
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
-    fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    hex
+    let digests = common::write_layout(dir, &[(MEDIA_TYPE_LAYER_TAR, tar.to_vec())]);
+    digests[0].trim_start_matches("sha256:").to_string()
 }
 
 /// A layer big enough to be caught midway: 64 files of 64 KiB.

@@ -6,27 +6,13 @@
 //! and make device nodes, but opening a block device or /dev/mem through a node it made in
 //! a plain directory is refused — the case `nodev` mounts alone do not cover.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use keel_supervisor::device_policy::{self, DEFAULT_RULES};
 
-/// The host's cgroup2 mount: the unified hierarchy or the hybrid layout's v2 part.
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-    })
-}
-
-struct TestCgroup(PathBuf);
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
+mod common;
+use common::TestCgroup;
 
 #[test]
 fn the_policy_refuses_devices_a_container_made_on_a_path_without_nodev() {
@@ -34,9 +20,7 @@ fn the_policy_refuses_devices_a_container_made_on_a_path_without_nodev() {
         eprintln!("skipping: needs root");
         return;
     }
-    let root = cgroup2_root().expect("no cgroup2 mount on this host");
-    let cgroup = TestCgroup(root.join(format!("keel-devtest-{}", std::process::id())));
-    std::fs::create_dir(&cgroup.0).expect("creating a test cgroup");
+    let cgroup = TestCgroup::new("devtest");
     let program = device_policy::load(DEFAULT_RULES).expect("the verifier takes the program");
     let dir = std::fs::File::open(&cgroup.0).expect("opening the cgroup");
     device_policy::attach(&program, &dir.into()).expect("attaching the program");

@@ -15,18 +15,11 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 
 use keel_supervisor::spawn::{Namespaces, SetupPlan, spawn};
 
-/// The host's cgroup2 mount: the unified hierarchy or the hybrid layout's v2 part.
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let fields: Vec<&str> = l.split(' ').collect();
-        (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-    })
-}
+mod common;
+use common::TestCgroup;
 
 /// In a forked child (same uid and capabilities as the held one, CAP_SYS_PTRACE not
 /// effective): tries to read where the held process's fd 0 points. Returns 0 on success,
@@ -116,10 +109,8 @@ fn held_child_helper() {
         return;
     }
     drop_ptrace_capability();
-    let root = cgroup2_root().expect("no cgroup2 mount on this host");
-    let cgroup = root.join(format!("keel-spawntest-{}", std::process::id()));
-    std::fs::create_dir(&cgroup).expect("creating a test cgroup");
-    let cgroup_dir: OwnedFd = std::fs::File::open(&cgroup).unwrap().into();
+    let cgroup = TestCgroup::new("spawntest");
+    let cgroup_dir: OwnedFd = std::fs::File::open(&cgroup.0).unwrap().into();
 
     // Descriptors of the parent a careless child would keep: one not even close-on-exec.
     let leaked_dir: OwnedFd = std::fs::File::open("/").unwrap().into();
@@ -158,7 +149,7 @@ fn held_child_helper() {
     let mut status = 0;
     // SAFETY: pid is our child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    let _ = std::fs::remove_dir(&cgroup);
+    drop(cgroup);
     assert!(
         peek == libc::EACCES || peek == libc::EPERM,
         "a process with the same uid and capabilities read the held child's fds (result {peek})"

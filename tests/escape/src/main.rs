@@ -337,11 +337,14 @@ fn signaled(signal: i32) -> Outcome {
 /// Child exit codes from this base up carry an errno (the largest Linux errno is 133).
 const ERRNO_EXIT: i32 = 100;
 
-fn mount(scratch: &Scratch) -> Outcome {
-    let dir = match scratch.fresh_dir("mnt") {
-        Ok(dir) => dir,
-        Err(outcome) => return outcome,
-    };
+/// A fresh scratch directory `name` and the result of mounting a 64k tmpfs on it with
+/// `flags` (0 or the errno).
+fn mount_tmpfs_at(
+    scratch: &Scratch,
+    name: &str,
+    flags: libc::c_ulong,
+) -> Result<(PathBuf, CString, i32), Outcome> {
+    let dir = scratch.fresh_dir(name)?;
     let target = cstring(&dir);
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
     let ret = unsafe {
@@ -349,11 +352,24 @@ fn mount(scratch: &Scratch) -> Outcome {
             c"tmpfs".as_ptr(),
             target.as_ptr(),
             c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            flags,
             c"size=64k".as_ptr().cast(),
         )
     };
-    let outcome = if ret == 0 {
+    let errno = if ret == 0 { 0 } else { errno() };
+    Ok((dir, target, errno))
+}
+
+fn mount(scratch: &Scratch) -> Outcome {
+    let (dir, target, error) = match mount_tmpfs_at(
+        scratch,
+        "mnt",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+    ) {
+        Ok(mounted) => mounted,
+        Err(outcome) => return outcome,
+    };
+    let outcome = if error == 0 {
         // SAFETY: target is a valid path string.
         let undone = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } == 0;
         allowed(format!(
@@ -366,7 +382,7 @@ fn mount(scratch: &Scratch) -> Outcome {
             }
         ))
     } else {
-        failed("mount", errno())
+        failed("mount", error)
     };
     let _ = fs::remove_dir(&dir);
     outcome
@@ -998,23 +1014,12 @@ fn volume_mknod() -> Outcome {
 /// A tmpfs of the container's own, mounted without nodev (possible with CAP_SYS_ADMIN): only
 /// the device policy stands between a node there and the disk.
 fn tmpfs_mknod(scratch: &Scratch) -> Outcome {
-    let dir = match scratch.fresh_dir("devtmp") {
-        Ok(dir) => dir,
+    let (dir, target, error) = match mount_tmpfs_at(scratch, "devtmp", 0) {
+        Ok(mounted) => mounted,
         Err(outcome) => return outcome,
     };
-    let target = cstring(&dir);
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    let ret = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            0,
-            c"size=64k".as_ptr().cast(),
-        )
-    };
-    if ret != 0 {
-        let outcome = failed("mount tmpfs without nodev", errno());
+    if error != 0 {
+        let outcome = failed("mount tmpfs without nodev", error);
         let _ = fs::remove_dir(&dir);
         return outcome;
     }
