@@ -82,6 +82,20 @@ pub(crate) struct ApiMux {
 /// place (a bind followed by a chmod in place would leave a moment with the umask's mode).
 fn bind_private(public: &Path) -> io::Result<UnixListener> {
     let parent = public.parent().unwrap_or(Path::new("."));
+    // Whoever may write the directory could swap the socket for one of their own, which the
+    // CLI would then talk to: refuse such a directory (unless it is sticky, like /tmp).
+    let mode = std::fs::metadata(parent)?.permissions().mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is writable by other users ({:o}): anyone could replace the API socket \
+                 there; make it private (chmod go-w) or give another directory",
+                parent.display(),
+                mode & 0o7777
+            ),
+        ));
+    }
     let staging = parent.join(format!(".api.sock.{}.d", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
@@ -285,6 +299,16 @@ mod tests {
         let mux = ApiMux::start(&public, ports).unwrap();
         let mode = std::fs::metadata(&public).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "only the owner may connect");
+        // A directory others may write is refused.
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let refused = ApiMux::start(&shared.path().join("api.sock"), Vec::new()).err();
+        assert!(
+            refused
+                .as_ref()
+                .is_some_and(|e| e.to_string().contains("writable by other users")),
+            "{refused:?}"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(public.parent().unwrap())
             .unwrap()
             .flatten()
