@@ -344,9 +344,11 @@ impl Supervisor {
             .count()
     }
 
-    /// True once the boot tasks have run and the services that can start have started.
+    /// True once the boot tasks have run and the services that can start have started: no
+    /// image is still being unpacked for them (boot pulls, which wait for the network and
+    /// may take minutes, are not waited for).
     pub fn booted(&self) -> bool {
-        self.phase != Phase::Boot
+        self.phase != Phase::Boot && !self.unpacking()
     }
 
     // ---- control operations (the API) ----

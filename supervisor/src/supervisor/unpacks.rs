@@ -164,6 +164,13 @@ impl Supervisor {
         }
     }
 
+    /// Whether an unpack is running.
+    pub(super) fn unpacking(&self) -> bool {
+        self.unpacks
+            .values()
+            .any(|s| matches!(s, UnpackState::Running { .. }))
+    }
+
     /// Forgets a failed unpack of `image`, so that the next start tries again.
     pub(super) fn retry_failed_unpacks(&mut self, image: &str) {
         self.unpacks
