@@ -343,10 +343,11 @@ pub fn namespaces_of(iso: &Isolation, time_namespace: bool) -> Namespaces {
     }
 }
 
-/// A container's open-files limit when its host file sets none: the kernel's boot default,
-/// what containers had before PID 1 raised its own (see crate::fds) and what they would
-/// otherwise inherit.
-const DEFAULT_NOFILE: (u64, u64) = (1024, 4096);
+/// A container's open-files limit when its host file sets none: Docker's (1048576 soft and
+/// hard, from containerd's `LimitNOFILE=infinity`), which images such as redis expect when
+/// they raise their own. Never above PID 1's, which is raised to `fs.nr_open` (1048576 by
+/// default) at boot, so the setrlimit needs no privilege even in a user namespace.
+const DEFAULT_NOFILE: (u64, u64) = (1 << 20, 1 << 20);
 
 /// The container's resource limits, for its main process and its execs alike.
 fn rlimit_steps(iso: &Isolation) -> io::Result<Vec<SetupStep>> {

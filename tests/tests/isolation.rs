@@ -451,6 +451,14 @@ fn host_file_modes(vm: &Vm, checks: &mut Checks) {
         }
         Err(e) => checks.fail(format!("modes: {e}")),
     }
+    // Docker's open-files limit, which images such as redis expect.
+    match wait_output(vm, "modes", "[modes] modes: nofile=", STEP_TIMEOUT) {
+        Ok(line) => checks.check(
+            field(&line, "nofile") == Some(1 << 20) && field(&line, "hard") == Some(1 << 20),
+            || format!("the default nofile is not 1048576/1048576: {line}"),
+        ),
+        Err(e) => checks.fail(format!("modes: {e}")),
+    }
 }
 
 /// The hog is OOM-killed, and PID 1 says so rather than reporting a bare SIGKILL.
@@ -655,6 +663,11 @@ fn a_user_namespaced_root_is_unprivileged_on_the_host() {
         matches!(fields[..], [0, host, 65536] if host != 0),
         "expected the container's uid 0 mapped to a non-zero host uid for 65536 ids: {map}"
     );
+    // Docker's open-files limit holds in a user namespace too (it never exceeds PID 1's).
+    let nofile = wait_output(&vm, "userns", "[userns] userns: nofile=", STEP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(field(&nofile, "nofile"), Some(1 << 20), "{nofile}");
+    assert_eq!(field(&nofile, "hard"), Some(1 << 20), "{nofile}");
 
     vm.powerdown().unwrap();
     vm.wait_for_line_anywhere("keel: poweroff clean", Duration::from_secs(90))
