@@ -95,8 +95,8 @@ impl Instance {
     /// Finds the image's layers in the shared store (unpacked there beforehand), creates
     /// the container's directories and its cgroup with the configured limits.
     ///
-    /// With a user namespace (`userns`), the layers are unpacked with their owners shifted
-    /// into the container's id range, and its upper directory belongs to its root.
+    /// With a user namespace (`userns`), the layers are the copies unpacked with their owners
+    /// shifted into the container's id range, and its upper directory belongs to its root.
     pub fn prepare(
         runtime: &Runtime,
         name: &str,
@@ -242,10 +242,15 @@ impl Instance {
         self.ensure_cgroup(runtime, config)
             .map_err(StartError::Setup)?;
         let plan = self.plan(runtime, config).map_err(StartError::Setup)?;
+        // Opened once for both the device policy and the clone.
+        let cgroup_dir = self
+            .cgroup_dir()
+            .map_err(|e| StartError::Spawn(crate::fds::explain(&e)))?;
         // Before the first process is in the cgroup, and at every start: the container may
         // have been made privileged, or not, since its cgroup was created.
-        self.cgroup_dir()
-            .and_then(|dir| runtime.devices.apply(&dir, config.isolation.privileged))
+        runtime
+            .devices
+            .apply(&cgroup_dir, config.isolation.privileged)
             .map_err(|e| StartError::Setup(SetupError::DevicePolicy(e)))?;
         // Leftovers of a previous run (possible when it shared the host pid namespace)
         // must not share the cgroup with the new one.
@@ -254,7 +259,7 @@ impl Instance {
         }
         let oom_kills_before = self.cgroup.keyed("memory.events", "oom_kill").unwrap_or(0);
         let spawned = self
-            .spawn(&plan, stdio)
+            .spawn_into(&plan, &cgroup_dir, stdio)
             .map_err(|e| StartError::Spawn(crate::fds::explain(&e)))?;
         Ok(Started {
             spawned,
@@ -273,8 +278,18 @@ impl Instance {
 
     /// Starts the container's process; `stdio` become its fds 0, 1 and 2.
     pub fn spawn(&self, plan: &SetupPlan, stdio: [RawFd; 3]) -> std::io::Result<Spawned> {
+        self.spawn_into(plan, &self.cgroup_dir()?, stdio)
+    }
+
+    /// [`Instance::spawn`] into the container's cgroup already open at `cgroup_dir`.
+    fn spawn_into(
+        &self,
+        plan: &SetupPlan,
+        cgroup_dir: &OwnedFd,
+        stdio: [RawFd; 3],
+    ) -> std::io::Result<Spawned> {
         if plan.userns.is_none() {
-            return spawn(plan, &self.cgroup_dir()?, stdio);
+            return spawn(plan, cgroup_dir, stdio);
         }
         // The child's mount namespace is a copy of ours taken at clone3: mount the overlay
         // here, clone, and take it away again from PID 1's namespace.
@@ -298,7 +313,7 @@ impl Instance {
                 format!("mounting the overlay on {}: {e}", root.display()),
             )
         })?;
-        let spawned = self.cgroup_dir().and_then(|dir| spawn(plan, &dir, stdio));
+        let spawned = spawn(plan, cgroup_dir, stdio);
         if let Err(e) = nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH) {
             log::warn!(
                 "{}: unmounting {} in PID 1's namespace: {e}",
