@@ -141,6 +141,9 @@ pub struct Volume {
     /// Set-user-ID and file capabilities work on the volume (`:suid`); off by default, like
     /// Docker's `nosuid`. Device nodes never work on a volume.
     pub suid: bool,
+    /// A new named volume starts empty instead of with the image's content at its target
+    /// (`:nocopy`, Docker's `volume-nocopy`). Meaningless for host paths.
+    pub nocopy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -487,7 +490,7 @@ pub(crate) fn volumes(
                 &key,
                 format!(
                     "`{spec}`: expected \"NAME:/path\" or \"/host/path:/path\", optionally \
-                     followed by options such as \":ro\" or \":ro,suid\" (ro, rw, suid)"
+                     followed by options such as \":ro\" or \":ro,suid\" (ro, rw, suid, nocopy)"
                 ),
             )
         };
@@ -496,12 +499,13 @@ pub(crate) fn volumes(
             [s, t, o] => (*s, *t, *o),
             _ => return Err(bad_spec()),
         };
-        let (mut readonly, mut suid) = (false, false);
+        let (mut readonly, mut suid, mut nocopy) = (false, false, false);
         for option in options.split(',').filter(|o| !o.is_empty()) {
             match option {
                 "ro" => readonly = true,
                 "rw" => readonly = false,
                 "suid" => suid = true,
+                "nocopy" => nocopy = true,
                 _ => return Err(bad_spec()),
             }
         }
@@ -518,6 +522,13 @@ pub(crate) fn volumes(
         } else {
             return Err(loc.at(v, &key, format!("`{source}` is neither a volume name (letters, digits, -, _, .) nor an absolute host path")));
         };
+        if nocopy && matches!(source, VolumeSource::Host(_)) {
+            return Err(loc.at(
+                v,
+                &key,
+                format!("`{spec}`: nocopy is for named volumes (a host path is never filled from the image)"),
+            ));
+        }
         if out.iter().any(|o| o.target == target) {
             return Err(loc.at(v, &key, format!("two volumes are mounted on `{target}`")));
         }
@@ -526,6 +537,7 @@ pub(crate) fn volumes(
             target: target.to_string(),
             readonly,
             suid,
+            nocopy,
         });
     }
     Ok(out)

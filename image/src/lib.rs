@@ -36,7 +36,7 @@ pub mod gc;
 pub mod layer_store;
 pub mod layout;
 mod layout_index;
-mod remove_tree;
+pub mod remove_tree;
 pub mod unpack;
 pub mod unpack_limits;
 

@@ -14,7 +14,7 @@ use crate::unpack::DIR_FLAGS;
 /// Removes `name` in `parent`, a whole directory tree included, never following a
 /// symlink. Iterative, with one directory open at a time, so a deep tree can exhaust
 /// neither the stack nor the file descriptors.
-pub(crate) fn remove_tree(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+pub fn remove_tree(parent: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
     let st = match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
         Err(Errno::NOENT) => return Ok(()),

@@ -99,6 +99,13 @@ const NAME_MAX: usize = 255;
 /// Longest path (without its NUL) Linux accepts; also bounds the depth of a layer's tree.
 const PATH_MAX: usize = 4095;
 
+/// How a new regular file is created: never over or through anything that exists.
+pub const NEW_FILE_FLAGS: OFlags = OFlags::WRONLY
+    .union(OFlags::CREATE)
+    .union(OFlags::EXCL)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
 /// How every directory is opened: never through or onto a symlink.
 pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -619,17 +626,8 @@ impl Unpacker {
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 self.clear_slot(&raw, &parent, os_name, false)?;
-                let fd = openat(
-                    &parent,
-                    os_name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|e| self.io_err(&raw, "creating", e))?;
+                let fd = openat(&parent, os_name, NEW_FILE_FLAGS, Mode::from_raw_mode(0o600))
+                    .map_err(|e| self.io_err(&raw, "creating", e))?;
                 let mut file = fs::File::from(fd);
                 let n = io::copy(&mut entry, &mut file)
                     .map_err(|e| ImageError::io(format!("writing {:?}", display(&raw)), e))?;

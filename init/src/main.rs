@@ -11,7 +11,7 @@
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
 use keel_init::power_signals::{PowerRequest, PowerSignals};
-use keel_init::{delivery, early, etc, logger, modules, net, power, puller, reaper, unpacker, var};
+use keel_init::{delivery, early, etc, helpers, logger, modules, net, power, puller, reaper, var};
 
 mod control;
 
@@ -73,13 +73,17 @@ fn main() {
         };
         std::process::exit(code);
     }
-    // Started by PID 1 to unpack an image's layers, within limits.
-    if args.get(1).is_some_and(|a| a == "--unpack") {
+    // Started by PID 1 for work within limits: unpacking, filling a volume, emptying trash.
+    if let Some(mode) = args.get(1).map(|a| a.to_string_lossy().into_owned())
+        && mode.starts_with("--")
+    {
         let rest: Vec<String> = args[2..]
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        std::process::exit(unpacker::run(Path::new(delivery::EFFECTIVE), &rest));
+        if let Some(code) = helpers::run(Path::new(delivery::EFFECTIVE), &mode, &rest) {
+            std::process::exit(code);
+        }
     }
     let outcome = std::panic::catch_unwind(boot_and_serve);
     let why = match outcome {
@@ -234,22 +238,11 @@ fn boot_and_serve() {
         }
     };
 
-    let volumes: Vec<String> = config
-        .iter()
-        .flat_map(|c| c.containers.values())
-        .flat_map(|c| &c.isolation.volumes)
-        .filter_map(|v| match &v.source {
-            keel_config::VolumeSource::Named(name) => Some(name.clone()),
-            keel_config::VolumeSource::Host(_) => None,
-        })
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
     let disk_uuid = match &var {
         var::Var::Disk { uuid, .. } => uuid.as_deref(),
         var::Var::Tmpfs { .. } => None,
     };
-    let machine_id = match var::provision(Path::new("/"), disk_uuid, &volumes) {
+    let machine_id = match var::provision(Path::new("/"), disk_uuid) {
         Ok(state) => {
             for path in &state.swept {
                 log::warn!(
@@ -259,8 +252,7 @@ fn boot_and_serve() {
             }
             if state.first_boot {
                 log::info!(
-                    "first boot: provisioned {} volumes, machine id {}; recorded in {}",
-                    state.provisioned.volumes.len(),
+                    "first boot: provisioned /var, machine id {}; recorded in {}",
                     state.machine_id,
                     keel_init::state::PROVISIONED
                 );

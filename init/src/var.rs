@@ -238,9 +238,9 @@ pub struct Provisioned {
     pub machine_id: String,
     /// The data disk's filesystem UUID; `None` when /var was a tmpfs.
     pub disk_uuid: Option<String>,
-    /// The directories made.
+    /// The directories made. (Volumes are not made here: their first use makes them,
+    /// filled from the image, see keel_supervisor::volume_store.)
     pub directories: Vec<String>,
-    pub volumes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -271,13 +271,8 @@ const DIRECTORIES: &[&str] = &[
 ];
 
 /// Sweeps interrupted writes, then runs first-boot provisioning unless it is recorded,
-/// counts this boot and returns the machine id. `volumes` are the named volumes the host
-/// file declares. `root` prefixes every path (tests).
-pub fn provision(
-    root: &Path,
-    disk_uuid: Option<&str>,
-    volumes: &[String],
-) -> Result<ProvisionReport, String> {
+/// counts this boot and returns the machine id. `root` prefixes every path (tests).
+pub fn provision(root: &Path, disk_uuid: Option<&str>) -> Result<ProvisionReport, String> {
     let at = |p: &str| root.join(p.trim_start_matches('/'));
     for dir in DIRECTORIES {
         fs::create_dir_all(at(dir)).map_err(|e| format!("mkdir {dir}: {e}"))?;
@@ -316,12 +311,6 @@ pub fn provision(
     let (provisioned, first_boot) = match recorded {
         Some(p) => (p, false),
         None => {
-            let mut made = Vec::new();
-            for name in volumes {
-                let dir = format!("/var/lib/keel/volumes/{name}");
-                fs::create_dir_all(at(&dir)).map_err(|e| format!("mkdir {dir}: {e}"))?;
-                made.push(name.clone());
-            }
             let p = Provisioned {
                 at: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -331,7 +320,6 @@ pub fn provision(
                 machine_id: machine_id.clone(),
                 disk_uuid: disk_uuid.map(str::to_string),
                 directories: DIRECTORIES.iter().map(|d| d.to_string()).collect(),
-                volumes: made,
             };
             let json = serde_json::to_vec_pretty(&p).map_err(|e| e.to_string())?;
             state::write_atomic(&at(state::PROVISIONED), &json, 0o644)
@@ -448,21 +436,19 @@ mod tests {
     #[test]
     fn provisioning_runs_once_and_boots_are_counted() {
         let root = tempfile::tempdir().unwrap();
-        let volumes = vec!["data".to_string()];
-        let first = provision(root.path(), Some("u1"), &volumes).unwrap();
+        let first = provision(root.path(), Some("u1")).unwrap();
         assert!(first.first_boot);
         assert_eq!(first.boots, 1);
-        assert!(root.path().join("var/lib/keel/volumes/data").is_dir());
+        assert!(root.path().join("var/lib/keel/volumes").is_dir());
         assert!(is_machine_id(&first.machine_id));
 
         // An interrupted write of a later boot is swept, and the record is kept.
         fs::write(root.path().join("var/lib/keel/.boots.json.tmp"), b"{\"cou").unwrap();
-        let second = provision(root.path(), Some("u1"), &["other".to_string()]).unwrap();
+        let second = provision(root.path(), Some("u1")).unwrap();
         assert!(!second.first_boot);
         assert_eq!(second.boots, 2);
         assert_eq!(second.machine_id, first.machine_id);
         assert_eq!(second.provisioned, first.provisioned);
         assert_eq!(second.swept.len(), 1);
-        assert!(!root.path().join("var/lib/keel/volumes/other").exists());
     }
 }

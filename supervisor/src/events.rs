@@ -32,9 +32,9 @@ pub enum Event {
     PullRetry {
         image: String,
     },
-    /// An image unpack's time limit: killed if it still runs.
-    UnpackTimeout {
-        pid: libc::pid_t,
+    /// A helper process's time limit (an unpack, a copy-up): killed if it still runs.
+    HelperTimeout {
+        serial: u64,
     },
 }
 

@@ -105,26 +105,7 @@ impl Instance {
     ) -> Result<Instance, SetupError> {
         let paths = &runtime.paths;
         let layout = paths.open_image(&config.image)?;
-        let shift = userns.map(|m| keel_image::unpack::IdShift {
-            uid: m.uid,
-            gid: m.gid,
-            size: m.size,
-        });
-        // Unpacked beforehand by a process of its own (`keel-init --unpack`, see the
-        // supervisor's unpacks): PID 1 only looks the layers up.
-        let mut lowers = keel_image::layer_store::unpacked_layers(&layout, &paths.layers, shift)
-            .map_err(|source| SetupError::Unpack {
-                image: config.image.clone(),
-                source,
-            })?;
-        // An opaque marker at a layer's root hides everything below it, but overlayfs
-        // ignores opaqueness on a lower layer's root: leave the hidden layers out instead.
-        if let Some(top_opaque) = lowers
-            .iter()
-            .rposition(|dir| keel_image::unpack::root_is_opaque(dir))
-        {
-            lowers.drain(..top_opaque);
-        }
+        let lowers = image_lowers(paths, &layout, &config.image, userns)?;
         let image = ImageProcess::from_oci(layout.config());
         if !image.exposed_ports.is_empty() {
             log::info!(
@@ -357,6 +338,80 @@ impl Instance {
         spawn(&plan, &cgroup_dir, stdio).map_err(|e| SetupError::Clone(crate::fds::explain(&e)))
     }
 
+    /// The container's volumes: the host file's, then an anonymous one for each of the
+    /// image's `Volumes` that nothing of the host file's is mounted on.
+    pub fn volumes(
+        &self,
+        runtime: &Runtime,
+        config: &Container,
+    ) -> Result<Vec<PlannedVolume>, SetupError> {
+        let store = crate::volume_store::VolumeStore::new(&runtime.paths.volumes);
+        let iso = &config.isolation;
+        let mut planned: Vec<PlannedVolume> = iso
+            .volumes
+            .iter()
+            .map(|volume| {
+                let (dir, origin) = match &volume.source {
+                    VolumeSource::Named(name) if volume.nocopy => {
+                        (store.named(name), VolumeOrigin::Empty)
+                    }
+                    VolumeSource::Named(name) => (store.named(name), VolumeOrigin::CopiedFromImage),
+                    VolumeSource::Host(path) => (path.clone(), VolumeOrigin::HostPath),
+                };
+                PlannedVolume {
+                    dir,
+                    target: volume.target.clone(),
+                    readonly: volume.readonly,
+                    suid: volume.suid,
+                    origin,
+                }
+            })
+            .collect();
+        for path in &self.image_volumes {
+            // `..` here would put the volume's mount anywhere on the host (the mount happens
+            // before pivot_root).
+            use keel_config::container_path::{PathProblem, PathUse, check};
+            match check(path, PathUse::MountTarget) {
+                Ok(()) | Err(PathProblem::IsRoot) => {}
+                Err(problem) => {
+                    return Err(SetupError::UnsafePath {
+                        what: "image volume",
+                        path: path.clone(),
+                        problem,
+                    });
+                }
+            }
+            let target = format!("/{}", path.trim_matches('/'));
+            let covered = iso
+                .volumes
+                .iter()
+                .map(|v| v.target.as_str())
+                .chain(iso.tmpfs.iter().map(|t| t.target.as_str()))
+                .any(|t| t.trim_end_matches('/') == target);
+            if target == "/" || covered {
+                continue;
+            }
+            planned.push(PlannedVolume {
+                dir: store.anonymous(&self.name, &target),
+                target,
+                readonly: false,
+                suid: false,
+                origin: VolumeOrigin::CopiedFromImage,
+            });
+        }
+        Ok(planned)
+    }
+
+    /// Who owns a new volume the image has nothing for: the container's root.
+    pub fn root_owner(&self) -> (u32, u32) {
+        self.userns.map_or((0, 0), |m| (m.uid, m.gid))
+    }
+
+    /// The user namespace's id range, if the container has one.
+    pub fn userns(&self) -> Option<IdMap> {
+        self.userns
+    }
+
     /// The user from the container's own /etc files, the capabilities, the cached seccomp
     /// program, and volumes resolved on the host.
     fn security(
@@ -389,35 +444,24 @@ impl Instance {
         };
 
         let mut mounts = Vec::new();
-        for volume in &iso.volumes {
-            let source = match &volume.source {
-                VolumeSource::Named(name) => {
-                    let dir = runtime.paths.volumes.join(name);
-                    std::fs::create_dir_all(&dir).map_err(|source| SetupError::Volume {
-                        name: name.clone(),
-                        source,
-                    })?;
-                    if let Some(map) = self.userns {
-                        std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid)).map_err(
-                            |source| SetupError::VolumeChown {
-                                name: name.clone(),
-                                source,
-                            },
-                        )?;
-                    }
-                    dir
+        for volume in self.volumes(runtime, config)? {
+            match volume.origin {
+                VolumeOrigin::HostPath if !volume.dir.exists() => {
+                    return Err(SetupError::MissingVolumeSource(volume.dir));
                 }
-                VolumeSource::Host(path) => {
-                    if !path.exists() {
-                        return Err(SetupError::MissingVolumeSource(path.clone()));
-                    }
-                    path.clone()
+                // Made by the supervisor before the start (see its populates).
+                VolumeOrigin::CopiedFromImage | VolumeOrigin::Empty if volume.is_new() => {
+                    return Err(SetupError::VolumeNotMade {
+                        target: volume.target,
+                        dir: volume.dir,
+                    });
                 }
-            };
+                _ => {}
+            }
             mounts.push(ExtraMount::Bind {
-                source_flags: locked_mount_flags(&source),
-                source,
-                target: volume.target.clone(),
+                source_flags: locked_mount_flags(&volume.dir),
+                source: volume.dir,
+                target: volume.target,
                 readonly: volume.readonly,
                 suid: volume.suid,
             });
@@ -426,57 +470,6 @@ impl Instance {
             mounts.push(ExtraMount::Tmpfs {
                 target: tmpfs.target.clone(),
                 size: tmpfs.size,
-            });
-        }
-        // The image's Volumes: data the image says must outlive the container's writable
-        // layer gets a directory of its own under the volume store, per container and
-        // path, unless the host file mounts something there already.
-        for path in &self.image_volumes {
-            // `..` here would put the volume's mount anywhere on the host (the mount happens
-            // before pivot_root).
-            use keel_config::container_path::{PathProblem, PathUse, check};
-            match check(path, PathUse::MountTarget) {
-                Ok(()) | Err(PathProblem::IsRoot) => {}
-                Err(problem) => {
-                    return Err(SetupError::UnsafePath {
-                        what: "image volume",
-                        path: path.clone(),
-                        problem,
-                    });
-                }
-            }
-            let target = format!("/{}", path.trim_matches('/'));
-            if target == "/"
-                || mounts
-                    .iter()
-                    .any(|m| m.target().trim_end_matches('/') == target)
-            {
-                continue;
-            }
-            let dir = runtime
-                .paths
-                .volumes
-                .join(".image")
-                .join(&self.name)
-                .join(target.trim_start_matches('/').replace('/', "%"));
-            std::fs::create_dir_all(&dir).map_err(|source| SetupError::ImageVolume {
-                target: target.clone(),
-                source,
-            })?;
-            if let Some(map) = self.userns {
-                std::os::unix::fs::chown(&dir, Some(map.uid), Some(map.gid)).map_err(|source| {
-                    SetupError::ImageVolumeChown {
-                        target: target.clone(),
-                        source,
-                    }
-                })?;
-            }
-            mounts.push(ExtraMount::Bind {
-                source_flags: locked_mount_flags(&dir),
-                source: dir,
-                target,
-                readonly: false,
-                suid: false,
             });
         }
         for target in ["/proc", "/sys", "/dev"]
@@ -534,6 +527,66 @@ impl Instance {
             },
         };
         Ok((security, process))
+    }
+}
+
+/// The image's unpacked layers, bottom first, as the container's overlay stacks them: the
+/// copies shifted for `userns` if it has one, and none below an opaque layer root.
+pub fn image_lowers(
+    paths: &crate::paths::Paths,
+    layout: &keel_image::layout::ImageLayout,
+    image: &str,
+    userns: Option<IdMap>,
+) -> Result<Vec<PathBuf>, SetupError> {
+    let shift = userns.map(|m| keel_image::unpack::IdShift {
+        uid: m.uid,
+        gid: m.gid,
+        size: m.size,
+    });
+    // Unpacked beforehand by a process of its own (`keel-init --unpack`, see the
+    // supervisor's unpacks): PID 1 only looks the layers up.
+    let mut lowers = keel_image::layer_store::unpacked_layers(layout, &paths.layers, shift)
+        .map_err(|source| SetupError::Unpack {
+            image: image.to_string(),
+            source,
+        })?;
+    // An opaque marker at a layer's root hides everything below it, but overlayfs
+    // ignores opaqueness on a lower layer's root: leave the hidden layers out instead.
+    if let Some(top_opaque) = lowers
+        .iter()
+        .rposition(|dir| keel_image::unpack::root_is_opaque(dir))
+    {
+        lowers.drain(..top_opaque);
+    }
+    Ok(lowers)
+}
+
+/// How a volume's directory comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeOrigin {
+    /// A host path: it must exist, and is mounted as it is.
+    HostPath,
+    /// A volume of the store made on first use from the image's content at its target
+    /// (see crate::copy_up).
+    CopiedFromImage,
+    /// A named volume with `nocopy`: made empty on first use.
+    Empty,
+}
+
+/// A volume of the container, resolved on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedVolume {
+    pub dir: PathBuf,
+    pub target: String,
+    pub readonly: bool,
+    pub suid: bool,
+    pub origin: VolumeOrigin,
+}
+
+impl PlannedVolume {
+    /// A volume of the store that does not exist yet: its first use makes it.
+    pub fn is_new(&self) -> bool {
+        self.origin != VolumeOrigin::HostPath && self.dir.symlink_metadata().is_err()
     }
 }
 

@@ -18,6 +18,7 @@ pub mod apply;
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod copy_up;
 pub mod device_policy;
 pub mod events;
 pub mod fds;
@@ -33,6 +34,7 @@ pub mod setup_error;
 pub mod spawn;
 mod supervisor;
 pub mod user;
+pub mod volume_store;
 
 pub use events::Event;
 pub use instance::{Instance, Runtime};

@@ -71,32 +71,11 @@ pub enum SetupError {
     Capabilities(#[from] CapsError),
     #[error("seccomp: {0}")]
     Seccomp(#[source] SeccompError),
-    #[error("volume {name}: {source}")]
-    Volume {
-        name: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("volume {name}: chown: {source}")]
-    VolumeChown {
-        name: String,
-        #[source]
-        source: io::Error,
-    },
     #[error("volume source {} does not exist on the host", .0.display())]
     MissingVolumeSource(PathBuf),
-    #[error("image volume {target}: {source}")]
-    ImageVolume {
-        target: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("image volume {target}: chown: {source}")]
-    ImageVolumeChown {
-        target: String,
-        #[source]
-        source: io::Error,
-    },
+    /// A volume of the store that its first use should have made (a bug if seen).
+    #[error("the volume for {target} ({}) has not been made", .dir.display())]
+    VolumeNotMade { target: String, dir: PathBuf },
     /// A mount target that resolves through a symlink of the container's files.
     #[error("{0}")]
     MountTarget(String),

@@ -5,6 +5,7 @@
 //! --release --bins` before `cargo test --release`, which `scripts/test` does).
 
 pub mod bomb_image;
+pub mod oci_tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

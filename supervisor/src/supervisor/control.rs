@@ -120,6 +120,7 @@ impl Supervisor {
         }
         let image = self.managed(name)?.config.image.clone();
         self.retry_failed_unpacks(&image);
+        self.retry_failed_populates();
         self.start(name);
         self.advance();
         match &self.managed(name)?.state {

@@ -27,7 +27,10 @@ impl std::fmt::Display for ExitStatus {
 impl Supervisor {
     /// Handles the exit of a reaped child; false when `pid` is not one of ours.
     pub fn on_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
-        if self.on_pull_exit(pid, status) || self.on_unpack_exit(pid, status) {
+        if self.on_pull_exit(pid, status)
+            || self.on_unpack_exit(pid, status)
+            || self.on_volume_helper_exit(pid, status)
+        {
             return true;
         }
         if let Some(waiter) = self.execs.remove(&pid) {

@@ -83,27 +83,11 @@ pub(super) async fn report_start_failure(name: String, pipe: OwnedFd, steps: Vec
 }
 
 impl Supervisor {
-    pub(super) fn start(&mut self, name: &str) {
-        let needs_layers = self
-            .containers
-            .get(name)
-            .is_some_and(|m| m.instance.is_none());
-        if needs_layers {
-            match self.layers_ready(name) {
-                LayersReady::Ready => {}
-                // Started again by `advance` once the unpack has ended.
-                LayersReady::Pending => return,
-                LayersReady::Failed(why) => {
-                    log::error!("{name}: cannot be started: {why}");
-                    if let Some(m) = self.containers.get_mut(name) {
-                        m.state = ContainerState::Failed(why);
-                    }
-                    return;
-                }
-            }
-        }
+    /// Gives `name` its instance (layers looked up, directories and cgroup made) unless it
+    /// has one; false if that failed (the container is then Failed).
+    fn prepare(&mut self, name: &str) -> bool {
         let Some(managed) = self.containers.get_mut(name) else {
-            return;
+            return false;
         };
         if managed.instance.is_none() {
             match Instance::prepare(&self.runtime, name, &managed.config, managed.userns) {
@@ -120,10 +104,32 @@ impl Supervisor {
                 Err(e) => {
                     log::error!("{name}: cannot be started: {e}");
                     managed.state = ContainerState::Failed(e.to_string());
-                    return;
+                    return false;
                 }
             }
         }
+        true
+    }
+
+    pub(super) fn start(&mut self, name: &str) {
+        let needs_layers = self
+            .containers
+            .get(name)
+            .is_some_and(|m| m.instance.is_none());
+        // Started again by `advance` once a pending gate's helper has ended.
+        if needs_layers && !self.passes(name, Self::layers_ready) {
+            return;
+        }
+        if !self.prepare(name) {
+            return;
+        }
+        // A new volume is filled from the image before the first start that mounts it.
+        if !self.passes(name, Self::volumes_ready) {
+            return;
+        }
+        let Some(managed) = self.containers.get_mut(name) else {
+            return;
+        };
         let log_sink = managed
             .log
             .get_or_insert_with(|| {

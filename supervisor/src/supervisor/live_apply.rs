@@ -171,6 +171,7 @@ impl Supervisor {
         for image in &changed_images {
             self.retry_failed_unpacks(image);
         }
+        self.retry_failed_populates();
         let mut warnings = Vec::new();
         for e in self.networks.set_members(new) {
             log::error!("container networks: {e}");
@@ -261,6 +262,7 @@ impl Supervisor {
                 remove_cgroup(name, m);
                 self.containers.remove(name);
                 remove_container_dir(name, &dir);
+                self.discard_anonymous_volumes(name);
                 log::info!("{name}: removed (keel apply)");
             }
             Some(Retire::Replace(config, userns)) => {

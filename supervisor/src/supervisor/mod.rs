@@ -16,6 +16,7 @@
 mod cleanup;
 mod control;
 mod exits;
+mod helpers;
 mod launch;
 mod live_apply;
 mod managed;
@@ -25,6 +26,7 @@ mod probes;
 mod pulls;
 mod unpacks;
 mod userns;
+mod volumes;
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -56,11 +58,13 @@ pub use userns::{allocate_userns, allocate_userns_around};
 
 use cleanup::*;
 use control::ExecWaiter;
+use helpers::*;
 use launch::*;
 use live_apply::Applying;
 use managed::*;
 use pulls::*;
 use unpacks::*;
+use volumes::*;
 
 /// Where the host as a whole is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,10 +100,13 @@ pub struct Supervisor {
     pulls: BTreeMap<String, Pull>,
     /// Images whose layers are (being) unpacked by a helper process, by image and id shift.
     unpacks: BTreeMap<UnpackKey, UnpackState>,
-    /// Where each running unpack leaves its error, by pid.
-    unpack_errors: BTreeMap<libc::pid_t, std::path::PathBuf>,
-    /// Numbers the unpacks' error files.
-    unpack_serial: u64,
+    /// New volumes being filled from their image, by volume directory.
+    populates: BTreeMap<std::path::PathBuf, PopulateState>,
+    /// The helper emptying the volume trash, and whether it must run again when done.
+    trash_helper: Option<Helper>,
+    trash_again: bool,
+    /// Numbers the helper processes.
+    helper_serial: u64,
     /// The host file in force: the booted one, then the last one applied.
     config: HostConfig,
     applying: Option<Applying>,
@@ -151,8 +158,10 @@ impl Supervisor {
             networks: ContainerNetworks::new(config),
             network_online: false,
             unpacks: BTreeMap::new(),
-            unpack_errors: BTreeMap::new(),
-            unpack_serial: 0,
+            populates: BTreeMap::new(),
+            trash_helper: None,
+            trash_again: false,
+            helper_serial: 0,
             pulls: config
                 .images
                 .iter()
@@ -197,7 +206,7 @@ impl Supervisor {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::UnpackTimeout { pid } => self.unpack_timed_out(pid),
+            Event::HelperTimeout { serial } => self.helper_timed_out(serial),
             Event::PullRetry { image } => {
                 if let Some(pull) = self.pulls.get_mut(&image)
                     && pull.state == PullState::Waiting

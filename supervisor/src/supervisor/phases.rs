@@ -25,6 +25,7 @@ impl Supervisor {
     /// Starts the boot: onboot tasks in file order, then the services.
     pub fn start_all(&mut self) {
         self.collect_layer_garbage();
+        self.tidy_volume_store();
         self.start_pulls();
         let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         for e in self.networks.prepare(&resolv_conf) {
@@ -345,10 +346,10 @@ impl Supervisor {
     }
 
     /// True once the boot tasks have run and the services that can start have started: no
-    /// image is still being unpacked for them (boot pulls, which wait for the network and
-    /// may take minutes, are not waited for).
+    /// image is still being unpacked and no new volume filled for them (boot pulls, which
+    /// wait for the network and may take minutes, are not waited for).
     pub fn booted(&self) -> bool {
-        self.phase != Phase::Boot && !self.unpacking()
+        self.phase != Phase::Boot && !self.unpacking() && !self.populating()
     }
 
     // ---- control operations (the API) ----

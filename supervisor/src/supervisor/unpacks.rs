@@ -12,49 +12,41 @@ use super::*;
 /// How long an unpack may run before it is killed.
 pub(super) const UNPACK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// Where the unpacker leaves why it failed, one file an unpack.
-const UNPACK_ERRORS: &str = "/run/keel/unpack";
-
-/// The longest failure message read back.
-const ERROR_MAX: u64 = 4096;
-
 /// An image and the id shift its layers are unpacked with.
 pub(super) type UnpackKey = (String, Option<(u32, u32, u32)>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum UnpackState {
-    Running { pid: libc::pid_t },
+    Running(Helper),
     Done,
     Failed(String),
 }
 
-/// Whether a container's layers are in the store.
-pub(super) enum LayersReady {
-    Ready,
-    Pending,
-    Failed(String),
+impl UnpackState {
+    pub(super) fn helper(&self) -> Option<&Helper> {
+        match self {
+            UnpackState::Running(helper) => Some(helper),
+            _ => None,
+        }
+    }
 }
 
 fn key_of(image: &str, userns: Option<IdMap>) -> UnpackKey {
     (image.to_string(), userns.map(|m| (m.uid, m.gid, m.size)))
 }
 
-fn error_file(serial: u64) -> std::path::PathBuf {
-    Path::new(UNPACK_ERRORS).join(format!("{serial}.error"))
-}
-
 impl Supervisor {
     /// Whether the layers of `name`'s image are unpacked; starts the unpack if nothing has
     /// yet. Pending means: wait, `advance` runs again when the unpack ends.
-    pub(super) fn layers_ready(&mut self, name: &str) -> LayersReady {
+    pub(super) fn layers_ready(&mut self, name: &str) -> Readiness {
         let Some(m) = self.containers.get(name) else {
-            return LayersReady::Pending;
+            return Readiness::Pending;
         };
         let key = key_of(&m.config.image, m.userns);
         match self.unpacks.get(&key) {
-            Some(UnpackState::Done) => return LayersReady::Ready,
-            Some(UnpackState::Running { .. }) => return LayersReady::Pending,
-            Some(UnpackState::Failed(why)) => return LayersReady::Failed(why.clone()),
+            Some(UnpackState::Done) => return Readiness::Ready,
+            Some(UnpackState::Running(_)) => return Readiness::Pending,
+            Some(UnpackState::Failed(why)) => return Readiness::Failed(why.clone()),
             None => {}
         }
         // Already in the store (an earlier boot, another container of the image): a look at
@@ -70,105 +62,55 @@ impl Supervisor {
         });
         if unpacked {
             self.unpacks.insert(key, UnpackState::Done);
-            return LayersReady::Ready;
+            return Readiness::Ready;
         }
-        match self.spawn_unpack(&key) {
-            Ok(pid) => {
-                log::info!("image {}: unpacking (pid {pid})", key.0);
-                self.unpacks.insert(key, UnpackState::Running { pid });
-                self.schedule(UNPACK_TIMEOUT, Event::UnpackTimeout { pid });
-                LayersReady::Pending
+        let mut args = vec![key.0.clone().into()];
+        if let Some((uid, gid, size)) = key.1 {
+            args.extend([
+                uid.to_string().into(),
+                gid.to_string().into(),
+                size.to_string().into(),
+            ]);
+        }
+        match self.spawn_helper("unpack", &args, UNPACK_TIMEOUT) {
+            Ok(helper) => {
+                log::info!("image {}: unpacking (pid {})", key.0, helper.pid);
+                self.unpacks.insert(key, UnpackState::Running(helper));
+                Readiness::Pending
             }
             Err(e) => {
                 let why = format!("image {}: cannot start the unpack: {e}", key.0);
                 self.unpacks.insert(key, UnpackState::Failed(why.clone()));
-                LayersReady::Failed(why)
+                Readiness::Failed(why)
             }
         }
     }
 
-    fn spawn_unpack(&mut self, key: &UnpackKey) -> std::io::Result<libc::pid_t> {
-        std::fs::create_dir_all(UNPACK_ERRORS)?;
-        let mut command = std::process::Command::new("/proc/self/exe");
-        command.arg("--unpack").arg(&key.0);
-        // The error file is named after a counter, not the image: names are not paths.
-        self.unpack_serial += 1;
-        let file = error_file(self.unpack_serial);
-        let _ = std::fs::remove_file(&file);
-        command.arg(&file);
-        if let Some((uid, gid, size)) = key.1 {
-            command.args([uid.to_string(), gid.to_string(), size.to_string()]);
-        }
-        let child = command.stdin(std::process::Stdio::null()).spawn()?;
-        let pid = child.id() as libc::pid_t;
-        self.unpack_errors.insert(pid, file);
-        Ok(pid)
-    }
-
     /// An unpack process ended; false when `pid` is not one.
     pub(super) fn on_unpack_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
-        let Some(key) = self
-            .unpacks
-            .iter()
-            .find(|(_, s)| **s == UnpackState::Running { pid })
-            .map(|(k, _)| k.clone())
-        else {
+        let Some((key, helper)) = running_helper(&self.unpacks, pid, UnpackState::helper) else {
             return false;
         };
-        let file = self.unpack_errors.remove(&pid);
-        let state = if status == ExitStatus::Code(0) {
-            log::info!("image {}: unpacked", key.0);
-            UnpackState::Done
-        } else {
-            let written = file.as_ref().and_then(|f| {
-                use std::io::Read;
-                let mut text = String::new();
-                std::fs::File::open(f)
-                    .ok()?
-                    .take(ERROR_MAX)
-                    .read_to_string(&mut text)
-                    .ok()?;
-                Some(text)
-            });
-            let why = match written {
-                Some(text) if !text.trim().is_empty() => text.trim().to_string(),
-                _ => format!("unpacking image {}: the unpack process {status}", key.0),
-            };
-            log::error!("{why}");
-            UnpackState::Failed(why)
+        let state = match helper.outcome(status, &format!("unpacking image {}", key.0)) {
+            Ok(()) => {
+                log::info!("image {}: unpacked", key.0);
+                UnpackState::Done
+            }
+            Err(why) => {
+                log::error!("{why}");
+                UnpackState::Failed(why)
+            }
         };
-        if let Some(file) = file {
-            let _ = std::fs::remove_file(file);
-        }
         self.unpacks.insert(key, state);
         self.advance();
         true
-    }
-
-    /// The time limit of the unpack `pid`: it is killed if it still runs.
-    pub(super) fn unpack_timed_out(&mut self, pid: libc::pid_t) {
-        let running = self
-            .unpacks
-            .iter()
-            .any(|(_, s)| *s == UnpackState::Running { pid });
-        if running {
-            log::error!(
-                "unpack pid {pid} still runs after {} s: killing it",
-                UNPACK_TIMEOUT.as_secs()
-            );
-            // Still ours: its exit has not been reaped (that would have ended Running).
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
     }
 
     /// Whether an unpack is running.
     pub(super) fn unpacking(&self) -> bool {
         self.unpacks
             .values()
-            .any(|s| matches!(s, UnpackState::Running { .. }))
+            .any(|s| matches!(s, UnpackState::Running(_)))
     }
 
     /// Forgets a failed unpack of `image`, so that the next start tries again.
