@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::{
-    ApiError, ApplyReport, ContainerStatus, Envelope, ErrorCode, LogEntry, PROTOCOL_VERSION,
-    Request, Response, Stats, Stream,
+    ApiError, ApplyReport, ContainerStatus, Envelope, ErrorCode, ExecInput, LogEntry,
+    PROTOCOL_VERSION, Request, Response, Stats, Stream, WindowSize,
 };
 
 /// A response line longer than this is treated as a broken server rather than buffered.
@@ -269,13 +269,51 @@ impl Client {
         name: &str,
         argv: Vec<String>,
         env: Vec<String>,
-        mut on_output: impl FnMut(Stream, &[u8]),
+        on_output: impl FnMut(Stream, &[u8]),
     ) -> Result<i32, ApiError> {
+        self.start_exec(name, argv, env, false, None)?;
+        self.finish_exec(on_output)
+    }
+
+    /// Sends an `exec` request with `stdin` and `tty` (see [`Request::Exec`]); with either,
+    /// returns the sender its input goes through, to use from another thread while
+    /// [`Client::finish_exec`] reads the output. Input needs a unix socket connection.
+    pub fn start_exec(
+        &mut self,
+        name: &str,
+        argv: Vec<String>,
+        env: Vec<String>,
+        stdin: bool,
+        tty: Option<WindowSize>,
+    ) -> Result<Option<ExecInputSender>, ApiError> {
+        let sender = if stdin || tty.is_some() {
+            let socket = self
+                .socket
+                .as_ref()
+                .ok_or_else(|| ApiError::internal("exec input needs a unix socket connection"))?;
+            let stream = socket
+                .try_clone()
+                .map_err(|e| transport("cannot duplicate the socket", e))?;
+            Some(ExecInputSender { stream })
+        } else {
+            None
+        };
         self.send(Request::Exec {
             name: name.into(),
             argv,
             env,
+            stdin,
+            tty,
         })?;
+        Ok(sender)
+    }
+
+    /// Reads an `exec`'s output, calling `on_output` with each chunk, and returns the exit
+    /// code (128 + N if signal N killed the process).
+    pub fn finish_exec(
+        &mut self,
+        mut on_output: impl FnMut(Stream, &[u8]),
+    ) -> Result<i32, ApiError> {
         loop {
             match self.next_response()? {
                 Response::Out(out) => {
@@ -289,6 +327,18 @@ impl Client {
                 other => return Err(unexpected(&other)),
             }
         }
+    }
+}
+
+/// Sends an interactive exec's input (see [`ExecInput`]) on the connection its request went
+/// out on.
+pub struct ExecInputSender {
+    stream: UnixStream,
+}
+
+impl ExecInputSender {
+    pub fn send(&mut self, input: &ExecInput) -> io::Result<()> {
+        self.stream.write_all(input.to_line().as_bytes())
     }
 }
 

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use b64::{decode as base64_decode, encode as base64_encode};
-pub use client::Client;
+pub use client::{Client, ExecInputSender};
 pub use log::{format_log_line, parse_log_line};
 pub use time::{format_rfc3339_ms, parse_rfc3339_ms};
 
@@ -111,12 +111,20 @@ pub enum Request {
         tail: Option<u64>,
     },
     /// Runs `argv` inside the container (its namespaces, cgroup and security settings), with
-    /// `env` (`NAME=value`) added to the container's environment. No stdin, no tty.
+    /// `env` (`NAME=value`) added to the container's environment. With `stdin`, the client
+    /// then sends [`ExecInput`] lines for the process's standard input (else it reads
+    /// /dev/null). With `tty`, the process runs on a pseudo-terminal of the container's
+    /// devpts of that size, as the leader of its own session (Ctrl-C reaches it as SIGINT);
+    /// its output, stdout and stderr together, then comes as `stdout`.
     Exec {
         name: String,
         argv: Vec<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         env: Vec<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stdin: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<WindowSize>,
     },
     Reboot,
     Poweroff,
@@ -151,6 +159,60 @@ impl Request {
             Request::Poweroff => "poweroff",
             Request::Apply { .. } => "apply",
         }
+    }
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// What a client sends while its `exec` with `stdin` or `tty` runs, one line each:
+/// `{"stdin":"BASE64"}` (bytes for the process's input), `{"eof":true}` (its input ends:
+/// the pipe is closed; on a terminal, the client sends the terminal's EOF character
+/// instead), `{"resize":{"rows":50,"cols":132}}` (the terminal's new size). A line that is
+/// none of these ends the stream as any new request does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eof: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<WindowSize>,
+}
+
+impl ExecInput {
+    /// Input bytes.
+    pub fn data(bytes: &[u8]) -> ExecInput {
+        ExecInput {
+            stdin: Some(base64_encode(bytes)),
+            ..ExecInput::default()
+        }
+    }
+
+    /// The line, newline included.
+    pub fn to_line(&self) -> String {
+        // Plain strings, numbers and bools: serializing cannot fail.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+
+    /// Parses an input line; None if it is not one (a new request, garbage).
+    pub fn from_line(line: &[u8]) -> Option<ExecInput> {
+        let input: ExecInput = serde_json::from_slice(line).ok()?;
+        let any = input.stdin.is_some() || input.eof || input.resize.is_some();
+        any.then_some(input)
+    }
+
+    /// The input bytes, if the line carries valid ones.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        self.stdin.as_deref().and_then(base64_decode)
     }
 }
 
@@ -553,6 +615,18 @@ mod tests {
                 name: "web".into(),
                 argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
                 env: vec!["A=b".into()],
+                stdin: false,
+                tty: None,
+            },
+            Request::Exec {
+                name: "web".into(),
+                argv: vec!["sh".into()],
+                env: Vec::new(),
+                stdin: true,
+                tty: Some(WindowSize {
+                    rows: 50,
+                    cols: 132,
+                }),
             },
             Request::Reboot,
             Request::Poweroff,
@@ -565,6 +639,36 @@ mod tests {
                 dry_run: false,
             },
         ]
+    }
+
+    #[test]
+    fn exec_input_lines_round_trip_and_requests_are_not_input() {
+        let data = ExecInput::data(b"ls\x03\n");
+        assert_eq!(data.to_line(), "{\"stdin\":\"bHMDCg==\"}\n");
+        let back = ExecInput::from_line(data.to_line().as_bytes()).unwrap();
+        assert_eq!(back.bytes().unwrap(), b"ls\x03\n");
+        let resize = ExecInput {
+            resize: Some(WindowSize {
+                rows: 50,
+                cols: 132,
+            }),
+            ..ExecInput::default()
+        };
+        assert_eq!(
+            resize.to_line(),
+            "{\"resize\":{\"rows\":50,\"cols\":132}}\n"
+        );
+        assert_eq!(
+            ExecInput::from_line(b"{\"eof\":true}").map(|i| i.eof),
+            Some(true)
+        );
+        // A new request, an empty object or garbage is not input.
+        assert_eq!(
+            ExecInput::from_line(Envelope::new(Request::Ps).to_line().as_bytes()),
+            None
+        );
+        assert_eq!(ExecInput::from_line(b"{}"), None);
+        assert_eq!(ExecInput::from_line(b"{\"stdin\":1}"), None);
     }
 
     #[test]
@@ -605,7 +709,9 @@ mod tests {
             Request::Exec {
                 name: "w".into(),
                 argv: vec!["id".into()],
-                env: vec![]
+                env: vec![],
+                stdin: false,
+                tty: None,
             }
         );
         let e =

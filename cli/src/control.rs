@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -114,6 +115,8 @@ pub enum Action {
         name: String,
         command: Vec<String>,
         env: Vec<String>,
+        interactive: bool,
+        tty: bool,
     },
     Reboot,
     Poweroff,
@@ -131,6 +134,65 @@ enum Failure {
 impl From<ApiError> for Failure {
     fn from(e: ApiError) -> Failure {
         Failure::Api(e)
+    }
+}
+
+/// Sends standard input (with `interactive`) and, on a terminal, its size changes, until
+/// the process ends (this thread then dies with the program).
+fn forward_input(mut sender: keel_api::ExecInputSender, interactive: bool, tty: bool) {
+    use keel_api::ExecInput;
+    let stdin = std::io::stdin();
+    let mut reading = interactive;
+    let mut buf = [0u8; 4096];
+    loop {
+        if tty && crate::terminal::take_resized() {
+            let resize = ExecInput {
+                resize: Some(crate::terminal::size_of(std::io::stdout().as_fd())),
+                ..ExecInput::default()
+            };
+            if sender.send(&resize).is_err() {
+                return;
+            }
+        }
+        if !reading {
+            if !tty {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        // Waits at most 100 ms, so that a resize is passed on while no key is pressed.
+        let mut fds = [nix::poll::PollFd::new(
+            stdin.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+            Ok(0) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => reading = false,
+            Ok(_) => match nix::unistd::read(&stdin, &mut buf) {
+                Ok(0) | Err(_) => {
+                    reading = false;
+                    // A pipe's end is the process's end of input; a terminal's user types
+                    // the EOF character instead, which its line discipline handles.
+                    if !tty
+                        && sender
+                            .send(&ExecInput {
+                                eof: true,
+                                ..ExecInput::default()
+                            })
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(n) => {
+                    if sender.send(&ExecInput::data(&buf[..n])).is_err() {
+                        return;
+                    }
+                }
+            },
+        }
     }
 }
 
@@ -258,9 +320,30 @@ fn execute(target: &Target, action: Action) -> Result<u8, Failure> {
                 return Ok(exit::OK);
             }
         }
-        Action::Exec { name, command, env } => {
+        Action::Exec {
+            name,
+            command,
+            mut env,
+            interactive,
+            tty,
+        } => {
             let mut client = target.connect()?;
-            let code = client.exec(&name, command, env, |stream, data| {
+            // Raw until the end of this block, whatever way it ends.
+            let terminal = if tty {
+                Some(crate::terminal::RawTerminal::enter().map_err(Failure::Usage)?)
+            } else {
+                None
+            };
+            let size = tty.then(|| crate::terminal::size_of(std::io::stdout().as_fd()));
+            if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+                // As docker exec -t: programs on the terminal need to know what it is.
+                let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+                env.push(format!("TERM={term}"));
+            }
+            if let Some(sender) = client.start_exec(&name, command, env, interactive, size)? {
+                std::thread::spawn(move || forward_input(sender, interactive, tty));
+            }
+            let code = client.finish_exec(|stream, data| {
                 // The process's output is passed on as it is; nowhere to report a closed
                 // terminal to.
                 let _ = match stream {
@@ -271,6 +354,7 @@ fn execute(target: &Target, action: Action) -> Result<u8, Failure> {
                     Stream::Stderr | Stream::Keel => std::io::stderr().lock().write_all(data),
                 };
             })?;
+            drop(terminal);
             return Ok(u8::try_from(code).unwrap_or(255));
         }
         Action::Apply { host_file, dry_run } => {

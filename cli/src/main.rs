@@ -4,6 +4,7 @@ mod build;
 mod control;
 mod disks;
 mod pull;
+mod terminal;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -156,11 +157,18 @@ enum Command {
         json: bool,
     },
     /// Run a command in a running container (its namespaces, cgroup and security settings);
-    /// exits with the command's exit code. No stdin, no terminal.
+    /// exits with the command's exit code.
     Exec {
         /// NAME=value added to the container's environment, repeatable.
         #[arg(short, long)]
         env: Vec<String>,
+        /// Pass standard input to the command (else it reads /dev/null).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run the command on a terminal of its own in the container, sized and raw like
+        /// this one (Ctrl-C goes to the command); stdout and stderr come together.
+        #[arg(short, long)]
+        tty: bool,
         name: String,
         #[arg(
             required = true,
@@ -298,7 +306,19 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Kill { signal, name } => control::Action::Kill { name, signal },
         Command::Inspect { name } => control::Action::Inspect { name },
         Command::Stats { name, json } => control::Action::Stats { name, json },
-        Command::Exec { env, name, command } => control::Action::Exec { name, command, env },
+        Command::Exec {
+            env,
+            interactive,
+            tty,
+            name,
+            command,
+        } => control::Action::Exec {
+            name,
+            command,
+            env,
+            interactive,
+            tty,
+        },
         Command::Reboot => control::Action::Reboot,
         Command::Poweroff => control::Action::Poweroff,
         Command::Apply { host_file, dry_run } => control::Action::Apply { host_file, dry_run },

@@ -9,7 +9,7 @@ use keel_config::HostConfig;
 use keel_init::api::{self, Call, Command, ExecHandle, Reply};
 use keel_init::delivery;
 use keel_init::state::{APPLIED, Applied, write_atomic};
-use keel_supervisor::{ApplyError, ApplyOutcome, ControlError, Supervisor};
+use keel_supervisor::{ApplyError, ApplyOutcome, ControlError, ExecStdio, Supervisor};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
 
@@ -129,12 +129,20 @@ pub fn handle(
             .kill_container(&name, signal)
             .map(|()| Reply::Done)
             .map_err(error),
-        Command::Exec { name, argv, env } => supervisor
-            .exec(&name, &argv, &env)
+        Command::Exec {
+            name,
+            argv,
+            env,
+            stdio,
+        } => supervisor
+            .exec(&name, &argv, &env, stdio)
             .map(|started| {
                 Reply::Exec(ExecHandle {
-                    stdout: started.stdout,
-                    stderr: started.stderr,
+                    output: started.output,
+                    stdin: started.stdin,
+                    // The client sends input lines (or at least resizes).
+                    interactive: stdio != ExecStdio::Quiet
+                        && stdio != ExecStdio::Pipes { stdin: false },
                     exit: started.exit,
                 })
             })

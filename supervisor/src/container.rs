@@ -536,6 +536,14 @@ fn privilege_steps(workdir: &str, security: &Security) -> io::Result<Vec<SetupSt
 /// the container's namespaces through `container_pidfd`, forks so that it is inside the
 /// pid namespace too, and drops privileges exactly like the container's main process.
 /// Its cgroup is the container's (the caller clones into it).
+/// The pseudo-terminal an exec runs on: the socket its master goes back over, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecTerminal {
+    pub socket: RawFd,
+    pub rows: u16,
+    pub cols: u16,
+}
+
 pub fn build_exec_plan(
     container_pidfd: RawFd,
     namespaces: libc::c_int,
@@ -543,6 +551,7 @@ pub fn build_exec_plan(
     env: &Environment,
     workdir: &str,
     security: &Security,
+    terminal: Option<ExecTerminal>,
 ) -> io::Result<SetupPlan> {
     if argv.is_empty() {
         return Err(io::Error::new(
@@ -557,6 +566,15 @@ pub fn build_exec_plan(
         },
         SetupStep::ForkAndWait,
     ];
+    // In the container's mount and pid namespaces, still privileged: the terminal comes
+    // from the container's devpts, and the process in the pid namespace leads its session.
+    if let Some(t) = terminal {
+        steps.push(SetupStep::Terminal {
+            socket: t.socket,
+            rows: t.rows,
+            cols: t.cols,
+        });
+    }
     steps.extend(rlimit_steps(&security.isolation)?);
     steps.extend(privilege_steps(workdir, security)?);
     let path_var = env.iter().find_map(|e| e.strip_prefix("PATH="));

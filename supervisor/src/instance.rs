@@ -71,6 +71,16 @@ pub enum StartError {
     Spawn(String),
 }
 
+/// What an exec runs and how its streams are connected.
+pub struct ExecSpec<'a> {
+    pub argv: &'a [String],
+    /// `NAME=value` entries added to the container's environment.
+    pub env: &'a [String],
+    pub stdio: [RawFd; 3],
+    /// A terminal from the container's devpts instead of `stdio`.
+    pub terminal: Option<crate::container::ExecTerminal>,
+}
+
 /// A prepared container.
 ///
 /// Its definition is not kept here: the supervisor holds it once (a live apply may change
@@ -312,10 +322,14 @@ impl Instance {
         runtime: &mut Runtime,
         config: &Container,
         container_pidfd: &OwnedFd,
-        argv: &[String],
-        extra_env: &[String],
-        stdio: [RawFd; 3],
+        exec: ExecSpec<'_>,
     ) -> Result<Spawned, SetupError> {
+        let ExecSpec {
+            argv,
+            env: extra_env,
+            stdio,
+            terminal,
+        } = exec;
         use std::os::fd::AsRawFd;
         let (security, process) = self.security(runtime, config)?;
         // The namespaces the container's start created, decided in the same place.
@@ -332,6 +346,7 @@ impl Instance {
             &env,
             &process.workdir,
             &security,
+            terminal,
         )
         .map_err(SetupError::Plan)?;
         let cgroup_dir = self.cgroup_dir().map_err(SetupError::CgroupDir)?;

@@ -40,6 +40,6 @@ pub use events::Event;
 pub use instance::{Instance, Runtime};
 pub use paths::Paths;
 pub use supervisor::{
-    ApplyError, ApplyOutcome, ApplyStarted, Backoff, ControlError, Decision, ExecStarted,
-    ExitStatus, Phase, Stats, Status, Supervisor, decide,
+    ApplyError, ApplyOutcome, ApplyStarted, Backoff, ControlError, Decision, ExecOutput,
+    ExecStarted, ExecStdio, ExitStatus, Phase, Stats, Status, Supervisor, decide,
 };

@@ -159,6 +159,16 @@ pub enum SetupStep {
     ForkAndWait,
     /// Brings up `lo` in a network namespace of the container's own.
     LoopbackUp,
+    /// An exec's pseudo-terminal, from the container's own devpts (so that ttyname(3) and
+    /// tty(1) work inside): opens /dev/pts/ptmx (no symlink followed), unlocks it, opens the
+    /// peer through the master (TIOCGPTPEER, never by a path the container controls), sets
+    /// its size, becomes a session leader with it as the controlling terminal and its stdio,
+    /// and sends the master to PID 1 over `socket` (SCM_RIGHTS).
+    Terminal {
+        socket: RawFd,
+        rows: u16,
+        cols: u16,
+    },
     Rlimit {
         resource: libc::c_int,
         soft: u64,
@@ -222,6 +232,7 @@ impl SetupStep {
             }
             SetupStep::ForkAndWait => "fork into the container's pid namespace".into(),
             SetupStep::LoopbackUp => "bring up lo".into(),
+            SetupStep::Terminal { .. } => "open a terminal on the container's /dev/pts".into(),
             SetupStep::Rlimit { resource, .. } => format!("setrlimit({resource})"),
             SetupStep::Chdir { path } => format!("chdir to the working directory {}", s(path)),
             SetupStep::VerifyCwd => "verify the working directory is inside the root".into(),
@@ -451,6 +462,7 @@ fn fds_to_keep(plan: &SetupPlan, own: &[RawFd]) -> Vec<RawFd> {
         .copied()
         .chain(plan.steps.iter().filter_map(|step| match step {
             SetupStep::Setns { pidfd, .. } => Some(*pidfd),
+            SetupStep::Terminal { socket, .. } => Some(*socket),
             _ => None,
         }))
         .filter(|fd| *fd > 2)
@@ -486,6 +498,88 @@ unsafe fn errno() -> libc::c_int {
 ///
 /// # Safety
 /// Only in the freshly cloned child, see [`run_child`].
+/// [`SetupStep::Terminal`]; async-signal-safe (system calls on stack memory only).
+///
+/// # Safety
+/// In the exec child, after joining the container's mount namespace.
+unsafe fn open_terminal(socket: RawFd, rows: u16, cols: u16) -> bool {
+    /// TIOCGPTPEER, _IO('T', 0x41): not in the libc crate for every target.
+    const TIOCGPTPEER: libc::c_ulong = 0x5441;
+    // SAFETY: (whole body) system calls on constants, stack structs and descriptors this
+    // function opened.
+    unsafe {
+        let mut how: libc::open_how = std::mem::zeroed();
+        how.flags = (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        let master = libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c"/dev/pts/ptmx".as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        ) as libc::c_int;
+        if master < 0 {
+            return false;
+        }
+        let unlock: libc::c_int = 0;
+        // Both ioctls fail on anything but a ptmx: a FIFO or file put there is refused.
+        let peer = if libc::ioctl(master, libc::TIOCSPTLCK, &unlock) == 0 {
+            libc::ioctl(master, TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY)
+        } else {
+            -1
+        };
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let ok = peer >= 0
+            && libc::ioctl(peer, libc::TIOCSWINSZ, &size) == 0
+            && libc::setsid() >= 0
+            && libc::ioctl(peer, libc::TIOCSCTTY, 0) == 0
+            && (0..3).all(|fd| libc::dup2(peer, fd) == fd)
+            && send_fd(socket, master);
+        if peer > 2 {
+            libc::close(peer);
+        }
+        libc::close(master);
+        libc::close(socket);
+        ok
+    }
+}
+
+/// Sends `fd` over the unix socket `socket` (one byte of data, the fd as SCM_RIGHTS).
+///
+/// # Safety
+/// Async-signal-safe: stack buffers only.
+unsafe fn send_fd(socket: RawFd, fd: RawFd) -> bool {
+    // SAFETY: (whole body) a msghdr over stack buffers, its control buffer sized and
+    // aligned for one descriptor (CMSG_SPACE(4) is 24 bytes; u64s align it).
+    unsafe {
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut control = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return false;
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) == 1
+    }
+}
+
 unsafe fn run_step(step: &SetupStep, root: Option<&CStr>) -> bool {
     // SAFETY: (whole body) libc calls on NUL-terminated strings and plain structs that the
     // parent prepared, or on stack buffers.
@@ -688,6 +782,7 @@ unsafe fn run_step(step: &SetupStep, root: Option<&CStr>) -> bool {
                 ) == 0
             }
             SetupStep::Chdir { path } => libc::chdir(path.as_ptr()) == 0,
+            SetupStep::Terminal { socket, rows, cols } => open_terminal(*socket, *rows, *cols),
             SetupStep::VerifyCwd => {
                 // A page, the most the kernel ever returns: a longer path fails with
                 // ENAMETOOLONG, so no error is ever taken for "inside" (CVE-2024-21626

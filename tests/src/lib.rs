@@ -178,13 +178,18 @@ impl KeelCli {
         }
     }
 
+    /// `keel --api-socket SOCKET ARGS...`, to be run as the caller sees fit.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.arg("--api-socket").arg(&self.socket).args(args);
+        command
+    }
+
     /// Runs `keel --api-socket SOCKET ARGS...`, killing it if it takes longer than
     /// STEP_TIMEOUT.
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(&self.binary)
-            .arg("--api-socket")
-            .arg(&self.socket)
-            .args(args)
+        let mut child = self
+            .command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

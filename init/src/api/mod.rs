@@ -85,11 +85,13 @@ pub enum Command {
         name: String,
         signal: i32,
     },
-    /// `argv` is not empty; no string holds a NUL; `env` entries are `NAME=value`.
+    /// `argv` is not empty; no string holds a NUL; `env` entries are `NAME=value`; a
+    /// terminal has at least one row and column.
     Exec {
         name: String,
         argv: Vec<String>,
         env: Vec<String>,
+        stdio: keel_supervisor::ExecStdio,
     },
     Reboot,
     Poweroff,
@@ -113,13 +115,23 @@ pub enum Reply {
     Exec(ExecHandle),
 }
 
-/// A process started by `exec`: the read ends of its output pipes (the API makes them
-/// non-blocking) and its exit code, sent once it has been reaped (128 + N for signal N).
-#[derive(Debug)]
+/// A process started by `exec`: where its output comes from (the API makes the descriptors
+/// non-blocking), the write end of its stdin pipe if it has one, whether the client sends
+/// input lines, and its exit code, sent once it has been reaped (128 + N for signal N).
 pub struct ExecHandle {
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub output: keel_supervisor::ExecOutput,
+    pub stdin: Option<OwnedFd>,
+    pub interactive: bool,
     pub exit: oneshot::Receiver<i32>,
+}
+
+impl std::fmt::Debug for ExecHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecHandle")
+            .field("stdin", &self.stdin)
+            .field("interactive", &self.interactive)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One request for the main loop.
@@ -370,8 +382,12 @@ mod tests {
                 drop((out_w, err_w));
                 let _ = tx.send(3);
                 Ok(Reply::Exec(ExecHandle {
-                    stdout: out_r,
-                    stderr: err_r,
+                    output: keel_supervisor::ExecOutput::Pipes {
+                        stdout: out_r,
+                        stderr: err_r,
+                    },
+                    stdin: None,
+                    interactive: false,
                     exit,
                 }))
             }

@@ -1,6 +1,8 @@
 //! One client's requests, served one after the other: reading lines, checking requests,
 //! and answering them through the main loop.
 
+use keel_supervisor::ExecStdio;
+
 use super::*;
 
 impl<'a> Session<'a> {
@@ -211,10 +213,21 @@ pub(super) fn check(request: Request) -> Result<Dispatch, ApiError> {
                 tail,
             }));
         }
-        Request::Exec { name, argv, env } => {
+        Request::Exec {
+            name,
+            argv,
+            env,
+            stdin,
+            tty,
+        } => {
             check_name(&name)?;
             if argv.is_empty() {
                 return Err(ApiError::bad_request("exec needs a command"));
+            }
+            if tty.is_some_and(|t| t.rows == 0 || t.cols == 0) {
+                return Err(ApiError::bad_request(
+                    "a terminal needs at least one row and one column",
+                ));
             }
             if argv.iter().chain(&env).any(|s| s.contains('\0')) {
                 return Err(ApiError::bad_request(
@@ -227,7 +240,19 @@ pub(super) fn check(request: Request) -> Result<Dispatch, ApiError> {
             {
                 return Err(ApiError::bad_request(format!("{bad:?} is not NAME=value")));
             }
-            Command::Exec { name, argv, env }
+            let stdio = match tty {
+                Some(size) => ExecStdio::Terminal {
+                    rows: size.rows,
+                    cols: size.cols,
+                },
+                None => ExecStdio::Pipes { stdin },
+            };
+            Command::Exec {
+                name,
+                argv,
+                env,
+                stdio,
+            }
         }
         Request::Reboot => Command::Reboot,
         Request::Poweroff => Command::Poweroff,

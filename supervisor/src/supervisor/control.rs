@@ -33,9 +33,39 @@ pub enum ControlError {
 /// A process started with [`Supervisor::exec`].
 pub struct ExecStarted {
     pub pid: libc::pid_t,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub output: ExecOutput,
+    /// The write end of its stdin pipe, when it was asked for without a terminal.
+    pub stdin: Option<OwnedFd>,
     pub exit: tokio::sync::oneshot::Receiver<i32>,
+}
+
+/// Where an exec's output comes from.
+pub enum ExecOutput {
+    /// The read ends of its stdout and stderr pipes.
+    Pipes { stdout: OwnedFd, stderr: OwnedFd },
+    /// The socket its terminal's master arrives on (SCM_RIGHTS, once the process has opened
+    /// it in the container; nothing arrives if that failed). The master carries its input
+    /// and its output, stdout and stderr together.
+    Terminal { socket: OwnedFd },
+}
+
+/// How an exec's standard streams are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStdio {
+    /// All to /dev/null (health probes).
+    Quiet,
+    /// Output to pipes; stdin from a pipe too when `stdin`, else /dev/null.
+    Pipes { stdin: bool },
+    /// A pseudo-terminal of the container's, of this size.
+    Terminal { rows: u16, cols: u16 },
+}
+
+/// What [`Supervisor::spawn_exec`] started.
+pub(super) struct SpawnedExec {
+    pub pid: libc::pid_t,
+    pub pidfd: OwnedFd,
+    pub output: Option<ExecOutput>,
+    pub stdin: Option<OwnedFd>,
 }
 
 pub(super) enum ExecWaiter {
@@ -232,29 +262,30 @@ impl Supervisor {
         name: &str,
         argv: &[String],
         env: &[String],
+        stdio: ExecStdio,
     ) -> Result<ExecStarted, ControlError> {
-        let (pid, _pidfd, stdout, stderr) = self.spawn_exec(name, argv, env, false)?;
+        let spawned = self.spawn_exec(name, argv, env, stdio)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.execs.insert(pid, ExecWaiter::Api(tx));
-        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
-            return Err(ControlError::Failed("exec output pipes".into()));
-        };
+        self.execs.insert(spawned.pid, ExecWaiter::Api(tx));
+        let output = spawned
+            .output
+            .ok_or_else(|| ControlError::Failed("exec output".into()))?;
         Ok(ExecStarted {
-            pid,
-            stdout,
-            stderr,
+            pid: spawned.pid,
+            output,
+            stdin: spawned.stdin,
             exit: rx,
         })
     }
 
-    /// Starts an exec; with `quiet` its output goes to /dev/null (health probes).
+    /// Starts an exec with its streams connected as `stdio` says.
     pub(super) fn spawn_exec(
         &mut self,
         name: &str,
         argv: &[String],
         env: &[String],
-        quiet: bool,
-    ) -> Result<(libc::pid_t, OwnedFd, Option<OwnedFd>, Option<OwnedFd>), ControlError> {
+        stdio: ExecStdio,
+    ) -> Result<SpawnedExec, ControlError> {
         let m = self
             .containers
             .get(name)
@@ -266,29 +297,71 @@ impl Supervisor {
             .dev_null
             .as_ref()
             .ok_or_else(|| ControlError::Failed("no /dev/null".into()))?;
-        let (stdio, readers) = if quiet {
-            ([dev_null.as_raw_fd(); 3], None)
-        } else {
-            let out = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| ControlError::Failed(e.to_string()))?;
-            let err = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-                .map_err(|e| ControlError::Failed(e.to_string()))?;
-            let stdio = [dev_null.as_raw_fd(), out.1.as_raw_fd(), err.1.as_raw_fd()];
-            (stdio, Some((out, err)))
+        let failed = |e: rustix::io::Errno| ControlError::Failed(e.to_string());
+        let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(failed);
+        let null = dev_null.as_raw_fd();
+        // What the child gets (kept until the spawn) and what PID 1 keeps.
+        let mut child_ends: Vec<OwnedFd> = Vec::new();
+        let (fds, output, stdin, terminal) = match stdio {
+            ExecStdio::Quiet => ([null; 3], None, None, None),
+            ExecStdio::Pipes { stdin } => {
+                let (out_r, out_w) = pipe()?;
+                let (err_r, err_w) = pipe()?;
+                let (input, in_fd) = if stdin {
+                    let (in_r, in_w) = pipe()?;
+                    let fd = in_r.as_raw_fd();
+                    child_ends.push(in_r);
+                    (Some(in_w), fd)
+                } else {
+                    (None, null)
+                };
+                let fds = [in_fd, out_w.as_raw_fd(), err_w.as_raw_fd()];
+                child_ends.extend([out_w, err_w]);
+                let output = ExecOutput::Pipes {
+                    stdout: out_r,
+                    stderr: err_r,
+                };
+                (fds, Some(output), input, None)
+            }
+            ExecStdio::Terminal { rows, cols } => {
+                let (ours, theirs) = rustix::net::socketpair(
+                    rustix::net::AddressFamily::UNIX,
+                    rustix::net::SocketType::SEQPACKET,
+                    rustix::net::SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(failed)?;
+                let terminal = crate::container::ExecTerminal {
+                    socket: theirs.as_raw_fd(),
+                    rows,
+                    cols,
+                };
+                child_ends.push(theirs);
+                let output = ExecOutput::Terminal { socket: ours };
+                ([null; 3], Some(output), None, Some(terminal))
+            }
         };
-        let spawned =
-            instance.spawn_exec(&mut self.runtime, &m.config, &run.pidfd, argv, env, stdio)?;
+        let exec = crate::instance::ExecSpec {
+            argv,
+            env,
+            stdio: fds,
+            terminal,
+        };
+        let spawned = instance.spawn_exec(&mut self.runtime, &m.config, &run.pidfd, exec)?;
+        // The child has its copies: PID 1's go, so that the ends see EOF when it exits.
+        drop(child_ends);
         let steps: Vec<String> = Vec::new();
         tokio::spawn(report_start_failure(
             format!("{name} (exec)"),
             spawned.error_pipe,
             steps,
         ));
-        let (stdout, stderr) = match readers {
-            Some(((out_r, _out_w), (err_r, _err_w))) => (Some(out_r), Some(err_r)),
-            None => (None, None),
-        };
-        Ok((spawned.pid, spawned.pidfd, stdout, stderr))
+        Ok(SpawnedExec {
+            pid: spawned.pid,
+            pidfd: spawned.pidfd,
+            output,
+            stdin,
+        })
     }
 
     /// Counters of every container, for the log or the API.

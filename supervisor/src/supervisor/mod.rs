@@ -50,14 +50,14 @@ use crate::paths::Paths;
 use crate::setup_error::SetupError;
 use crate::spawn::{IdMap, describe_failure};
 
-pub use control::{ControlError, ExecStarted, Stats, Status};
+pub use control::{ControlError, ExecOutput, ExecStarted, ExecStdio, Stats, Status};
 pub use exits::ExitStatus;
 pub use live_apply::{ApplyError, ApplyOutcome, ApplyStarted};
 pub use policy::{Backoff, Decision, decide};
 pub use userns::{allocate_userns, allocate_userns_around};
 
 use cleanup::*;
-use control::ExecWaiter;
+use control::{ExecWaiter, SpawnedExec};
 use helpers::*;
 use launch::*;
 use live_apply::Applying;

@@ -53,8 +53,8 @@ impl Supervisor {
             }
             HealthProbe::Exec(argv) => {
                 let argv = argv.clone();
-                match self.spawn_exec(name, &argv, &[], true) {
-                    Ok((pid, pidfd, _, _)) => {
+                match self.spawn_exec(name, &argv, &[], ExecStdio::Quiet) {
+                    Ok(SpawnedExec { pid, pidfd, .. }) => {
                         // A probe that outlives its timeout is killed; its exit reports the
                         // failure. The pidfd makes sure a reused pid is never hit.
                         tokio::spawn(async move {
