@@ -178,6 +178,11 @@ impl KeelCli {
         }
     }
 
+    /// The API socket it talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// `keel --api-socket SOCKET ARGS...`, to be run as the caller sees fit.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.binary);

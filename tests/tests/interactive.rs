@@ -4,7 +4,9 @@
 //!   /dev/pts/N inside), sized like the caller's terminal and following its resizes; Ctrl-C
 //!   interrupts the foreground command, not the session; the exit status comes back;
 //! - `-i`: standard input streams to the command, a whole MiB of it intact, and its end is
-//!   the command's end of input.
+//!   the command's end of input;
+//! - a container that planted a FIFO where its devpts' ptmx was (it may mount, with
+//!   SYS_ADMIN) gets no terminal: the ptmx ioctls refuse it and the exec ends with 127.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -27,6 +29,12 @@ env = ["PATH=/bin"]
 image = "box"
 network = "none"
 command = ["sleep", "1000000"]
+
+[containers.planted]
+image = "box"
+network = "none"
+cap_add = ["SYS_ADMIN"]
+command = ["sh", "-c", "mount -t tmpfs none /dev/pts && mkfifo /dev/pts/ptmx && echo planted && exec sleep 1000000"]
 "#;
 
 /// A pseudo-terminal pair on the test machine: the test is the user at the master.
@@ -229,4 +237,17 @@ fn exec_with_a_terminal_and_with_standard_input() {
 
     type_line("exit 7");
     assert_eq!(wait_exit(&mut child), 7, "{}", &screen.text()[seen..]);
+
+    // A FIFO for a ptmx: the ioctls refuse it, and the client hears so.
+    host.vm
+        .wait_for_line_anywhere("[planted] planted", STEP_TIMEOUT)
+        .unwrap();
+    let mut client = keel_api::Client::connect_unix(keel.socket()).unwrap();
+    client.set_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let size = keel_api::WindowSize { rows: 24, cols: 80 };
+    let _input = client
+        .start_exec("planted", vec!["tty".into()], vec![], false, Some(size))
+        .unwrap();
+    let code = client.finish_exec(|_, _| {}).unwrap();
+    assert_eq!(code, 127, "no terminal from a planted ptmx");
 }
