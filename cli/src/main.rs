@@ -1,6 +1,7 @@
 //! `keel`: build a Keel host from its host file and boot it in QEMU.
 
 mod build;
+mod compose;
 mod control;
 mod disks;
 mod pull;
@@ -29,12 +30,33 @@ struct Cli {
     /// The control API's unix socket, overriding --vm.
     #[arg(long, global = true, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// With a compose file: a partial host file merged into the conversion ([host], an
+    /// [images.NAME] for a local image, keys of a [containers.NAME]).
+    #[arg(long, global = true, value_name = "HOST.toml")]
+    overlay: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
+enum ComposeCommand {
+    /// Translate a compose file into a Keel host file (to stdout, or -o FILE); errors and
+    /// warnings name the file, line, service and key.
+    Convert {
+        compose_file: PathBuf,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Compose files: `keel compose convert docker-compose.yml -o host.toml`. (`check`,
+    /// `build` and `run` also take a compose file directly.)
+    Compose {
+        #[command(subcommand)]
+        command: ComposeCommand,
+    },
     /// Validate a host file and report the first error with its file, line and key.
     Check { host_file: PathBuf },
     /// Build a bootable kernel, stage-1 initramfs and erofs root image (and manifest.json)
@@ -258,8 +280,9 @@ impl From<String> for Failure {
     }
 }
 
-fn load(path: &Path) -> Result<HostConfig, Failure> {
-    HostConfig::load(path).map_err(|e| Failure::Config(e.to_string()))
+/// A host file, or a compose file converted with `overlay`.
+fn load(path: &Path, overlay: Option<&Path>) -> Result<HostConfig, Failure> {
+    compose::load(path, overlay)
 }
 
 fn default_out(config: &HostConfig) -> PathBuf {
@@ -282,6 +305,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let target = control::Target::new(cli.vm, cli.api_socket);
+    let overlay = cli.overlay;
     let action = match cli.command {
         Command::Ps { json } => control::Action::Ps { json },
         Command::Logs {
@@ -322,16 +346,42 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Reboot => control::Action::Reboot,
         Command::Poweroff => control::Action::Poweroff,
         Command::Apply { host_file, dry_run } => control::Action::Apply { host_file, dry_run },
-        other => return run_local(other),
+        other => return run_local(other, overlay.as_deref()),
     };
     Ok(control::run(&target, action))
 }
 
 /// The commands that do not talk to a running host.
-fn run_local(command: Command) -> Result<ExitCode, Failure> {
+fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failure> {
     match command {
+        Command::Compose {
+            command:
+                ComposeCommand::Convert {
+                    compose_file,
+                    output,
+                },
+        } => {
+            let text = compose::convert(&compose_file, overlay)?;
+            // The result must be a host file Keel takes, or the conversion has a bug.
+            let beside = compose_file.with_extension("keel.toml");
+            if let Err(e) = HostConfig::parse(output.as_deref().unwrap_or(&beside), &text) {
+                eprintln!("{text}");
+                return Err(Failure::Config(format!(
+                    "the converted host file is not valid: {e}"
+                )));
+            }
+            match output {
+                Some(path) => {
+                    std::fs::write(&path, &text)
+                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    eprintln!("keel: wrote {}", path.display());
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { host_file } => {
-            let c = load(&host_file)?;
+            let c = load(&host_file, overlay)?;
             println!(
                 "{}: ok ({} images, {} containers)",
                 host_file.display(),
@@ -345,7 +395,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
             out,
             inputs,
         } => {
-            let config = load(&host_file)?;
+            let config = load(&host_file, overlay)?;
             let out = out.unwrap_or_else(|| default_out(&config));
             build::build(&config, &out, &inputs.options()?)?;
             Ok(ExitCode::SUCCESS)
@@ -365,7 +415,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
             let options = inputs.options()?;
             let mut delivered = Vec::new();
             if let Some(path) = &config {
-                load(path)?;
+                load(path, None)?;
                 delivered = fw_cfg_config_args(path);
             }
             let target = match target {
@@ -383,7 +433,7 @@ fn run_local(command: Command) -> Result<ExitCode, Failure> {
             let dir = if target.is_dir() {
                 target
             } else {
-                let config = load(&target)?;
+                let config = load(&target, overlay)?;
                 let out = out.unwrap_or_else(|| default_out(&config));
                 build::build(&config, &out, &options)?;
                 out
