@@ -100,12 +100,17 @@ fn sha256_file(path: &Path) -> Result<String, String> {
 }
 
 /// Builds the host into `out`: vmlinuz, initramfs.img, root.img and manifest.json.
-pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<Manifest, String> {
+/// `host_text` is the host file `config` was parsed from (converted, for a compose file).
+pub fn build(
+    config: &HostConfig,
+    host_text: &str,
+    out: &Path,
+    options: &BuildOptions,
+) -> Result<Manifest, String> {
     let started = Instant::now();
     let mut inputs = BTreeMap::new();
-    let host_text =
-        fs::read(&config.path).map_err(|e| format!("{}: {e}", config.path.display()))?;
-    inputs.insert("host.toml".to_string(), sha256_hex(&host_text));
+    let host_text = host_text.as_bytes();
+    inputs.insert("host.toml".to_string(), sha256_hex(host_text));
     let init = fs::read(&options.init).map_err(|e| {
         format!(
             "the init binary {}: {e} (build it with `cargo build --release`, or pass --init)",
@@ -157,7 +162,7 @@ pub fn build(config: &HostConfig, out: &Path, options: &BuildOptions) -> Result<
     root.add_file_from_bytes(os::ROOT_INIT, 0o755, &init)
         .map_err(staged)?;
     // 0600: the host file may hold registry passwords.
-    root.add_file_from_bytes(os::BAKED_HOST_FILE, 0o600, &host_text)
+    root.add_file_from_bytes(os::BAKED_HOST_FILE, 0o600, host_text)
         .map_err(staged)?;
     for m in &modules {
         root.add_file_from_path(module_root.join(&m.rel_path), 0o644, &m.path)

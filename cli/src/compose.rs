@@ -67,24 +67,28 @@ pub fn convert(path: &Path, overlay: Option<&Path>) -> Result<String, Failure> {
     }
 }
 
-/// A host file or a compose file, loaded and validated.
-pub fn load(path: &Path, overlay: Option<&Path>) -> Result<HostConfig, Failure> {
+/// A host file or a compose file, loaded and validated, and the host file's text.
+pub fn load(path: &Path, overlay: Option<&Path>) -> Result<(HostConfig, String), Failure> {
     if !is_compose_file(path) {
         if overlay.is_some() {
             return Err(Failure::Config(
                 "--overlay goes with a compose file (a host file is complete)".into(),
             ));
         }
-        return HostConfig::load(path).map_err(|e| Failure::Config(e.to_string()));
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::Config(format!("{}: {e}", path.display())))?;
+        let config = HostConfig::parse(path, &text).map_err(|e| Failure::Config(e.to_string()))?;
+        return Ok((config, text));
     }
     let text = convert(path, overlay)?;
     // Relative paths (an overlay's image layouts) resolve beside the compose file.
     let as_host_file = path.with_extension("keel.toml");
-    HostConfig::parse(&as_host_file, &text).map_err(|e| {
+    let config = HostConfig::parse(&as_host_file, &text).map_err(|e| {
         Failure::Config(format!(
             "the host file converted from {} is not valid: {e} (see it with `keel compose convert {}`)",
             path.display(),
             path.display()
         ))
-    })
+    })?;
+    Ok((config, text))
 }

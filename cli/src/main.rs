@@ -281,7 +281,7 @@ impl From<String> for Failure {
 }
 
 /// A host file, or a compose file converted with `overlay`.
-fn load(path: &Path, overlay: Option<&Path>) -> Result<HostConfig, Failure> {
+fn load(path: &Path, overlay: Option<&Path>) -> Result<(HostConfig, String), Failure> {
     compose::load(path, overlay)
 }
 
@@ -381,7 +381,7 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { host_file } => {
-            let c = load(&host_file, overlay)?;
+            let (c, _) = load(&host_file, overlay)?;
             println!(
                 "{}: ok ({} images, {} containers)",
                 host_file.display(),
@@ -395,9 +395,9 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
             out,
             inputs,
         } => {
-            let config = load(&host_file, overlay)?;
+            let (config, text) = load(&host_file, overlay)?;
             let out = out.unwrap_or_else(|| default_out(&config));
-            build::build(&config, &out, &inputs.options()?)?;
+            build::build(&config, &text, &out, &inputs.options()?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
@@ -433,9 +433,9 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
             let dir = if target.is_dir() {
                 target
             } else {
-                let config = load(&target, overlay)?;
+                let (config, text) = load(&target, overlay)?;
                 let out = out.unwrap_or_else(|| default_out(&config));
-                build::build(&config, &out, &options)?;
+                build::build(&config, &text, &out, &options)?;
                 out
             };
             let manifest = build::read_manifest(&dir)?;

@@ -180,6 +180,9 @@ impl HostFile {
                 let _ = writeln!(out, "[host]\nhostname = {}\n", toml::Value::from(name));
             }
         }
+        if !overlay.is_some_and(|o| o.table.contains_key("network")) {
+            out.push_str("# The machine's network: DHCP on its first interface (give [network] in an overlay file\n# for static addresses or more interfaces).\n[network.interfaces.eth0]\ndhcp4 = true\n\n");
+        }
         if let Some(overlay) = overlay {
             for (key, value) in &overlay.table {
                 if matches!(key.as_str(), "host" | "images" | "networks" | "containers") {

@@ -14,12 +14,12 @@
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keel_qemu::Vm;
-use keel_tests::oci_tools::{busybox_rootfs, run, skopeo, tool, umoci_image};
+use keel_tests::oci_tools::{busybox_rootfs, debian_rootfs, run, skopeo, tool, umoci_image};
 use keel_tests::{BOOT_TIMEOUT, bin_dir, boot, build_host, vm_config};
 
 const LAYERS: usize = 150;
@@ -273,141 +273,6 @@ impl Registry {
 // The Debian rootfs
 // ---------------------------------------------------------------------------------------
 
-/// The Debian mirror this machine's apt uses (`KEEL_TEST_DEBIAN_MIRROR` overrides it): the
-/// first `deb` source of the main archive, in one-line or deb822 form.
-fn debian_mirror() -> String {
-    if let Ok(mirror) = std::env::var("KEEL_TEST_DEBIAN_MIRROR") {
-        return mirror;
-    }
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        let mut more: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        more.sort();
-        files.extend(more);
-    }
-    let main_archive = |uri: &str| {
-        let uri = uri.trim_end_matches('/');
-        (uri.starts_with("http://") || uri.starts_with("https://"))
-            && uri.ends_with("/debian")
-            && !uri.contains("security")
-    };
-    for file in files {
-        let Ok(text) = fs::read_to_string(&file) else {
-            continue;
-        };
-        for line in text.lines().map(str::trim) {
-            // One-line form: `deb [options] URI SUITE COMPONENTS...`.
-            let uri = if let Some(rest) = line.strip_prefix("deb ") {
-                let rest = rest.trim_start();
-                let rest = match rest.strip_prefix('[') {
-                    Some(opts) => opts.split_once(']').map_or("", |(_, r)| r),
-                    None => rest,
-                };
-                rest.split_whitespace().next()
-            } else {
-                // deb822: `URIs: URI...`.
-                line.strip_prefix("URIs:")
-                    .and_then(|uris| uris.split_whitespace().next())
-            };
-            if let Some(uri) = uri.filter(|u| main_archive(u)) {
-                return uri.trim_end_matches('/').to_string();
-            }
-        }
-    }
-    "http://deb.debian.org/debian".to_string()
-}
-
-/// FNV-1a, 64 bits: a stable name for a cache entry.
-fn fnv1a(data: &str) -> u64 {
-    data.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// A Debian bookworm minbase rootfs with nginx-light, made by debootstrap once and cached
-/// under `~/.cache/keel/test-images/`, keyed by the command. It is built in a temporary
-/// directory and renamed into place when complete, so an interrupted build is never reused.
-fn debian_nginx_rootfs() -> PathBuf {
-    let debootstrap = tool("debootstrap", "debootstrap");
-    let mirror = debian_mirror();
-    let args = [
-        "--variant=minbase".to_string(),
-        "--include=nginx-light".to_string(),
-        "bookworm".to_string(),
-        "TARGET".to_string(),
-        mirror,
-    ];
-    let cache = match std::env::var_os("KEEL_TEST_IMAGES") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-            .join(".cache/keel/test-images"),
-    };
-    let key = format!("debootstrap {}", args.join(" "));
-    let done = cache.join(format!("debian-nginx-{:016x}", fnv1a(&key)));
-    if done.join("usr/sbin/nginx").is_file() {
-        eprintln!("debian rootfs: cached at {} ({key})", done.display());
-        return done;
-    }
-    fs::create_dir_all(&cache).unwrap();
-    // Leftovers of interrupted builds (their process is gone) are removed, never used.
-    let prefix = format!(".tmp-debian-nginx-{:016x}-", fnv1a(&key));
-    for entry in fs::read_dir(&cache).unwrap().filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(pid) = name.strip_prefix(&prefix)
-            && !Path::new("/proc").join(pid).exists()
-        {
-            eprintln!("debian rootfs: removing the unfinished {name}");
-            run(Command::new("rm").arg("-rf").arg(entry.path()));
-        }
-    }
-    let tmp = cache.join(format!("{prefix}{}", std::process::id()));
-    if tmp.exists() {
-        run(Command::new("rm").arg("-rf").arg(&tmp));
-    }
-    eprintln!(
-        "debian rootfs: {key} (takes minutes; cached in {})",
-        done.display()
-    );
-    let started = Instant::now();
-    let real_args: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if a == "TARGET" {
-                tmp.display().to_string()
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
-    let out = Command::new(&debootstrap)
-        .args(&real_args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running debootstrap");
-    if !out.status.success() {
-        let log = fs::read_to_string(tmp.join("debootstrap/debootstrap.log")).unwrap_or_default();
-        let _ = Command::new("rm").arg("-rf").arg(&tmp).status();
-        panic!(
-            "debootstrap {} failed ({}; it needs root, the network and a cache directory without nodev or noexec; KEEL_TEST_IMAGES moves it):\n{}{}\n{}",
-            real_args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            log
-        );
-    }
-    assert!(
-        tmp.join("usr/sbin/nginx").is_file(),
-        "debootstrap made no nginx"
-    );
-    // Another run may have finished first: either copy is as good.
-    if fs::rename(&tmp, &done).is_err() {
-        run(Command::new("rm").arg("-rf").arg(&tmp));
-    }
-    eprintln!("debian rootfs: made in {:.1?}", started.elapsed());
-    done
-}
-
 fn write_registry_host(path: &Path, registry: &str, password: &str) {
     fs::write(
         path,
@@ -450,7 +315,7 @@ fn a_debian_nginx_image_pulled_with_auth_serves_curl_on_the_host() {
     }
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let rootfs = debian_nginx_rootfs();
+    let rootfs = debian_rootfs("nginx", &["nginx-light"], "usr/sbin/nginx");
 
     // The image: the debootstrap root without apt's downloads, a page of our own, and
     // nginx in the foreground as the image's Cmd (like Docker's nginx images). Owners
