@@ -55,6 +55,11 @@ impl Client {
         let path = path.as_ref();
         let stream = UnixStream::connect(path)
             .map_err(|e| transport(&format!("cannot connect to {}", path.display()), e))?;
+        Client::connect_unix_stream(stream)
+    }
+
+    /// Uses a connected unix socket (one end of a socketpair, a socket passed in).
+    pub fn connect_unix_stream(stream: UnixStream) -> Result<Client, ApiError> {
         let socket = stream
             .try_clone()
             .map_err(|e| transport("cannot duplicate the socket", e))?;

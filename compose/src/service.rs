@@ -429,10 +429,10 @@ pub(crate) fn convert(
         && let Some(text) = cx.text(node, &at("hostname"))
         && text != name
     {
-        cx.warn(
-            node.line,
-            &at("hostname"),
-            format!("`{text}`: a Keel container's hostname is its name, `{name}`"),
+        section.set_commented(
+            "hostname",
+            text,
+            Some(format!("other containers still reach it as `{name}`")),
         );
     }
 

@@ -165,8 +165,12 @@ fn gitea_with_postgres() {
     assert!(
         warnings
             .iter()
-            .any(|w| w.key == "services.server.volumes[1]" && w.line == 13),
+            .any(|w| w.key == "services.server.volumes[1]" && w.line == 14),
         "{warnings:?}"
+    );
+    assert_eq!(
+        config.containers["server"].isolation.hostname.as_deref(),
+        Some("git")
     );
     assert!(
         text.contains("\"/etc/timezone:/etc/timezone:ro\""),

@@ -156,6 +156,8 @@ pub struct Tmpfs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Isolation {
     pub network: NetworkMode,
+    /// The container's hostname (its UTS namespace's, and `HOSTNAME`); its name if unset.
+    pub hostname: Option<String>,
     /// Share PID 1's pid namespace (`pid = "host"`, like `docker run --pid=host`).
     pub host_pid: bool,
     pub userns: Option<UserNamespace>,

@@ -302,6 +302,7 @@ mod raw {
         pub userns: Option<Spanned<container::raw::Userns>>,
         #[serde(default)]
         pub readonly_rootfs: bool,
+        pub hostname: Option<Spanned<String>>,
         #[serde(default)]
         pub privileged: bool,
         #[serde(default)]
@@ -636,11 +637,21 @@ fn validate_container(
             "expected `user`, `uid`, `user:group` or `uid:gid`",
         ));
     }
+    if let Some(hostname) = &c.hostname
+        && !valid_hostname(hostname.get_ref())
+    {
+        return Err(loc.at(
+            hostname,
+            format!("{key}.hostname"),
+            format!("`{}` is not a valid hostname: expected 1-64 letters, digits, `-` or `.`, not starting or ending with `-`", hostname.get_ref()),
+        ));
+    }
     let network =
         networks::container_network(loc, key, &c.network, &c.ports, &c.ipv4_address, networks)?;
     let own_network = network.is_own();
     let isolation = Isolation {
         network,
+        hostname: c.hostname.as_ref().map(|h| h.get_ref().clone()),
         host_pid,
         userns: container::userns(loc, &c.userns, format!("{key}.userns"))?,
         readonly_rootfs: c.readonly_rootfs,

@@ -151,7 +151,10 @@ pub fn resolve_process(
         env.set(k, v);
     }
     env.set_default("PATH", DEFAULT_PATH);
-    env.set_default("HOSTNAME", name);
+    env.set_default(
+        "HOSTNAME",
+        container.isolation.hostname.as_deref().unwrap_or(name),
+    );
 
     let workdir = container
         .workdir
@@ -890,7 +893,8 @@ pub fn build_plan(
         // eth0, on a bridged network, is PID 1's to configure from outside.
         steps.push(SetupStep::LoopbackUp);
     }
-    steps.push(SetupStep::Hostname { name: c(name)? });
+    let hostname = iso.hostname.as_deref().unwrap_or(name);
+    steps.push(SetupStep::Hostname { name: c(hostname)? });
     for (key, value) in &iso.sysctls {
         steps.push(SetupStep::WriteFile {
             path: c(&format!("/proc/sys/{}", key.replace('.', "/")))?,
@@ -1154,6 +1158,17 @@ mod tests {
             .iter()
             .position(|n| n.contains(needle))
             .unwrap_or_else(|| panic!("no {needle:?} in {names:#?}"))
+    }
+
+    #[test]
+    fn a_hostname_other_than_the_name_is_the_utsname_and_hostname_variable() {
+        let dirs = ContainerDirs::under(Path::new("/run/keel/containers"), "web");
+        let mut c = container();
+        c.isolation.hostname = Some("shop-1".into());
+        let p = resolve_process("web", &image(), &c).unwrap();
+        assert!(p.env.iter().any(|e| e == "HOSTNAME=shop-1"), "{:?}", p.env);
+        let plan = build_plan("web", &p, "lowerdir=/a", &dirs, &security(c.isolation)).unwrap();
+        position(&names(&plan), "sethostname shop-1");
     }
 
     #[test]

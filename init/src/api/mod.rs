@@ -206,7 +206,65 @@ mod tests {
                 }
             });
         });
-        Client::connect_stream(ours)
+        Client::connect_unix_stream(ours).unwrap()
+    }
+
+    #[test]
+    fn an_interactive_exec_gets_its_input_and_its_end_over_the_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = server(dir.path(), |command| match command {
+            Command::Exec {
+                stdio: keel_supervisor::ExecStdio::Pipes { stdin: true },
+                ..
+            } => {
+                let (in_r, in_w) = rustix::pipe::pipe().unwrap();
+                let (out_r, out_w) = rustix::pipe::pipe().unwrap();
+                let (err_r, err_w) = rustix::pipe::pipe().unwrap();
+                let (tx, exit) = oneshot::channel();
+                // The process: upper-cases its input until its end, then exits 0.
+                std::thread::spawn(move || {
+                    let mut input = std::fs::File::from(in_r);
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut input, &mut text).unwrap();
+                    rustix::io::write(&out_w, text.to_uppercase().as_bytes()).unwrap();
+                    drop((out_w, err_w));
+                    let _ = tx.send(0);
+                });
+                Ok(Reply::Exec(ExecHandle {
+                    output: keel_supervisor::ExecOutput::Pipes {
+                        stdout: out_r,
+                        stderr: err_r,
+                    },
+                    stdin: Some(in_w),
+                    interactive: true,
+                    exit,
+                }))
+            }
+            _ => Err(ApiError::internal("unexpected")),
+        });
+        let mut input = client
+            .start_exec("web", vec!["cat".into()], vec![], true, None)
+            .unwrap()
+            .unwrap();
+        for chunk in ["hello ", "world"] {
+            input
+                .send(&keel_api::ExecInput::data(chunk.as_bytes()))
+                .unwrap();
+        }
+        input
+            .send(&keel_api::ExecInput {
+                eof: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let mut out = Vec::new();
+        let code = client
+            .finish_exec(|_, data| out.extend_from_slice(data))
+            .unwrap();
+        assert_eq!(
+            (code, String::from_utf8(out).unwrap()),
+            (0, "HELLO WORLD".into())
+        );
     }
 
     fn collect(

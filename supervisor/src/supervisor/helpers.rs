@@ -18,6 +18,15 @@ pub(super) struct Helper {
     pub pid: libc::pid_t,
     pub serial: u64,
     error_file: std::path::PathBuf,
+    /// The helper cgroup's OOM kills when it started: more at its end name the cause.
+    oom_kills: Option<u64>,
+}
+
+/// The helper cgroup (every helper moves itself there first).
+fn helper_cgroup() -> crate::cgroup::Cgroup {
+    crate::cgroup::Cgroup::at(
+        Path::new(crate::cgroup::CGROUP_ROOT).join(crate::cgroup::UNPACK_CGROUP),
+    )
 }
 
 impl Helper {
@@ -39,6 +48,17 @@ impl Helper {
         let _ = std::fs::remove_file(&self.error_file);
         if status == ExitStatus::Code(0) {
             return Ok(());
+        }
+        let cgroup = helper_cgroup();
+        let oom = status == ExitStatus::Signal(libc::SIGKILL)
+            && cgroup.keyed("memory.events", "oom_kill") > self.oom_kills;
+        if oom {
+            let limit = cgroup
+                .number("memory.max")
+                .map_or_else(|| "its limit".to_string(), |b| format!("{} MiB", b >> 20));
+            return Err(format!(
+                "{otherwise}: the helper ran out of memory ({limit}, the helper cgroup's memory.max; on a host whose /var is a tmpfs, the files it writes count too: give the host a data disk)"
+            ));
         }
         Err(match written {
             Some(text) if !text.trim().is_empty() => text.trim().to_string(),
@@ -107,6 +127,7 @@ impl Supervisor {
             pid: child.id() as libc::pid_t,
             serial,
             error_file,
+            oom_kills: helper_cgroup().keyed("memory.events", "oom_kill"),
         };
         self.schedule(limit, Event::HelperTimeout { serial });
         Ok(helper)
