@@ -45,6 +45,8 @@ pub mod archive;
 #[cfg(feature = "builder")]
 pub mod cpio;
 #[cfg(feature = "builder")]
+pub mod disk;
+#[cfg(feature = "builder")]
 pub mod erofs;
 #[cfg(feature = "builder")]
 pub mod import;
