@@ -58,6 +58,8 @@ pub mod modules;
 pub mod registry;
 #[cfg(feature = "builder")]
 pub mod rootfs;
+#[cfg(feature = "builder")]
+pub mod uki;
 pub mod verity;
 
 /// What every Keel host image has, whoever builds it (`keel build`, the benchmarks), and
