@@ -107,7 +107,7 @@ pub const NEW_FILE_FLAGS: OFlags = OFlags::WRONLY
     .union(OFlags::CLOEXEC);
 
 /// How every directory is opened: never through or onto a symlink.
-pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
+pub const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);

@@ -29,11 +29,8 @@ use rustix::fs::{
 use rustix::io::Errno;
 use rustix::process::{Gid, Uid};
 
-/// How every directory is opened: never through or onto a symlink.
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
+/// How every directory is opened: never through or onto a symlink (as the unpacker does).
+use keel_image::unpack::DIR_FLAGS;
 
 /// Deeper trees are refused: each level holds two descriptors open.
 const MAX_DEPTH: usize = 256;

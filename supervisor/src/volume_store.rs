@@ -161,10 +161,7 @@ impl VolumeStore {
         let trash = self.root.join(TRASH);
         let dir = match rustix::fs::open(
             &trash,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
+            keel_image::unpack::DIR_FLAGS,
             rustix::fs::Mode::empty(),
         ) {
             Ok(dir) => dir,

@@ -67,6 +67,13 @@ impl Helper {
     }
 }
 
+/// A helper's `UID GID SIZE` arguments for a user namespace's id shift (none without one).
+pub(super) fn shift_args(shift: Option<(u32, u32, u32)>) -> Vec<std::ffi::OsString> {
+    shift
+        .map(|(uid, gid, size)| [uid, gid, size].map(|n| n.to_string().into()).to_vec())
+        .unwrap_or_default()
+}
+
 /// The helper `pid` among the running ones of `states`, with its key.
 pub(super) fn running_helper<K: Clone, S>(
     states: &BTreeMap<K, S>,

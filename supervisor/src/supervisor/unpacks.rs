@@ -65,13 +65,7 @@ impl Supervisor {
             return Readiness::Ready;
         }
         let mut args = vec![key.0.clone().into()];
-        if let Some((uid, gid, size)) = key.1 {
-            args.extend([
-                uid.to_string().into(),
-                gid.to_string().into(),
-                size.to_string().into(),
-            ]);
-        }
+        args.extend(shift_args(key.1));
         match self.spawn_helper("unpack", &args, UNPACK_TIMEOUT) {
             Ok(helper) => {
                 log::info!("image {}: unpacking (pid {})", key.0, helper.pid);

@@ -80,13 +80,7 @@ impl Supervisor {
                 volume.target.clone().into(),
                 volume.dir.clone().into(),
             ];
-            if let Some(map) = userns {
-                args.extend([
-                    map.uid.to_string().into(),
-                    map.gid.to_string().into(),
-                    map.size.to_string().into(),
-                ]);
-            }
+            args.extend(shift_args(userns.map(|m| (m.uid, m.gid, m.size))));
             match self.spawn_helper("populate", &args, POPULATE_TIMEOUT) {
                 Ok(helper) => {
                     log::info!(
