@@ -19,6 +19,8 @@ use keel_image::modules::ModuleRef;
 use keel_image::os;
 use keel_image::rootfs::Staging;
 use keel_image::verity::{HashTree, append_hash_tree};
+
+use crate::boot_disk::{self, BootArtifacts, BootFiles, DiskFormat};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -37,12 +39,15 @@ pub const ROOT_COMPRESSION: erofs::Compression = erofs::Compression::Lz4hc(9);
 pub struct BuildOptions {
     pub init: PathBuf,
     pub cache_dir: PathBuf,
+    pub disk_format: DiskFormat,
 }
 
 /// What `keel build` wrote, also saved as `manifest.json` beside the boot files.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub hostname: String,
+    /// The host file's `[update] version`.
+    pub version: String,
     pub kernel: KernelInfo,
     /// The whole kernel command line: [`CMDLINE`], `keel.root=UUID=<root_uuid>` and, with
     /// dm-verity, the `keel.verity.*` parameters.
@@ -66,6 +71,8 @@ pub struct Manifest {
     pub root_compression: String,
     /// The dm-verity hash tree after the erofs data, when the host file asks for one.
     pub verity: Option<HashTree>,
+    /// The unified kernel image and the disk image.
+    pub boot: BootArtifacts,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,6 +125,12 @@ pub fn build(
         )
     })?;
     inputs.insert("init".to_string(), sha256_hex(&init));
+    let boot_files = BootFiles::read()?;
+    inputs.insert("uki-stub".to_string(), sha256_hex(&boot_files.stub));
+    inputs.insert(
+        "systemd-boot".to_string(),
+        sha256_hex(&boot_files.systemd_boot),
+    );
 
     let kernel =
         fetch_kernel(&options.cache_dir.join("kernel")).map_err(|e| format!("kernel: {e}"))?;
@@ -335,8 +348,40 @@ pub fn build(
             .map(|m| m.len())
             .map_err(|e| format!("{}: {e}", p.display()))
     };
+    let kernel_bytes = fs::read(&vmlinuz).map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
+    let initramfs_bytes =
+        fs::read(&initramfs_path).map_err(|e| format!("{}: {e}", initramfs_path.display()))?;
+    let uki = boot_disk::make_uki(
+        &boot_files,
+        &config.update.version,
+        &config.hostname,
+        &cmdline,
+        &kernel_bytes,
+        &initramfs_bytes,
+    )?;
+    let uki_path = out.join(boot_disk::UKI_FILE);
+    keel_image::atomic::write_atomic(&uki_path, &uki, 0o644)
+        .map_err(|e| format!("{}: {e}", uki_path.display()))?;
+    let (disk_bytes, disk_guid, qcow2) = boot_disk::write_disk(
+        out,
+        &boot_files,
+        &uki,
+        &root_path,
+        derive("keel disk"),
+        options.disk_format,
+    )?;
+    let boot = BootArtifacts {
+        uki: boot_disk::UKI_FILE.to_string(),
+        uki_sha256: sha256_hex(&uki),
+        uki_bytes: uki.len() as u64,
+        disk: boot_disk::DISK_FILE.to_string(),
+        disk_bytes,
+        disk_guid,
+        qcow2,
+    };
     let manifest = Manifest {
         hostname: config.hostname.clone(),
+        version: config.update.version.clone(),
         kernel: KernelInfo {
             package: kernel.package.clone(),
             package_version: kernel.package_version.clone(),
@@ -355,12 +400,14 @@ pub fn build(
         root_uuid,
         root_compression: ROOT_COMPRESSION.to_string(),
         verity,
+        boot,
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
     fs::write(out.join("manifest.json"), json + "\n").map_err(|e| format!("manifest: {e}"))?;
     eprintln!(
-        "keel: built {} in {} ms: kernel {} ({}), {} modules ({} in the initramfs), {} images, initramfs {} KiB, root image {} KiB{}",
+        "keel: built {} version {} in {} ms: kernel {} ({}), {} modules ({} in the initramfs), {} images, initramfs {} KiB, root image {} KiB{}, disk image {} ({} MiB, sparse)",
         out.display(),
+        manifest.version,
         started.elapsed().as_millis(),
         kernel.version,
         kernel.package_version,
@@ -373,7 +420,9 @@ pub fn build(
             " (dm-verity)"
         } else {
             ""
-        }
+        },
+        manifest.boot.disk,
+        manifest.boot.disk_bytes >> 20,
     );
     Ok(manifest)
 }

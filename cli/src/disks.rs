@@ -1,4 +1,7 @@
-//! The disks `keel run` gives a guest: the build's root image, read-only, and a persistent
+//! The disks `keel run` gives a guest. Booted through firmware (the default): the build's
+//! disk image, written in place like a real machine's disk (extended to `--disk-size` first;
+//! the guest grows /var into the room), with the machine's own firmware variables beside it.
+//! Booted directly (`--direct-kernel`): the build's root image, read-only, and a persistent
 //! data disk for /var that the guest formats itself on first boot.
 
 use std::fs;
@@ -79,6 +82,73 @@ pub fn run_disks(
         });
     }
     Ok(disks)
+}
+
+/// The firmware variable store of the machine whose disk is `disk`: `disk.img` keeps its
+/// variables in `disk.efivars.fd` beside it. `keel build` removes it with the disk it
+/// replaces.
+pub fn efivars_path(disk: &Path) -> std::path::PathBuf {
+    disk.with_extension("efivars.fd")
+}
+
+/// The machine booted through firmware from `disk`: extends the disk to `size` bytes if it is
+/// smaller (never shrinks it), and gives it a variable store (a copy of OVMF's template) if it
+/// has none.
+pub fn firmware_machine(disk: &Path, size: u64) -> Result<(Disk, keel_qemu::Firmware), String> {
+    let mut head = [0u8; 4];
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .map_err(|e| format!("{}: {e}", disk.display()))?;
+    std::io::Read::read_exact(&mut &file, &mut head)
+        .map_err(|e| format!("{}: {e}", disk.display()))?;
+    if &head == b"QFI\xfb" {
+        return Err(format!(
+            "{} is a qcow2 image, made for importing into a cloud or hypervisor; keel run boots the raw disk.img beside it",
+            disk.display()
+        ));
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", disk.display()))?
+        .len();
+    if len < size {
+        file.set_len(size)
+            .map_err(|e| format!("extending {}: {e}", disk.display()))?;
+        eprintln!(
+            "keel: disk {} extended from {} MiB to {} MiB (the guest grows /var into it)",
+            disk.display(),
+            len >> 20,
+            size >> 20
+        );
+    }
+    let vars = efivars_path(disk);
+    if !vars.exists() {
+        fs::copy(keel_qemu::OVMF_VARS_TEMPLATE, &vars).map_err(|e| {
+            format!(
+                "{}: {e}: install Debian's ovmf (scripts/install-deps does)",
+                keel_qemu::OVMF_VARS_TEMPLATE
+            )
+        })?;
+    }
+    if !Path::new(keel_qemu::OVMF_CODE).is_file() {
+        return Err(format!(
+            "{} is missing: install Debian's ovmf (scripts/install-deps does)",
+            keel_qemu::OVMF_CODE
+        ));
+    }
+    Ok((
+        Disk {
+            path: disk.to_path_buf(),
+            read_only: false,
+            serial: None,
+        },
+        keel_qemu::Firmware {
+            code: keel_qemu::OVMF_CODE.into(),
+            vars,
+        },
+    ))
 }
 
 /// Creates a blank sparse file of `size` bytes unless `path` exists; true if it created one.

@@ -21,11 +21,15 @@ mod lifecycle;
 mod network;
 mod networks;
 mod registry;
+mod update;
 
 use image::validate_image;
 pub use image::{Image, ImageDefaults, ImageSource, LayerSpec, PullAt};
 use registry::validate_registries;
 pub use registry::{REGISTRY_CA_DIR, Registry, registry_ca_file_name};
+pub use update::{
+    DEFAULT_HEALTH_TIMEOUT_MS, DEFAULT_VERSION, UpdatePolicy, check_version, compare_versions,
+};
 
 pub use network::{Interface, LinkMatch, Prefix, Route, parse_mac};
 pub use networks::{Attachment, BridgeNetwork, DEFAULT_NETWORK, Protocol, PublishedPort};
@@ -99,6 +103,8 @@ pub struct HostConfig {
     pub networks: BTreeMap<String, BridgeNetwork>,
     pub images: BTreeMap<String, Image>,
     pub containers: BTreeMap<String, Container>,
+    /// `[update]`: this build's version and how an update to it is judged.
+    pub update: UpdatePolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,6 +236,7 @@ mod raw {
         pub images: BTreeMap<String, Spanned<Image>>,
         #[serde(default)]
         pub containers: BTreeMap<String, Spanned<Container>>,
+        pub update: Option<Spanned<update::raw::Update>>,
     }
 
     #[derive(Deserialize)]
@@ -473,6 +480,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         .map(|(name, c)| (name.clone(), c.span()))
         .collect();
     networks::assign_addresses(loc, &spans, &mut networks, &mut containers)?;
+    let update = update::validate(loc, raw.update.as_ref(), &containers)?;
 
     Ok(HostConfig {
         path: loc.file.to_path_buf(),
@@ -488,6 +496,7 @@ fn validate(loc: &Locator<'_>, raw: raw::HostFile) -> Result<HostConfig, ConfigE
         networks,
         images,
         containers,
+        update,
     })
 }
 

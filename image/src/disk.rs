@@ -20,6 +20,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use crate::esp::Slot;
+
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 
@@ -30,8 +32,8 @@ pub const VAR_MIN_SIZE: u64 = 256 * MIB;
 const ALIGN: u64 = MIB;
 
 pub const ESP_LABEL: &str = "KEEL-ESP";
-pub const ROOT_A_LABEL: &str = "KEEL-ROOT-A";
-pub const ROOT_B_LABEL: &str = "KEEL-ROOT-B";
+pub const ROOT_A_LABEL: &str = Slot::A.label();
+pub const ROOT_B_LABEL: &str = Slot::B.label();
 pub const VAR_LABEL: &str = "KEEL-VAR";
 
 /// The EFI System Partition type.

@@ -32,6 +32,7 @@
 pub mod atomic;
 mod digest;
 mod error;
+pub mod esp;
 pub mod gc;
 pub mod layer_store;
 pub mod layout;
@@ -58,7 +59,6 @@ pub mod modules;
 pub mod registry;
 #[cfg(feature = "builder")]
 pub mod rootfs;
-#[cfg(feature = "builder")]
 pub mod uki;
 pub mod verity;
 
@@ -83,8 +83,10 @@ pub mod os {
     /// Modules every Keel host loads: the virtio NIC and its PCI transport, the
     /// virtio-serial port the control API is reached through from the host, overlayfs for
     /// container roots, the ACPI power button with the evdev interface it is read
-    /// through, QEMU's fw_cfg device, through which a host file may be delivered, and ext4
-    /// for the /var data disk.
+    /// through, QEMU's fw_cfg device, through which a host file may be delivered, ext4
+    /// for the /var data disk, and FAT (with the code pages its mount defaults to) and
+    /// efivarfs for the EFI system partition and the boot loader's variables, through which
+    /// a booted disk's entries are committed and updated.
     pub const BASE_MODULES: &[&str] = &[
         "virtio_pci",
         "virtio_net",
@@ -94,11 +96,26 @@ pub mod os {
         "evdev",
         "qemu_fw_cfg",
         "ext4",
+        "vfat",
+        "nls_cp437",
+        "nls_ascii",
+        "efivarfs",
     ];
 
     /// What stage 1 (the initramfs) needs to reach the root image: the virtio disk and
     /// its PCI transport, and erofs (whose lz4 decompressor Debian builds in).
-    pub const STAGE1_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "erofs"];
+    /// Beyond QEMU's virtio disk, the disk controllers of the machines a disk image is
+    /// written to: NVMe (clouds' and servers' SSDs), AHCI SATA, and virtio-scsi (some
+    /// clouds' boot disks), with the SCSI disk driver the last two hand disks to.
+    pub const STAGE1_MODULES: &[&str] = &[
+        "virtio_pci",
+        "virtio_blk",
+        "erofs",
+        "nvme",
+        "ahci",
+        "virtio_scsi",
+        "sd_mod",
+    ];
 
     /// Added to [`STAGE1_MODULES`] when the root image is dm-verity protected.
     pub const VERITY_MODULES: &[&str] = &["dm_mod", "dm_verity"];

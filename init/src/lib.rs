@@ -20,3 +20,4 @@ pub mod reaper;
 pub mod stage1;
 pub mod state;
 pub mod var;
+pub mod var_growth;

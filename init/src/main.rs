@@ -346,6 +346,11 @@ async fn serve(
         networks: Default::default(),
         images: Default::default(),
         containers: Default::default(),
+        update: keel_config::UpdatePolicy {
+            version: keel_config::DEFAULT_VERSION.into(),
+            health_timeout_ms: keel_config::DEFAULT_HEALTH_TIMEOUT_MS,
+            critical: Vec::new(),
+        },
     };
     let config = config.unwrap_or(empty);
     let mut supervisor = Supervisor::new(&config, Paths::default(), cgroups, events_tx, console);

@@ -199,14 +199,24 @@ pub fn parse_root(cmdline: &str) -> Result<Option<RootSpec>, Stage1Error> {
     }
 }
 
-/// Stage 1, to the exec of stage 2; on any failure the message goes to the console and
-/// the machine powers off.
+/// Stage 1, to the exec of stage 2; on any failure the message goes to the console and the
+/// machine reboots when UEFI firmware booted it (the boot loader counts the failed try and,
+/// once an updated entry has none left, boots the previous slot: see image/src/esp.rs), and
+/// powers off otherwise (a direct kernel boot has nothing else to try).
 pub fn run(cmdline: &str) -> ! {
     let Err(error) = boot(cmdline);
     log::error!("{error}");
-    log::error!("stage 1 failed; powering off");
+    let mode = if Path::new("/sys/firmware/efi").exists() {
+        log::error!(
+            "stage 1 failed; rebooting (the boot loader falls back to the previous system once an update runs out of tries)"
+        );
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    } else {
+        log::error!("stage 1 failed; powering off");
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    };
     nix::unistd::sync();
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    let _ = nix::sys::reboot::reboot(mode);
     loop {
         // reboot(2) fails only without CAP_SYS_BOOT, i.e. not as PID 1: stay alive anyway.
         std::thread::sleep(Duration::from_secs(3600));

@@ -20,6 +20,7 @@ use nix::mount::{MsFlags, mount};
 use serde::{Deserialize, Serialize};
 
 use crate::blockdev::{self, BlockDevice, Probe};
+use crate::var_growth;
 
 /// The label (ext4), serial (virtio) or partition name (GPT) of the data disk.
 pub const DATA_LABEL: &str = "KEEL-VAR";
@@ -112,8 +113,15 @@ pub fn setup() -> Var {
         VarDiskPlan::Refuse(why) => Err(why),
         VarDiskPlan::CheckAndMount(i) => {
             let (device, probe) = &disks[i];
+            grow_partition(device);
             check(&device.node).and_then(|check| {
-                mount_ext4(&device.node).map(|()| Var::Disk {
+                mount_ext4(&device.node)?;
+                match var_growth::grow_ext4(&device.node, Path::new(VAR)) {
+                    Ok(Some(size)) => log::info!("/var grown to {} MiB", size >> 20),
+                    Ok(None) => {}
+                    Err(e) => log::warn!("/var keeps its size: {e}"),
+                }
+                Ok(Var::Disk {
                     device: device.clone(),
                     uuid: probe.uuid.clone(),
                     formatted: false,
@@ -123,6 +131,7 @@ pub fn setup() -> Var {
         }
         VarDiskPlan::FormatAndMount(i) => {
             let device = &disks[i].0;
+            grow_partition(device);
             format(&device.node)
                 .and_then(|()| mount_ext4(&device.node))
                 .map(|()| Var::Disk {
@@ -148,6 +157,24 @@ pub fn setup() -> Var {
             }
             Var::Tmpfs { why }
         }
+    }
+}
+
+/// A `KEEL-VAR` partition takes the room after it on its disk (see var_growth.rs); a
+/// failure leaves it as it was and only costs the room.
+fn grow_partition(device: &BlockDevice) {
+    if device.partname.as_deref() != Some(DATA_LABEL) {
+        return;
+    }
+    match var_growth::grow_partition(device) {
+        Ok(Some(grown)) => log::info!(
+            "{} grown from {} MiB to {} MiB, to the end of its disk",
+            device.node.display(),
+            grown.from >> 20,
+            grown.to >> 20
+        ),
+        Ok(None) => {}
+        Err(e) => log::warn!("{} keeps its size: {e}", device.node.display()),
     }
 }
 

@@ -61,6 +61,27 @@ pub struct VmConfig {
     pub disks: Vec<Disk>,
     /// Appended verbatim to the QEMU command line.
     pub extra_args: Vec<String>,
+    /// Boot through UEFI firmware from the first disk instead of QEMU's `-kernel`: `kernel`,
+    /// `initrd` and `cmdline` are then not used, and a guest reboot restarts the machine
+    /// (firmware, boot loader and all) rather than ending QEMU, since falling back to the
+    /// previous system after a failed update takes reboots. A guest that hangs is reset by
+    /// the i6300esb watchdog it is given.
+    pub firmware: Option<Firmware>,
+}
+
+/// OVMF as Debian's `ovmf` installs it.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// The variable store every machine starts from; each gets its own copy.
+pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// UEFI firmware for one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firmware {
+    /// The firmware code, mapped read-only ([`OVMF_CODE`]).
+    pub code: PathBuf,
+    /// The machine's own variable store (boot entries, the boot loader's variables), written
+    /// by the firmware: a copy of [`OVMF_VARS_TEMPLATE`] that lives as long as the machine.
+    pub vars: PathBuf,
 }
 
 /// The longest virtio-blk serial: the guest reads it into a 20-byte field
@@ -132,6 +153,7 @@ impl Default for VmConfig {
             user_net: Vec::new(),
             disks: Vec::new(),
             extra_args: Vec::new(),
+            firmware: None,
         }
     }
 }
@@ -203,17 +225,36 @@ pub fn qemu_args(
     // -nodefaults: no default NIC, VGA, floppy or monitor; everything the guest gets is below.
     push(&["-nodefaults", "-no-user-config", "-machine", MACHINE]);
     push(&accel.qemu_args());
-    push(&["-display", "none", "-no-reboot"]);
+    push(&["-display", "none"]);
     let memory = cfg.memory_mb.to_string();
     let cpus = cfg.cpus.to_string();
     push(&["-m", &memory, "-smp", &cpus]);
 
-    let kernel = cfg.kernel.to_string_lossy();
-    push(&["-kernel", &kernel]);
-    if let Some(initrd) = &cfg.initrd {
-        push(&["-initrd", &initrd.to_string_lossy()]);
+    match &cfg.firmware {
+        None => {
+            push(&["-no-reboot"]);
+            let kernel = cfg.kernel.to_string_lossy();
+            push(&["-kernel", &kernel]);
+            if let Some(initrd) = &cfg.initrd {
+                push(&["-initrd", &initrd.to_string_lossy()]);
+            }
+            push(&["-append", &cfg.cmdline]);
+        }
+        Some(firmware) => {
+            let code = format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                firmware.code.to_string_lossy().replace(',', ",,")
+            );
+            let vars = format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                firmware.vars.to_string_lossy().replace(',', ",,")
+            );
+            push(&["-drive", &code, "-drive", &vars]);
+            // A guest that stops feeding /dev/watchdog is reset, and its boot loader
+            // counts the try.
+            push(&["-device", "i6300esb", "-action", "watchdog=reset"]);
+        }
     }
-    push(&["-append", &cfg.cmdline]);
 
     push(&["-serial", "stdio"]);
     // QEMU option syntax escapes a comma by doubling it.
@@ -263,6 +304,10 @@ pub fn qemu_args(
             if disk.read_only { "on" } else { "off" }
         );
         let mut device = format!("virtio-blk-pci,drive=disk{i}");
+        if i == 0 && cfg.firmware.is_some() {
+            // Straight to the disk: no time spent offering a network boot first.
+            device.push_str(",bootindex=0");
+        }
         if let Some(serial) = &disk.serial {
             device.push_str(",serial=");
             device.push_str(&serial.replace(',', ",,"));
@@ -477,6 +522,40 @@ mod tests {
         ] {
             assert!(disk(bad).serial_problem().is_some(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn firmware_boots_the_first_disk_and_survives_reboots() {
+        let mut cfg = sample();
+        cfg.firmware = Some(Firmware {
+            code: OVMF_CODE.into(),
+            vars: "/m/vars,1.fd".into(),
+        });
+        cfg.disks = vec![Disk {
+            path: "/m/disk.img".into(),
+            read_only: false,
+            serial: None,
+        }];
+        let args = qemu_args(&cfg, Accel::Tcg, Path::new("/q"), &[]);
+        for flag in ["-kernel", "-initrd", "-append", "-no-reboot"] {
+            assert!(!args.contains(&flag.to_owned()), "{flag} in {args:?}");
+        }
+        let drives: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-drive")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+                "if=pflash,format=raw,unit=1,file=/m/vars,,1.fd",
+                "file=/m/disk.img,if=none,id=disk0,format=raw,readonly=off",
+            ]
+        );
+        assert!(args.contains(&"virtio-blk-pci,drive=disk0,bootindex=0".to_owned()));
+        assert!(args.contains(&"i6300esb".to_owned()));
+        assert_eq!(value(&args, "-action"), "watchdog=reset");
     }
 
     #[test]

@@ -26,7 +26,10 @@ mod vm;
 
 pub use accel::{ACCEL_ENV, Accel, AccelChoice, KVM_LIFE_SIGN_TIMEOUT, choose_accel, kvm_status};
 pub use binary::{DEFAULT_QEMU, QEMU_ENV};
-pub use config::{Disk, MAX_DISK_SERIAL, ParsePortForwardError, PortForward, VmConfig, qemu_args};
+pub use config::{
+    Disk, Firmware, MAX_DISK_SERIAL, OVMF_CODE, OVMF_VARS_TEMPLATE, ParsePortForwardError,
+    PortForward, VmConfig, qemu_args,
+};
 pub use error::QemuError;
 pub use interactive::{POWEROFF_CLEAN_LINE, run_interactive};
 pub use kvm_verdict::cache_dir;

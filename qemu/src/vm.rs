@@ -89,9 +89,23 @@ impl Vm {
     /// we bind `127.0.0.1:0`, note the port and close it before QEMU binds it, so another
     /// process could take it in between; QEMU then fails to start with a hostfwd error.
     pub fn boot(mut cfg: VmConfig) -> Result<Vm, QemuError> {
-        check_file("kernel", &cfg.kernel)?;
-        if let Some(initrd) = &cfg.initrd {
-            check_file("initrd", initrd)?;
+        match &cfg.firmware {
+            None => {
+                check_file("kernel", &cfg.kernel)?;
+                if let Some(initrd) = &cfg.initrd {
+                    check_file("initrd", initrd)?;
+                }
+            }
+            Some(firmware) => {
+                check_file("firmware", &firmware.code)?;
+                check_file("firmware variables", &firmware.vars)?;
+                if cfg.disks.is_empty() {
+                    return Err(QemuError::BadDisk {
+                        path: PathBuf::new(),
+                        problem: "a firmware boot needs a disk to boot from".into(),
+                    });
+                }
+            }
         }
         for disk in &cfg.disks {
             check_file("disk image", &disk.path)?;

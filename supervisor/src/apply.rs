@@ -204,6 +204,15 @@ pub fn refusals(old: &HostConfig, new: &HostConfig) -> Vec<Refusal> {
             "kernel modules are loaded at boot from the list `keel build` put in the OS image; changing them takes a rebuild and a reboot",
         ));
     }
+    if old.update.version != new.update.version {
+        out.push(Refusal::new(
+            "update.version",
+            format!(
+                "was {}, now {}: the version is the OS image's; a new one is built with `keel build` and installed with `keel upgrade`",
+                old.update.version, new.update.version
+            ),
+        ));
+    }
     for (name, delta) in deltas(&old.interfaces, &new.interfaces) {
         let what = match delta {
             Delta::Added => "a new interface",
@@ -266,6 +275,9 @@ fn same_boot_settings(old: &HostConfig, new: &HostConfig) -> bool {
         c.shutdown_timeout_ms = 0;
         c.images.clear();
         c.containers.clear();
+        // Read when an update is judged, after it boots: nothing to change live.
+        c.update.health_timeout_ms = 0;
+        c.update.critical.clear();
         c
     };
     strip(old) == strip(new)

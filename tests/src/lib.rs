@@ -99,6 +99,46 @@ pub fn vm_config(dir: &Path, guest_ports: &[u16]) -> VmConfig {
     config
 }
 
+/// The VM configuration that boots a `keel build` output the way `keel run` does by default:
+/// OVMF starts `disk.img` (written in place, extended to `disk_size` bytes first if smaller),
+/// with the machine's own firmware variables in `dir`. Ports as [`vm_config`].
+pub fn firmware_vm_config(dir: &Path, disk_size: u64, guest_ports: &[u16]) -> VmConfig {
+    let disk = dir.join("disk.img");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap_or_else(|e| panic!("{}: {e}", disk.display()));
+    if file.metadata().unwrap().len() < disk_size {
+        file.set_len(disk_size).unwrap();
+    }
+    let vars = dir.join("disk.efivars.fd");
+    if !vars.exists() {
+        std::fs::copy(keel_qemu::OVMF_VARS_TEMPLATE, &vars).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: install `ovmf` (scripts/install-deps does)",
+                keel_qemu::OVMF_VARS_TEMPLATE
+            )
+        });
+    }
+    let mut config = VmConfig {
+        firmware: Some(keel_qemu::Firmware {
+            code: keel_qemu::OVMF_CODE.into(),
+            vars,
+        }),
+        ..VmConfig::default()
+    };
+    config.disks.push(Disk {
+        path: disk,
+        read_only: false,
+        serial: None,
+    });
+    config.publish = guest_ports
+        .iter()
+        .map(|g| PortForward { host: 0, guest: *g })
+        .collect();
+    config
+}
+
 /// Attaches a persistent data disk (the guest's /var) at `path`, first creating it as a
 /// blank sparse file of `size` bytes if it does not exist; the guest formats a blank disk.
 pub fn attach_data_disk(config: &mut VmConfig, path: &Path, size: u64) {

@@ -87,7 +87,13 @@ impl KeelRun {
         let mut cmd = Command::new(bin_dir().join("keel"));
         cmd.arg("run")
             .arg(dir)
-            .args(["--publish", "0:80", "--no-data-disk", "--console"])
+            .args([
+                "--publish",
+                "0:80",
+                "--direct-kernel",
+                "--no-data-disk",
+                "--console",
+            ])
             .arg(dir.join("console.log"))
             .env("KEEL_QEMU", qemu)
             .env("KEEL_CACHE", cache)

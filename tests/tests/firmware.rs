@@ -1,132 +1,84 @@
-//! The first step off QEMU's `-kernel`: UEFI firmware (Debian's OVMF) boots a GPT disk made
-//! by image/src/disk.rs whose EFI system partition holds a Unified Kernel Image made by
-//! image/src/uki.rs (Debian's systemd stub + the kernel, the stage-1 initramfs and the command
-//! line). Stage 1 finds the root image in slot A by its filesystem UUID, /var goes on the
-//! KEEL-VAR partition, and the example's web container starts. (`keel build` does not write
-//! the disk yet: issue 14.)
+//! The boot users get: `keel build` writes `disk.img` and UEFI firmware (Debian's OVMF)
+//! boots it with nothing else, as `keel run` does. systemd-boot on the EFI system partition
+//! starts slot A's Unified Kernel Image, stage 1 finds the root image in slot A by its erofs
+//! UUID, the KEEL-VAR partition grows to the end of the disk and becomes /var, and the
+//! example serves its page. Written to a larger disk later (a second size), /var grows again,
+//! online, and keeps its data.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use keel_image::{disk, uki};
-use keel_tests::{BOOT_TIMEOUT, build_host, workspace_root};
+use keel_qemu::Vm;
+use keel_tests::{BOOT_TIMEOUT, build_host, firmware_vm_config, workspace_root};
 
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const GIB: u64 = 1 << 30;
+
+fn boot_until_ready(config: keel_qemu::VmConfig) -> Vm {
+    let vm = Vm::boot(config).expect("QEMU starts");
+    if let Err(e) = vm.wait_for_line("keel: ready", BOOT_TIMEOUT) {
+        panic!("no `keel: ready` under OVMF: {e}\n{}", vm.console());
+    }
+    vm
+}
+
+fn power_off(mut vm: Vm) -> String {
+    vm.powerdown().expect("power button");
+    if let Err(e) = vm.wait_exit(Duration::from_secs(120)) {
+        panic!("the guest did not power off: {e}\n{}", vm.console());
+    }
+    vm.console()
+}
 
 #[test]
-fn ovmf_boots_the_example_from_a_disk_with_a_unified_kernel_image() {
+fn the_disk_image_boots_under_firmware_and_var_grows_with_its_disk() {
     let work = tempfile::tempdir().unwrap();
-    let w = work.path();
     let out = build_host(
         &workspace_root().join("examples/hello/host.toml"),
-        &w.join("out"),
+        &work.path().join("out"),
     );
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    let cmdline = manifest["cmdline"].as_str().unwrap();
-    let stub = std::fs::read(uki::DEBIAN_STUB).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}: install `systemd-boot-efi` (scripts/install-deps does)",
-            uki::DEBIAN_STUB
-        )
-    });
-    let kernel = std::fs::read(out.join("vmlinuz")).unwrap();
-    let initrd = std::fs::read(out.join("initramfs.img")).unwrap();
-    let image = uki::build(
-        &stub,
-        &[
-            (".osrel", b"ID=keel\nNAME=Keel\n"),
-            (".cmdline", cmdline.as_bytes()),
-            (".linux", &kernel),
-            (".initrd", &initrd),
-        ],
-    )
-    .unwrap();
-    let disk_path = w.join("disk.img");
-    let info = disk::write_disk(
-        &disk_path,
-        &disk::DiskContents {
-            root_image: &out.join(manifest["root_image"].as_str().unwrap()),
-            esp_files: vec![("EFI/BOOT/BOOTX64.EFI".into(), image)],
-            seed: [0x4b; 32],
-        },
-    )
-    .unwrap();
-    assert_eq!(info.partitions.len(), 4);
 
-    // The firmware's variables are the VM's own copy.
-    let vars = w.join("vars.fd");
-    std::fs::copy(OVMF_VARS, &vars)
-        .unwrap_or_else(|e| panic!("{OVMF_VARS}: {e}: install `ovmf` (scripts/install-deps does)"));
-    let console = w.join("console.log");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "q35",
-            "-m",
-            "512",
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "if=pflash,format=raw,unit=1,file={}",
-            vars.display()
-        ))
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=none,id=d0",
-            disk_path.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=d0,bootindex=0"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-system-x86_64 runs");
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    let read = || std::fs::read_to_string(&console).unwrap_or_default();
-    let text = loop {
-        let text = read();
-        if text.contains("keel: web: started") {
-            break text;
-        }
-        if let Ok(Some(status)) = qemu.try_wait() {
-            let mut stderr = String::new();
-            let _ = qemu
-                .stderr
-                .take()
-                .map(|mut e| e.read_to_string(&mut stderr));
-            panic!("QEMU ended ({status}) before the web container started:\n{stderr}\n{text}");
-        }
-        if Instant::now() > deadline {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            panic!("no `keel: web: started` within {BOOT_TIMEOUT:?} under OVMF:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = qemu.kill();
-    let _ = qemu.wait();
+    // First boot on an 8 GiB disk: the 4.75 GiB image's /var (256 MiB) takes the rest.
+    let vm = boot_until_ready(firmware_vm_config(&out, 8 * GIB, &[80]));
+    let page = vm
+        .http_get(80, "/", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("no page: {e}\n{}", vm.console()));
     assert!(
-        text.contains("EFI stub"),
-        "the UKI's stub started the kernel:\n{text}"
+        page.body.contains("Hello from a Keel container"),
+        "{}",
+        page.body
     );
+    let console = power_off(vm);
+    for expected in [
+        // systemd-boot started the UKI, whose stub started the kernel.
+        "EFI stub",
+        "stage 1: root image /dev/vda2",
+        // 8 GiB less the 1 MiB before the ESP, the ESP, two slots and the backup GPT's MiB.
+        "/dev/vda4 grown from 256 MiB to 3582 MiB",
+        "/var on /dev/vda4",
+        "formatted on this first boot",
+        "keel: poweroff clean",
+    ] {
+        assert!(
+            console.contains(expected),
+            "`{expected}` missing:\n{console}"
+        );
+    }
+
+    // The same disk, enlarged to 12 GiB (a cloud volume resized): the partition and the
+    // mounted ext4 grow; /var keeps what the first boot wrote there.
+    let vm = boot_until_ready(firmware_vm_config(&out, 12 * GIB, &[80]));
+    let console = power_off(vm);
+    for expected in [
+        "/dev/vda4 grown from 3582 MiB to 7678 MiB",
+        "/var grown to 7678 MiB",
+        "keel: poweroff clean",
+    ] {
+        assert!(
+            console.contains(expected),
+            "`{expected}` missing:\n{console}"
+        );
+    }
     assert!(
-        text.contains("stage 1: root image /dev/vda2"),
-        "slot A is the root:\n{text}"
-    );
-    assert!(
-        text.contains("/var on /dev/vda4"),
-        "KEEL-VAR is /var:\n{text}"
+        !console.contains("formatted on this first boot"),
+        "/var was formatted again:\n{console}"
     );
 }
