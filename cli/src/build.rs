@@ -54,7 +54,8 @@ pub struct Manifest {
     pub cmdline: String,
     /// Every module of the root image, in load order (its /lib/modules/keel.load).
     pub modules: Vec<String>,
-    /// The initramfs's modules, in load order: what stage 1 needs to mount the root.
+    /// The initramfs's modules, in load order: what stage 1 needs to mount the root, then the
+    /// other disk controllers' (loaded only when the root is not on a virtio disk).
     pub stage1_modules: Vec<String>,
     /// sha256 of every input, by role.
     pub inputs: BTreeMap<String, String>,
@@ -143,6 +144,13 @@ pub fn build(
     let stage1_modules = index
         .closure(&stage1_wanted)
         .map_err(|e| format!("kernel modules: {e}"))?;
+    // The other disk controllers, which stage 1 loads only when the root is elsewhere.
+    let storage_modules: Vec<ModuleRef> = index
+        .closure(os::STORAGE_MODULES)
+        .map_err(|e| format!("kernel modules: {e}"))?
+        .into_iter()
+        .filter(|m| !stage1_modules.iter().any(|s| s.name == m.name))
+        .collect();
     // Bridges, veth pairs and NAT only for a host that has container networks.
     let network_modules = if config.networks.is_empty() {
         Vec::new()
@@ -327,7 +335,18 @@ pub fn build(
     initramfs
         .add_file_from_bytes("init", 0o755, init)
         .map_err(|e| e.to_string())?;
-    add_modules(&mut initramfs, &module_root, &stage1_modules)?;
+    add_modules(
+        &mut initramfs,
+        &module_root,
+        &stage1_modules,
+        os::MODULE_LOAD_LIST,
+    )?;
+    add_modules(
+        &mut initramfs,
+        &module_root,
+        &storage_modules,
+        os::STORAGE_LOAD_LIST,
+    )?;
     let initramfs_path = out.join("initramfs.img");
     let tmp = out.join(".initramfs.img.tmp");
     let file = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -390,7 +409,11 @@ pub fn build(
         },
         cmdline,
         modules: modules.iter().map(|m| m.name.clone()).collect(),
-        stage1_modules: stage1_modules.iter().map(|m| m.name.clone()).collect(),
+        stage1_modules: stage1_modules
+            .iter()
+            .chain(&storage_modules)
+            .map(|m| m.name.clone())
+            .collect(),
         inputs,
         initramfs_sha256: sha256_file(&initramfs_path)?,
         initramfs_bytes: file_len(&initramfs_path)?,
@@ -412,7 +435,7 @@ pub fn build(
         kernel.version,
         kernel.package_version,
         modules.len(),
-        stage1_modules.len(),
+        stage1_modules.len() + storage_modules.len(),
         config.images.len(),
         manifest.initramfs_bytes / 1024,
         manifest.root_image_bytes / 1024,
@@ -436,10 +459,12 @@ fn load_list(module_root: &Path, modules: &[ModuleRef]) -> String {
     list
 }
 
+/// Puts `modules` in the initramfs with their load list at `list`.
 fn add_modules(
     initramfs: &mut InitramfsBuilder,
     module_root: &Path,
     modules: &[ModuleRef],
+    list: &str,
 ) -> Result<(), String> {
     for m in modules {
         initramfs
@@ -448,7 +473,7 @@ fn add_modules(
     }
     initramfs
         .add_file_from_bytes(
-            os::MODULE_LOAD_LIST.trim_start_matches('/'),
+            list.trim_start_matches('/'),
             0o644,
             load_list(module_root, modules).into_bytes(),
         )

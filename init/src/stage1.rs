@@ -320,14 +320,25 @@ fn mount_error(fstype: &'static str, target: &str, e: io::Error) -> Stage1Error 
     }
 }
 
+/// Looks for the root on the disks the first modules reached (a virtio disk appears while
+/// its driver loads) for this long before loading the other disk controllers' drivers.
+const VIRTIO_LOOK: Duration = Duration::from_secs(1);
+
 fn find_root(wanted: &RootSpec) -> Result<(PathBuf, blockdev::Probe), Stage1Error> {
-    let found = match wanted {
+    let look = |wait| match wanted {
         RootSpec::Uuid(uuid) => blockdev::wait_for(
             |_, p| p.fstype == Some("erofs") && p.uuid.as_deref() == Some(uuid),
-            ROOT_WAIT,
+            wait,
         ),
-        RootSpec::Device(node) => blockdev::wait_for(|d, _| &d.node == node, ROOT_WAIT),
+        RootSpec::Device(node) => blockdev::wait_for(|d, _| &d.node == node, wait),
     };
+    let found = look(VIRTIO_LOOK).or_else(|| {
+        let list = Path::new(keel_image::os::STORAGE_LOAD_LIST);
+        if list.exists() {
+            modules::load_all_logged(list, "stage 1: the root is not on a virtio disk: ");
+        }
+        look(ROOT_WAIT)
+    });
     match found {
         Some((device, probe)) => Ok((device.node, probe)),
         None => Err(Stage1Error::RootNotFound {

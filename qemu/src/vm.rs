@@ -99,12 +99,6 @@ impl Vm {
             Some(firmware) => {
                 check_file("firmware", &firmware.code)?;
                 check_file("firmware variables", &firmware.vars)?;
-                if cfg.disks.is_empty() {
-                    return Err(QemuError::BadDisk {
-                        path: PathBuf::new(),
-                        problem: "a firmware boot needs a disk to boot from".into(),
-                    });
-                }
             }
         }
         for disk in &cfg.disks {

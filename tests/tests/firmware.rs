@@ -3,7 +3,7 @@
 //! starts slot A's Unified Kernel Image, stage 1 finds the root image in slot A by its erofs
 //! UUID, the KEEL-VAR partition grows to the end of the disk and becomes /var, and the
 //! example serves its page. Written to a larger disk later (a second size), /var grows again,
-//! online, and keeps its data.
+//! online, and keeps its data; on an NVMe controller instead of virtio, it boots the same.
 
 use std::time::Duration;
 
@@ -81,4 +81,27 @@ fn the_disk_image_boots_under_firmware_and_var_grows_with_its_disk() {
         !console.contains("formatted on this first boot"),
         "/var was formatted again:\n{console}"
     );
+
+    // The same disk on an NVMe controller, as on a server or a cloud instance: stage 1 finds
+    // no root on a virtio disk, loads the other controllers' drivers and boots from it.
+    let mut config = firmware_vm_config(&out, 12 * GIB, &[]);
+    let disk = config.disks.remove(0);
+    config.extra_args.extend([
+        "-drive".to_string(),
+        format!("file={},if=none,id=nvme0,format=raw", disk.path.display()),
+        "-device".to_string(),
+        "nvme,drive=nvme0,serial=keel-nvme,bootindex=0".to_string(),
+    ]);
+    let console = power_off(boot_until_ready(config));
+    for expected in [
+        "the root is not on a virtio disk",
+        "stage 1: root image /dev/nvme0n1p2",
+        "/var on /dev/nvme0n1p4",
+        "keel: poweroff clean",
+    ] {
+        assert!(
+            console.contains(expected),
+            "`{expected}` missing:\n{console}"
+        );
+    }
 }
