@@ -724,3 +724,46 @@ fn dhcp4_may_be_optional_and_slaac_can_be_turned_off() {
         assert_eq!(e.line, line + 1, "{body}: {e}");
     }
 }
+
+#[test]
+fn the_update_policy_defaults_to_every_service() {
+    let text = with_host(
+        "[images.b]\nlayers = [\"busybox:/bin/busybox\"]\n\
+         [containers.web]\nimage = \"b\"\n\
+         [containers.db]\nimage = \"b\"\n\
+         [containers.seed]\nimage = \"b\"\nkind = \"onboot\"\n",
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.update.version, "0");
+    assert_eq!(c.update.health_timeout_ms, 300_000);
+    assert_eq!(c.update.critical, ["db", "web"]);
+
+    let c = parse(&format!(
+        "{text}[update]\nversion = \"1.4.0\"\nhealth_timeout = \"90s\"\ncritical = [\"web\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.update.version, "1.4.0");
+    assert_eq!(c.update.health_timeout_ms, 90_000);
+    assert_eq!(c.update.critical, ["web"]);
+
+    for (update, key, says) in [
+        ("version = \"1.4-rc1\"", "update.version", "not a version"),
+        (
+            "critical = [\"nope\"]",
+            "update.critical[0]",
+            "no container named `nope`",
+        ),
+        ("critical = [\"seed\"]", "update.critical[0]", "is a task"),
+        (
+            "health_timeout = \"1ms\"",
+            "update.health_timeout",
+            "at least 1s",
+        ),
+        ("reboot = \"now\"", "update.reboot", "unknown field"),
+    ] {
+        let e = error(&format!("{text}[update]\n{update}\n"));
+        assert_eq!(e.key, key, "{update}: {e}");
+        assert!(e.to_string().contains(says), "{update}: {e}");
+        assert!(e.line > 0, "{update}: {e}");
+    }
+}

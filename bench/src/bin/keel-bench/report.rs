@@ -183,6 +183,43 @@ pub(crate) fn report(
         let _ = writeln!(w, "\nGuest report: `{}`\n", r.latency_info.join("`, `"));
     }
 
+    if let (Some(f), Some(d)) = (median(&r.firmware_boot_ms), median(&r.direct_boot_ms)) {
+        let _ = writeln!(
+            w,
+            "### Boot through firmware: wall clock from QEMU's start to `keel: ready` (ms, {} boots each)\n",
+            cli.boots
+        );
+        let _ = writeln!(w, "| setup | median | min | max | all boots |");
+        let _ = writeln!(w, "|---|---|---|---|---|");
+        for (name, s, all) in [
+            (
+                "disk.img under OVMF (firmware, systemd-boot, UKI; /var on KEEL-VAR)",
+                f,
+                &r.firmware_boot_ms,
+            ),
+            (
+                "the same build with -kernel (/var on a tmpfs)",
+                d,
+                &r.direct_boot_ms,
+            ),
+        ] {
+            let all: Vec<String> = all.iter().map(u64::to_string).collect();
+            let _ = writeln!(
+                w,
+                "| {name} | **{:.0}** | {:.0} | {:.0} | {} |",
+                s.median,
+                s.min,
+                s.max,
+                all.join(", ")
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\nFirmware / -kernel (medians): **{:.2}**\n",
+            f.median / d.median
+        );
+    }
+
     if let (Some(k), Some(b)) = (median(&r.keel_boot_ms), median(&r.baseline_boot_ms)) {
         let _ = writeln!(
             w,
