@@ -71,11 +71,12 @@ pub fn make_uki(
     boot: &BootFiles,
     version: &str,
     hostname: &str,
+    root_sha256: &str,
     cmdline: &str,
     kernel: &[u8],
     initrd: &[u8],
 ) -> Result<Vec<u8>, String> {
-    let osrel = esp::os_release(version, hostname);
+    let osrel = esp::os_release(version, hostname, root_sha256);
     uki::build(
         &boot.stub,
         &[
@@ -106,6 +107,7 @@ pub fn write_disk(
     );
     let contents = DiskContents {
         root_image,
+        root_image_b: None,
         esp_files: vec![
             (esp::FALLBACK_LOADER.into(), boot.systemd_boot.clone()),
             (esp::SYSTEMD_BOOT.into(), boot.systemd_boot.clone()),

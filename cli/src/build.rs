@@ -370,10 +370,12 @@ pub fn build(
     let kernel_bytes = fs::read(&vmlinuz).map_err(|e| format!("{}: {e}", vmlinuz.display()))?;
     let initramfs_bytes =
         fs::read(&initramfs_path).map_err(|e| format!("{}: {e}", initramfs_path.display()))?;
+    let root_image_sha256 = sha256_file(&root_path)?;
     let uki = boot_disk::make_uki(
         &boot_files,
         &config.update.version,
         &config.hostname,
+        &root_image_sha256,
         &cmdline,
         &kernel_bytes,
         &initramfs_bytes,
@@ -418,7 +420,7 @@ pub fn build(
         initramfs_sha256: sha256_file(&initramfs_path)?,
         initramfs_bytes: file_len(&initramfs_path)?,
         root_image: os::ROOT_IMAGE.to_string(),
-        root_image_sha256: sha256_file(&root_path)?,
+        root_image_sha256,
         root_image_bytes: file_len(&root_path)?,
         root_uuid,
         root_compression: ROOT_COMPRESSION.to_string(),

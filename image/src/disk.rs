@@ -59,6 +59,9 @@ pub enum DiskError {
 pub struct DiskContents<'a> {
     /// The root image (erofs, with its verity tree) for slot A.
     pub root_image: &'a Path,
+    /// Slot B's, if it holds one (`keel build` leaves it empty for the first update; tests
+    /// lay out a machine an update has already reached).
+    pub root_image_b: Option<&'a Path>,
     /// Files of the EFI system partition: a path there (`EFI/BOOT/BOOTX64.EFI`) and bytes.
     pub esp_files: Vec<(String, Vec<u8>)>,
     /// Everything that makes this disk what it is (a digest of the build's inputs): the
@@ -77,9 +80,11 @@ pub struct DiskInfo {
 
 /// Writes the disk image at `out` (a sparse file of `ESP + 2 slots + var` bytes).
 pub fn write_disk(out: &Path, contents: &DiskContents<'_>) -> Result<DiskInfo, DiskError> {
-    let root_size = std::fs::metadata(contents.root_image)?.len();
-    if root_size > ROOT_SLOT_SIZE {
-        return Err(DiskError::RootTooLarge { size: root_size });
+    for image in std::iter::once(contents.root_image).chain(contents.root_image_b) {
+        let size = std::fs::metadata(image)?.len();
+        if size > ROOT_SLOT_SIZE {
+            return Err(DiskError::RootTooLarge { size });
+        }
     }
     // GPT: the protective MBR, the header and 128 entries at the front, their copy at the end.
     let head = ALIGN;
@@ -121,10 +126,13 @@ pub fn write_disk(out: &Path, contents: &DiskContents<'_>) -> Result<DiskInfo, D
 
     let (_, _, esp_start, esp_len) = &partitions[0];
     write_esp(&mut file, *esp_start, *esp_len, contents)?;
-    let (_, _, root_start, _) = &partitions[1];
-    let mut root = File::open(contents.root_image)?;
-    file.seek(SeekFrom::Start(*root_start))?;
-    copy_sparse(&mut root, &mut file)?;
+    for (slot, image) in [(1, Some(contents.root_image)), (2, contents.root_image_b)] {
+        let Some(image) = image else { continue };
+        let (_, _, start, _) = &partitions[slot];
+        let mut root = File::open(image)?;
+        file.seek(SeekFrom::Start(*start))?;
+        copy_sparse(&mut root, &mut file)?;
+    }
     file.sync_all()?;
     Ok(DiskInfo {
         disk_guid,
@@ -355,6 +363,7 @@ mod tests {
             &out,
             &DiskContents {
                 root_image: &root,
+                root_image_b: None,
                 esp_files: vec![
                     ("EFI/BOOT/BOOTX64.EFI".into(), b"MZ stub".to_vec()),
                     (
@@ -480,6 +489,7 @@ mod tests {
             &dir.path().join("d.img"),
             &DiskContents {
                 root_image: &root,
+                root_image_b: None,
                 esp_files: Vec::new(),
                 seed: [0; 32],
             },

@@ -170,12 +170,16 @@ impl EntryName {
     }
 }
 
+/// The `.osrel` key with the sha256 of the root image the UKI boots.
+pub const ROOT_SHA256_KEY: &str = "KEEL_ROOT_SHA256";
+
 /// The `.osrel` section of a Keel UKI: what systemd-boot shows and sorts by, and what PID 1
-/// reads back to tell the slots' versions. `version` is a checked Keel version (digits and
-/// dots); `hostname` a checked hostname; neither needs quoting.
-pub fn os_release(version: &str, hostname: &str) -> String {
+/// reads back to tell the slots' versions and root images. `version` is a checked Keel
+/// version (digits and dots), `hostname` a checked hostname, `root_sha256` hex: none needs
+/// quoting.
+pub fn os_release(version: &str, hostname: &str, root_sha256: &str) -> String {
     format!(
-        "ID={IMAGE_ID}\nNAME=Keel\nIMAGE_ID={IMAGE_ID}\nIMAGE_VERSION={version}\nVERSION_ID={version}\nPRETTY_NAME=\"Keel {version} ({hostname})\"\n"
+        "ID={IMAGE_ID}\nNAME=Keel\nIMAGE_ID={IMAGE_ID}\nIMAGE_VERSION={version}\nVERSION_ID={version}\nPRETTY_NAME=\"Keel {version} ({hostname})\"\n{ROOT_SHA256_KEY}={root_sha256}\n"
     )
 }
 
@@ -227,7 +231,8 @@ mod tests {
 
     #[test]
     fn os_release_names_the_image_and_its_version() {
-        let text = os_release("1.4.0", "web-1");
+        let text = os_release("1.4.0", "web-1", "ab12");
+        assert_eq!(os_release_value(&text, ROOT_SHA256_KEY), Some("ab12"));
         assert_eq!(os_release_value(&text, "IMAGE_ID"), Some("keel"));
         assert_eq!(os_release_value(&text, "IMAGE_VERSION"), Some("1.4.0"));
         assert_eq!(

@@ -86,7 +86,8 @@ pub mod os {
     /// through, QEMU's fw_cfg device, through which a host file may be delivered, ext4
     /// for the /var data disk, and FAT (with the code pages its mount defaults to) and
     /// efivarfs for the EFI system partition and the boot loader's variables, through which
-    /// a booted disk's entries are committed and updated.
+    /// a booted disk's entries are committed and updated, and QEMU's watchdog (i6300esb; a
+    /// machine without one says ENODEV, which is not an error).
     pub const BASE_MODULES: &[&str] = &[
         "virtio_pci",
         "virtio_net",
@@ -100,6 +101,7 @@ pub mod os {
         "nls_cp437",
         "nls_ascii",
         "efivarfs",
+        "i6300esb",
     ];
 
     /// What stage 1 (the initramfs) needs to reach the root image: the virtio disk and

@@ -161,6 +161,30 @@ pub fn build(stub: &[u8], sections: &[(&str, &[u8])]) -> Result<Vec<u8>, UkiErro
     Ok(out)
 }
 
+/// How many bytes of a UKI [`locate_section`] needs: the headers and the section table.
+pub const HEADERS_LEN: usize = 4096;
+
+/// Where section `name`'s data is in a PE file, as (file offset, length), read from the
+/// file's first bytes (at least the headers and section table, [`HEADERS_LEN`] does for the
+/// stubs Keel uses): PID 1 reads a UKI's `.osrel` without reading its kernel.
+pub fn locate_section(head: &[u8], name: &str) -> Result<Option<(u64, u64)>, UkiError> {
+    let pe = parse(head)?;
+    for i in 0..pe.sections {
+        let h = pe.table + i * SECTION_HEADER;
+        let raw = head.get(h..h + 8).ok_or(UkiError::NotPe("truncated"))?;
+        if raw.split(|b| *b == 0).next() != Some(name.as_bytes()) {
+            continue;
+        }
+        let get = |at| {
+            u32_at(head, h + at)
+                .map(u64::from)
+                .ok_or(UkiError::NotPe("truncated"))
+        };
+        return Ok(Some((get(20)?, get(8)?.min(get(16)?))));
+    }
+    Ok(None)
+}
+
 /// The sections of a PE image: name, virtual address, data (for tests and `keel inspect`).
 pub fn sections(image: &[u8]) -> Result<Vec<(String, u32, Vec<u8>)>, UkiError> {
     let pe = parse(image)?;
@@ -190,6 +214,21 @@ mod tests {
         std::fs::read(DEBIAN_STUB).unwrap_or_else(|e| {
             panic!("{DEBIAN_STUB}: {e}: install the Debian package `systemd-boot-efi` (scripts/install-deps does)")
         })
+    }
+
+    #[test]
+    fn a_section_is_located_from_the_headers_alone() {
+        let uki = build(
+            &stub(),
+            &[(".osrel", b"ID=keel\n"), (".linux", &[7u8; 9000])],
+        )
+        .unwrap();
+        let (offset, len) = locate_section(&uki[..HEADERS_LEN], ".osrel")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&uki[offset as usize..(offset + len) as usize], b"ID=keel\n");
+        assert_eq!(locate_section(&uki[..HEADERS_LEN], ".nope").unwrap(), None);
+        assert!(locate_section(b"not a PE file", ".osrel").is_err());
     }
 
     #[test]

@@ -11,12 +11,15 @@
 //! boot goes on; a panic is caught, and only then does the machine sync and reboot.
 
 use keel_init::power_signals::{PowerRequest, PowerSignals};
+use keel_init::slots::BootSlots;
+use keel_init::slots::assessment::{self, Trial, Verdict};
+use keel_init::watchdog::Watchdog;
 use keel_init::{delivery, early, etc, helpers, logger, modules, net, power, puller, reaper, var};
 
 mod control;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel_config::HostConfig;
 use keel_supervisor::cgroup::{CGROUP_ROOT, Cgroup};
@@ -311,12 +314,63 @@ fn boot_and_serve() {
         Ok(r) => r,
         Err(e) => give_up(&format!("cannot build the event loop: {e}")),
     };
+    let trial = boot_slots(config.as_ref());
+    let watchdog = Watchdog::open();
     let stop_timeout = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.stop_timeout_ms));
-    let action = runtime.block_on(serve(config, cgroups, stop_timeout, base_sha256));
+    let action = runtime.block_on(serve(
+        config,
+        cgroups,
+        stop_timeout,
+        base_sha256,
+        trial,
+        watchdog,
+    ));
     // The console queue's writer ends with the runtime.
     logger::stop_console_queue();
     drop(runtime);
     finish(action);
+}
+
+/// On a machine booted from a Keel disk by its boot loader: says which slot and version
+/// booted, reports an update that was rolled back, and returns the trial when this boot is
+/// an update on trial (see keel_init::slots::assessment).
+fn boot_slots(config: Option<&HostConfig>) -> Option<Trial> {
+    let slots = match BootSlots::read() {
+        Ok(Some(slots)) => slots,
+        Ok(None) => return None,
+        Err(e) => {
+            log::warn!("boot slots: {e}");
+            return None;
+        }
+    };
+    for entry in &slots.entries {
+        let booted = slots.booted.is_some_and(|b| b.slot == entry.name.slot);
+        log::info!(
+            "slot {}: version {} ({}){}",
+            entry.name.slot,
+            entry.version.as_deref().unwrap_or("?"),
+            entry.file,
+            if booted { ", booted" } else { "" }
+        );
+    }
+    if let Some(report) = assessment::failed_update(&slots) {
+        log::error!("{report}");
+    }
+    let config = config?;
+    let trial = Trial::begin(&slots, &config.update, Instant::now())?;
+    log::info!(
+        "update to version {} in slot {} on trial ({} tries left after this one): committed once PID 1 is ready, the network online and {} running healthy, within {} s",
+        trial.version,
+        trial.slot,
+        trial.tries_left(),
+        if config.update.critical.is_empty() {
+            "no container needs to be".to_string()
+        } else {
+            config.update.critical.join(", ")
+        },
+        config.update.health_timeout_ms / 1000
+    );
+    Some(trial)
 }
 
 async fn serve(
@@ -324,6 +378,8 @@ async fn serve(
     cgroups: Cgroup,
     stop_timeout: Duration,
     base_sha256: Option<String>,
+    mut trial: Option<Trial>,
+    mut watchdog: Option<Watchdog>,
 ) -> Action {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let console = Console::open(Path::new("/dev/console"))
@@ -376,9 +432,18 @@ async fn serve(
     let mut ready_reported = false;
     let power_button = power::pressed();
     tokio::pin!(power_button);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut judge_now = false;
 
     let action = loop {
         let requested = tokio::select! {
+            _ = tick.tick() => {
+                if let Some(w) = watchdog.as_mut() {
+                    w.feed();
+                }
+                judge_now = trial.is_some();
+                None
+            }
             _ = signals.child.recv() => { guarded("reaping", || reap(&mut supervisor)); None }
             Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
             Some(call) = calls.recv() => guarded_call(&mut supervisor, call, base_sha256.as_deref()),
@@ -430,6 +495,43 @@ async fn serve(
         if let Some(action) = requested {
             break action;
         }
+        if judge_now && let Some(t) = &trial {
+            judge_now = false;
+            let online = *online_rx.borrow();
+            match t.judge(
+                Instant::now(),
+                ready_reported,
+                online,
+                &supervisor.statuses(),
+            ) {
+                Verdict::Waiting(_) => {}
+                Verdict::Good => {
+                    match t.commit() {
+                        Ok(file) => log::info!(
+                            "update committed: version {} in slot {} ({file}); slot {} is the fallback",
+                            t.version,
+                            t.slot,
+                            t.slot.other()
+                        ),
+                        Err(e) => log::error!(
+                            "the update to version {} is good but could not be committed: {e}; the boot loader keeps counting its tries",
+                            t.version
+                        ),
+                    }
+                    trial = None;
+                }
+                Verdict::Failed(why) => {
+                    log::error!(
+                        "update to version {} (slot {}) failed this boot: {why}; rebooting ({} tries left)",
+                        t.version,
+                        t.slot,
+                        t.tries_left()
+                    );
+                    t.record_failure(&why);
+                    break Action::Reboot;
+                }
+            }
+        }
     };
 
     // The whole shutdown must fit in shutdown_timeout; keep a little of it for the end
@@ -449,6 +551,11 @@ async fn serve(
     guarded("stopping", || supervisor.shutdown());
     while !supervisor.finished() {
         tokio::select! {
+            _ = tick.tick() => {
+                if let Some(w) = watchdog.as_mut() {
+                    w.feed();
+                }
+            }
             _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
             Some(event) = events.recv() => guarded("a supervisor event", || supervisor.on_event(event)),
             Some(call) = calls.recv() => { guarded_call(&mut supervisor, call, base_sha256.as_deref()); }
@@ -474,6 +581,9 @@ async fn serve(
     net::release_dhcp(Duration::from_secs(1)).await;
     kill_everything_else();
     reap(&mut supervisor);
+    if let Some(w) = watchdog {
+        w.disarm();
+    }
     action
 }
 
