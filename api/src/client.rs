@@ -198,7 +198,7 @@ impl Client {
                 Response::Ok(value) => return Ok(value),
                 Response::Error(e) => return Err(e),
                 Response::Exit(code) => return Ok(Value::from(code)),
-                Response::Log(_) | Response::Out(_) => {}
+                Response::Log(_) | Response::Out(_) | Response::Progress(_) => {}
             }
         }
     }
@@ -283,6 +283,67 @@ impl Client {
     /// Sends an `exec` request with `stdin` and `tty` (see [`Request::Exec`]); with either,
     /// returns the sender its input goes through, to use from another thread while
     /// [`Client::finish_exec`] reads the output. Input needs a unix socket connection.
+    /// `upgrade`: sends the request, waits for the host to accept it, streams `uki` then
+    /// `root_image` (`sizes` bytes each) as [`UpgradeData`] lines, calling `progress` with
+    /// the bytes sent so far, and returns the host's report.
+    pub fn upgrade(
+        &mut self,
+        manifest: String,
+        signature: String,
+        reboot: bool,
+        files: [(&mut dyn Read, u64); 2],
+        mut progress: impl FnMut(u64),
+    ) -> Result<crate::UpgradeReport, ApiError> {
+        self.send(Request::Upgrade {
+            manifest,
+            signature,
+            reboot,
+        })?;
+        match self.next_response()? {
+            Response::Progress(_) => {}
+            Response::Error(e) => return Err(e),
+            other => return Err(unexpected(&other)),
+        }
+        let mut buf = vec![0u8; crate::UPGRADE_CHUNK];
+        let mut sent = 0u64;
+        for (file, size) in files {
+            let mut left = size;
+            while left > 0 {
+                let want = (left as usize).min(buf.len());
+                file.read_exact(&mut buf[..want])
+                    .map_err(|e| ApiError::internal(format!("reading the update: {e}")))?;
+                let line = serde_json::to_string(&crate::UpgradeData {
+                    data: crate::base64_encode(&buf[..want]),
+                })
+                .unwrap_or_default()
+                    + "\n";
+                if let Err(e) = self.conn.get_mut().write_all(line.as_bytes()) {
+                    self.broken = true;
+                    return Err(transport("sending the update", e));
+                }
+                left -= want as u64;
+                sent += want as u64;
+                progress(sent);
+            }
+        }
+        if let Err(e) = self.conn.get_mut().flush() {
+            self.broken = true;
+            return Err(transport("sending the update", e));
+        }
+        loop {
+            match self.next_response()? {
+                Response::Ok(value) => {
+                    return serde_json::from_value(value).map_err(|e| {
+                        ApiError::internal(format!("the API sent an invalid upgrade report: {e}"))
+                    });
+                }
+                Response::Error(e) => return Err(e),
+                Response::Progress(_) => {}
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
     pub fn start_exec(
         &mut self,
         name: &str,

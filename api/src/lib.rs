@@ -140,6 +140,70 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Installs an OS update in the slot that did not boot: `manifest` is the build's
+    /// `update.json` text, `signature` its `update.sig`. The host checks the signature
+    /// against the keys its root image trusts, the version (newer than the running one) and
+    /// the sizes, then answers `progress` `{"accepted":{"slot":"B"}}`; the client then sends
+    /// the UKI's bytes and then the root image's as [`UpgradeData`] lines, in order. The
+    /// host checks both digests before it touches the slot, writes and re-reads it, installs
+    /// the boot entry on trial, and answers `ok` with an [`UpgradeReport`]; with `reboot`,
+    /// it then reboots into the update.
+    Upgrade {
+        manifest: String,
+        signature: String,
+        #[serde(default)]
+        reboot: bool,
+    },
+    /// The root slots of a host booted from its disk image: which booted, their versions
+    /// and root image digests, the update on trial or rolled back ([`HostStatus`]).
+    Status,
+}
+
+/// Raw bytes per [`UpgradeData`] line: its base64 stays well inside [`MAX_REQUEST_LINE`].
+pub const UPGRADE_CHUNK: usize = 32 * 1024;
+
+/// A piece of an `upgrade`'s files: `{"data":"BASE64"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeData {
+    pub data: String,
+}
+
+/// What an `upgrade` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeReport {
+    pub version: String,
+    /// `A` or `B`.
+    pub slot: String,
+    /// The boot entry now on trial, e.g. `keel-b+3.efi`.
+    pub entry: String,
+    pub rebooting: bool,
+}
+
+/// One root slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// `A` or `B`.
+    pub slot: String,
+    pub version: Option<String>,
+    pub root_sha256: Option<String>,
+    /// The boot entry's file on the ESP.
+    pub entry: String,
+    /// `committed`, `on trial (N tries left)` or `bad (no tries left)`.
+    pub state: String,
+    pub booted: bool,
+}
+
+/// The `status` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// The running version (`[update] version` of the booted build).
+    pub version: String,
+    /// `firmware` (booted from a Keel disk by its boot loader) or `direct` (no slots).
+    pub boot: String,
+    pub slots: Vec<SlotStatus>,
+    /// The update on trial in this boot, or the last one that was rolled back, and why.
+    pub update: Option<String>,
 }
 
 impl Request {
@@ -158,6 +222,8 @@ impl Request {
             Request::Reboot => "reboot",
             Request::Poweroff => "poweroff",
             Request::Apply { .. } => "apply",
+            Request::Upgrade { .. } => "upgrade",
+            Request::Status => "status",
         }
     }
 }
@@ -285,7 +351,7 @@ impl Envelope {
         // serde ignores unknown fields of the unit variants despite deny_unknown_fields.
         if matches!(
             envelope.request,
-            Request::Ps | Request::Reboot | Request::Poweroff
+            Request::Ps | Request::Reboot | Request::Poweroff | Request::Status
         ) && fields > 1
         {
             return Err(reject(ApiError::bad_request(format!(
@@ -541,6 +607,8 @@ pub enum Response {
     Out(Output),
     /// Final for `exec`: the process's exit code (128 + N if signal N killed it).
     Exit(i32),
+    /// A step of a long operation, not final (`upgrade`: `{"accepted":{...}}`).
+    Progress(Value),
 }
 
 impl Response {

@@ -20,6 +20,8 @@ use keel_image::os;
 use keel_image::rootfs::Staging;
 use keel_image::verity::{HashTree, append_hash_tree};
 
+use keel_image::update_bundle::{self, UpdateManifest};
+
 use crate::boot_disk::{self, BootArtifacts, BootFiles, DiskFormat};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,6 +42,8 @@ pub struct BuildOptions {
     pub init: PathBuf,
     pub cache_dir: PathBuf,
     pub disk_format: DiskFormat,
+    /// Sign the update bundle (`update.sig`) with this ed25519 private key (PEM).
+    pub sign_key: Option<PathBuf>,
 }
 
 /// What `keel build` wrote, also saved as `manifest.json` beside the boot files.
@@ -297,6 +301,19 @@ pub fn build(
         };
         inputs.insert(format!("image:{name}"), digest);
     }
+    // The keys this host trusts to sign its updates, checked here so that a typo fails the
+    // build, not the first update.
+    for (i, path) in config.update.trusted_keys.iter().enumerate() {
+        let file = config.base_dir().join(path);
+        let text = fs::read_to_string(&file)
+            .map_err(|e| format!("[update] trusted_keys: {}: {e}", file.display()))?;
+        keel_image::update_bundle::parse_public_key(&text)
+            .map_err(|e| format!("[update] trusted_keys: {}: {e}", file.display()))?;
+        let dest = format!("{}/{i}.pem", update_bundle::TRUSTED_KEYS_DIR);
+        root.add_file_from_bytes(&dest, 0o644, text.as_bytes())
+            .map_err(staged)?;
+        inputs.insert(format!("file:{dest}"), sha256_hex(text.as_bytes()));
+    }
     root.normalize_modes().map_err(staged)?;
 
     let mkfs = erofs::mkfs_version().map_err(|e| e.to_string())?;
@@ -429,6 +446,7 @@ pub fn build(
     };
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| e.to_string())?;
     fs::write(out.join("manifest.json"), json + "\n").map_err(|e| format!("manifest: {e}"))?;
+    write_update_bundle(&manifest, out, options.sign_key.as_deref())?;
     eprintln!(
         "keel: built {} version {} in {} ms: kernel {} ({}), {} modules ({} in the initramfs), {} images, initramfs {} KiB, root image {} KiB{}, disk image {} ({} MiB, sparse)",
         out.display(),
@@ -450,6 +468,34 @@ pub fn build(
         manifest.boot.disk_bytes >> 20,
     );
     Ok(manifest)
+}
+
+/// `update.json`, what `keel upgrade` sends a host, and with a key its signature `update.sig`
+/// (an unsigned build has none: a host refuses it).
+fn write_update_bundle(manifest: &Manifest, out: &Path, key: Option<&Path>) -> Result<(), String> {
+    let update = UpdateManifest {
+        format: update_bundle::FORMAT,
+        hostname: manifest.hostname.clone(),
+        version: manifest.version.clone(),
+        uki_sha256: manifest.boot.uki_sha256.clone(),
+        uki_bytes: manifest.boot.uki_bytes,
+        root_image_sha256: manifest.root_image_sha256.clone(),
+        root_image_bytes: manifest.root_image_bytes,
+        verity_root_hash: manifest.verity.as_ref().map(|t| t.params().root_hash),
+    };
+    let json = serde_json::to_string_pretty(&update).map_err(|e| e.to_string())? + "\n";
+    fs::write(out.join(update_bundle::MANIFEST_FILE), &json)
+        .map_err(|e| format!("{}: {e}", update_bundle::MANIFEST_FILE))?;
+    let sig_path = out.join(update_bundle::SIGNATURE_FILE);
+    let _ = fs::remove_file(&sig_path);
+    if let Some(key) = key {
+        let pem = fs::read_to_string(key)
+            .map_err(|e| format!("the signing key {}: {e}", key.display()))?;
+        let signature = update_bundle::sign(&pem, json.as_bytes())
+            .map_err(|e| format!("the signing key {}: {e}", key.display()))?;
+        fs::write(&sig_path, signature).map_err(|e| format!("{}: {e}", sig_path.display()))?;
+    }
+    Ok(())
 }
 
 /// `/lib/modules/keel.load`: each module's absolute path, dependencies first.

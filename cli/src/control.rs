@@ -120,6 +120,14 @@ pub enum Action {
     },
     Reboot,
     Poweroff,
+    /// Send the update in a build directory.
+    Upgrade {
+        dir: std::path::PathBuf,
+        reboot: bool,
+    },
+    Status {
+        json: bool,
+    },
     Apply {
         host_file: PathBuf,
         dry_run: bool,
@@ -386,6 +394,27 @@ fn execute(target: &Target, action: Action) -> Result<u8, Failure> {
         }
         Action::Reboot => {
             quick(target)?.call(Request::Reboot)?;
+        }
+        Action::Upgrade { dir, reboot } => {
+            // No timeout: writing a slot under emulation takes a while.
+            let mut client = target.connect()?;
+            match crate::upgrade::upgrade(&mut client, &dir, reboot) {
+                Ok(line) => println!("{line}"),
+                Err(e) => {
+                    eprintln!("keel: {e}");
+                    return Ok(exit::ERROR);
+                }
+            }
+        }
+        Action::Status { json } => {
+            let value = quick(target)?.call(Request::Status)?;
+            let status: keel_api::HostStatus = serde_json::from_value(value)
+                .map_err(|e| ApiError::internal(format!("the status answer: {e}")))?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print!("{}", crate::upgrade::status_text(&status));
+            }
         }
         Action::Poweroff => {
             quick(target)?.call(Request::Poweroff)?;

@@ -5,8 +5,10 @@ mod build;
 mod compose;
 mod control;
 mod disks;
+mod pki;
 mod pull;
 mod terminal;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,7 +53,22 @@ enum ComposeCommand {
 }
 
 #[derive(Subcommand)]
+enum PkiCommand {
+    /// Write an ed25519 key pair that signs updates: DIR/update-key.pem (private, 0600) and
+    /// DIR/update-key.pub.pem (for [update] trusted_keys).
+    UpdateKey {
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
+    /// Keys: `keel pki update-key -o DIR`.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
     /// Compose files: `keel compose convert docker-compose.yml -o host.toml`. (`check`,
     /// `build` and `run` also take a compose file directly.)
     Compose {
@@ -221,6 +238,21 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Send a newer build of the host (a `keel build` output directory, signed with
+    /// --sign-key) to the running host: it is written to the slot that did not boot and booted
+    /// on trial; the host commits it once healthy or falls back to the running version.
+    Upgrade {
+        dir: PathBuf,
+        /// Install it, but boot it only at the next reboot.
+        #[arg(long)]
+        no_reboot: bool,
+    },
+    /// The host's version and root slots: which booted, their versions and digests, an
+    /// update on trial or rolled back.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Reboot the host.
     Reboot,
     /// Power the host off.
@@ -239,6 +271,10 @@ struct Inputs {
     /// Also write the disk image as qcow2 (disk.qcow2, via qemu-img) beside the raw disk.img
     #[arg(long, value_enum, default_value = "raw")]
     format: boot_disk::DiskFormat,
+    /// Sign the update bundle (update.sig) with this ed25519 private key (PEM, made by
+    /// `keel pki update-key`): hosts that trust its public key accept the build as an update
+    #[arg(long, value_name = "KEY.pem", env = "KEEL_UPDATE_KEY")]
+    sign_key: Option<PathBuf>,
 }
 
 impl Inputs {
@@ -272,6 +308,7 @@ impl Inputs {
             init,
             cache_dir,
             disk_format: self.format,
+            sign_key: self.sign_key.clone(),
         })
     }
 }
@@ -363,6 +400,11 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
             tty,
         },
         Command::Reboot => control::Action::Reboot,
+        Command::Upgrade { dir, no_reboot } => control::Action::Upgrade {
+            dir,
+            reboot: !no_reboot,
+        },
+        Command::Status { json } => control::Action::Status { json },
         Command::Poweroff => control::Action::Poweroff,
         Command::Apply { host_file, dry_run } => control::Action::Apply { host_file, dry_run },
         other => return run_local(other, overlay.as_deref()),
@@ -373,6 +415,12 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
 /// The commands that do not talk to a running host.
 fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failure> {
     match command {
+        Command::Pki {
+            command: PkiCommand::UpdateKey { out },
+        } => {
+            pki::update_key(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Compose {
             command:
                 ComposeCommand::Convert {

@@ -30,6 +30,9 @@ pub struct UpdatePolicy {
     pub health_timeout_ms: u64,
     /// The containers an update is judged by: `[update] critical`, else every service.
     pub critical: Vec<String>,
+    /// Public keys (PEM files, relative to the host file) whose signatures an update must
+    /// carry: `keel build` puts them in the root image.
+    pub trusted_keys: Vec<String>,
 }
 
 pub(crate) mod raw {
@@ -41,6 +44,8 @@ pub(crate) mod raw {
         pub version: Option<Spanned<String>>,
         pub health_timeout: Option<Spanned<String>>,
         pub critical: Option<Spanned<Vec<Spanned<String>>>>,
+        #[serde(default)]
+        pub trusted_keys: Vec<Spanned<String>>,
     }
 }
 
@@ -112,10 +117,23 @@ pub(crate) fn validate(
             names
         }
     };
+    let mut trusted_keys = Vec::new();
+    for (i, key) in raw.map_or(&[][..], |u| &u.trusted_keys).iter().enumerate() {
+        let path = key.get_ref();
+        if path.is_empty() || trusted_keys.contains(path) {
+            return Err(loc.at(
+                key,
+                format!("update.trusted_keys[{i}]"),
+                "expected the path of a public key file (PEM), each once",
+            ));
+        }
+        trusted_keys.push(path.clone());
+    }
     Ok(UpdatePolicy {
         version,
         health_timeout_ms,
         critical,
+        trusted_keys,
     })
 }
 

@@ -26,7 +26,7 @@ const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 
 pub const ESP_SIZE: u64 = 512 * MIB;
-pub const ROOT_SLOT_SIZE: u64 = 2048 * MIB;
+pub use crate::esp::ROOT_SLOT_SIZE;
 pub const VAR_MIN_SIZE: u64 = 256 * MIB;
 /// Partitions start on 1 MiB boundaries.
 const ALIGN: u64 = MIB;

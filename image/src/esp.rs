@@ -43,6 +43,10 @@ pub const LOADER_CONF_TEXT: &str = "timeout 0\neditor no\nauto-entries no\nauto-
 /// The `.osrel` IMAGE_ID of every Keel UKI: systemd-boot groups entries by it.
 pub const IMAGE_ID: &str = "keel";
 
+/// The size of each root slot (`KEEL-ROOT-A`, `KEEL-ROOT-B`): 2 GiB, generous on purpose
+/// (image/src/disk.rs lays them out).
+pub const ROOT_SLOT_SIZE: u64 = 2 << 30;
+
 /// The tries a new entry gets before systemd-boot gives up on it.
 pub const UPDATE_TRIES: u32 = 3;
 

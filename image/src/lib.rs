@@ -60,6 +60,7 @@ pub mod registry;
 #[cfg(feature = "builder")]
 pub mod rootfs;
 pub mod uki;
+pub mod update_bundle;
 pub mod verity;
 
 /// What every Keel host image has, whoever builds it (`keel build`, the benchmarks), and

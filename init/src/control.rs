@@ -8,7 +8,9 @@ use keel_api::{ApiError, ApplyFailure, ApplyReport, ContainerStatus, ErrorCode, 
 use keel_config::HostConfig;
 use keel_init::api::{self, Call, Command, ExecHandle, Reply};
 use keel_init::delivery;
+use keel_init::slots::assessment::Trial;
 use keel_init::state::{APPLIED, Applied, write_atomic};
+use keel_init::update::{self, Updater};
 use keel_supervisor::{ApplyError, ApplyOutcome, ControlError, ExecStdio, Supervisor};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::oneshot;
@@ -75,11 +77,46 @@ fn status(s: keel_supervisor::Status) -> ContainerStatus {
 /// saved over (`None` when none was valid).
 pub fn handle(
     supervisor: &mut Supervisor,
+    updater: &mut Updater,
+    trial: Option<&Trial>,
     call: Call,
     base_sha256: Option<&str>,
 ) -> Option<Action> {
     let mut action = None;
     let result = match call.command {
+        Command::Status => {
+            let trial = trial.map(|t| {
+                format!(
+                    "version {} in slot {} is on trial ({} tries left after this boot)",
+                    t.version,
+                    t.slot,
+                    t.tries_left()
+                )
+            });
+            serde_json::to_value(update::host_status(&updater.running_version, trial))
+                .map(Reply::Value)
+                .map_err(|e| ApiError::internal(e.to_string()))
+        }
+        Command::UpgradeBegin {
+            manifest,
+            signature,
+        } => updater
+            .begin(&manifest, &signature, trial.is_some())
+            .and_then(|accepted| {
+                serde_json::to_value(accepted)
+                    .map(Reply::Value)
+                    .map_err(|e| ApiError::internal(e.to_string()))
+            }),
+        Command::UpgradeAbort { why } => {
+            updater.abort(&why);
+            Ok(Reply::Done)
+        }
+        Command::UpgradeInstall { reboot } => {
+            if let Err((error, reply)) = updater.install(reboot, call.reply) {
+                let _ = reply.send(Err(error));
+            }
+            return None;
+        }
         Command::Apply { host_file, dry_run } => {
             apply(supervisor, call.reply, host_file, dry_run, base_sha256);
             return None;

@@ -20,6 +20,7 @@ pub mod reaper;
 pub mod slots;
 pub mod stage1;
 pub mod state;
+pub mod update;
 pub mod var;
 pub mod var_growth;
 pub mod watchdog;

@@ -13,6 +13,7 @@
 use keel_init::power_signals::{PowerRequest, PowerSignals};
 use keel_init::slots::BootSlots;
 use keel_init::slots::assessment::{self, Trial, Verdict};
+use keel_init::update::Updater;
 use keel_init::watchdog::Watchdog;
 use keel_init::{delivery, early, etc, helpers, logger, modules, net, power, puller, reaper, var};
 
@@ -314,7 +315,13 @@ fn boot_and_serve() {
         Ok(r) => r,
         Err(e) => give_up(&format!("cannot build the event loop: {e}")),
     };
-    let trial = boot_slots(config.as_ref());
+    let (trial, booted_version) = boot_slots(config.as_ref());
+    let updater = Updater::new(booted_version.unwrap_or_else(|| {
+        config.as_ref().map_or_else(
+            || keel_config::DEFAULT_VERSION.to_string(),
+            |c| c.update.version.clone(),
+        )
+    }));
     let watchdog = Watchdog::open();
     let stop_timeout = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.stop_timeout_ms));
     let action = runtime.block_on(serve(
@@ -323,6 +330,7 @@ fn boot_and_serve() {
         stop_timeout,
         base_sha256,
         trial,
+        updater,
         watchdog,
     ));
     // The console queue's writer ends with the runtime.
@@ -334,15 +342,16 @@ fn boot_and_serve() {
 /// On a machine booted from a Keel disk by its boot loader: says which slot and version
 /// booted, reports an update that was rolled back, and returns the trial when this boot is
 /// an update on trial (see keel_init::slots::assessment).
-fn boot_slots(config: Option<&HostConfig>) -> Option<Trial> {
+fn boot_slots(config: Option<&HostConfig>) -> (Option<Trial>, Option<String>) {
     let slots = match BootSlots::read() {
         Ok(Some(slots)) => slots,
-        Ok(None) => return None,
+        Ok(None) => return (None, None),
         Err(e) => {
             log::warn!("boot slots: {e}");
-            return None;
+            return (None, None);
         }
     };
+    let booted_version = slots.booted_entry().and_then(|e| e.version.clone());
     for entry in &slots.entries {
         let booted = slots.booted.is_some_and(|b| b.slot == entry.name.slot);
         log::info!(
@@ -356,8 +365,12 @@ fn boot_slots(config: Option<&HostConfig>) -> Option<Trial> {
     if let Some(report) = assessment::failed_update(&slots) {
         log::error!("{report}");
     }
-    let config = config?;
-    let trial = Trial::begin(&slots, &config.update, Instant::now())?;
+    let Some(config) = config else {
+        return (None, booted_version);
+    };
+    let Some(trial) = Trial::begin(&slots, &config.update, Instant::now()) else {
+        return (None, booted_version);
+    };
     log::info!(
         "update to version {} in slot {} on trial ({} tries left after this one): committed once PID 1 is ready, the network online and {} running healthy, within {} s",
         trial.version,
@@ -370,7 +383,7 @@ fn boot_slots(config: Option<&HostConfig>) -> Option<Trial> {
         },
         config.update.health_timeout_ms / 1000
     );
-    Some(trial)
+    (Some(trial), booted_version)
 }
 
 async fn serve(
@@ -379,6 +392,7 @@ async fn serve(
     stop_timeout: Duration,
     base_sha256: Option<String>,
     mut trial: Option<Trial>,
+    mut updater: Updater,
     mut watchdog: Option<Watchdog>,
 ) -> Action {
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
@@ -406,6 +420,7 @@ async fn serve(
             version: keel_config::DEFAULT_VERSION.into(),
             health_timeout_ms: keel_config::DEFAULT_HEALTH_TIMEOUT_MS,
             critical: Vec::new(),
+            trusted_keys: Vec::new(),
         },
     };
     let config = config.unwrap_or(empty);
@@ -444,9 +459,13 @@ async fn serve(
                 judge_now = trial.is_some();
                 None
             }
-            _ = signals.child.recv() => { guarded("reaping", || reap(&mut supervisor)); None }
+            _ = signals.child.recv() => {
+                let mut reboot = false;
+                guarded("reaping", || reboot = reap(&mut supervisor, &mut updater));
+                reboot.then_some(Action::Reboot)
+            }
             Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
-            Some(call) = calls.recv() => guarded_call(&mut supervisor, call, base_sha256.as_deref()),
+            Some(call) = calls.recv() => guarded_call(&mut supervisor, &mut updater, trial.as_ref(), call, base_sha256.as_deref()),
             Ok(()) = online_rx.changed() => {
                 let online = *online_rx.borrow_and_update();
                 guarded("network-online", || supervisor.set_network_online(online));
@@ -556,9 +575,11 @@ async fn serve(
                     w.feed();
                 }
             }
-            _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
+            _ = signals.child.recv() => guarded("reaping", || {
+                reap(&mut supervisor, &mut updater);
+            }),
             Some(event) = events.recv() => guarded("a supervisor event", || supervisor.on_event(event)),
-            Some(call) = calls.recv() => { guarded_call(&mut supervisor, call, base_sha256.as_deref()); }
+            Some(call) = calls.recv() => { guarded_call(&mut supervisor, &mut updater, trial.as_ref(), call, base_sha256.as_deref()); }
             _ = tokio::time::sleep_until(deadline) => {
                 log::warn!("shutdown deadline reached");
                 break;
@@ -570,7 +591,9 @@ async fn serve(
         let grace = tokio::time::Instant::now() + KILL_GRACE;
         while supervisor.running() > 0 {
             tokio::select! {
-                _ = signals.child.recv() => guarded("reaping", || reap(&mut supervisor)),
+                _ = signals.child.recv() => guarded("reaping", || {
+                reap(&mut supervisor, &mut updater);
+            }),
                 _ = tokio::time::sleep_until(grace) => break,
             }
         }
@@ -580,7 +603,7 @@ async fn serve(
     // After the containers, which may still have used the network while stopping.
     net::release_dhcp(Duration::from_secs(1)).await;
     kill_everything_else();
-    reap(&mut supervisor);
+    reap(&mut supervisor, &mut updater);
     if let Some(w) = watchdog {
         w.disarm();
     }
@@ -591,12 +614,14 @@ async fn serve(
 /// is dropped with it (its client gets an error, the connection ends), and PID 1 serves on.
 fn guarded_call(
     supervisor: &mut Supervisor,
+    updater: &mut Updater,
+    trial: Option<&Trial>,
     call: keel_init::api::Call,
     base_sha256: Option<&str>,
 ) -> Option<Action> {
     let mut action = None;
     guarded("an API request", || {
-        action = control::handle(supervisor, call, base_sha256);
+        action = control::handle(supervisor, updater, trial, call, base_sha256);
     });
     action
 }
@@ -629,18 +654,28 @@ impl Signals {
 
 /// Collects every exited child: container main processes go to the supervisor, anything
 /// else is an orphan re-parented to PID 1.
-fn reap(supervisor: &mut Supervisor) {
+/// Returns whether an update was installed that asked for a reboot.
+fn reap(supervisor: &mut Supervisor, updater: &mut Updater) -> bool {
+    let mut reboot = false;
     loop {
         let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
             Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, ExitStatus::Signal(signal as i32)),
-            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return,
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return reboot,
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 log::error!("waitpid: {e}");
-                return;
+                return reboot;
             }
         };
+        let code = match status {
+            ExitStatus::Code(code) => Some(code),
+            ExitStatus::Signal(_) => None,
+        };
+        if let Some(asked) = updater.on_exit(pid.as_raw(), code) {
+            reboot |= asked;
+            continue;
+        }
         if !supervisor.on_exit(pid.as_raw(), status) {
             log::info!("reaped orphan pid={pid} ({status})");
         }

@@ -35,6 +35,7 @@ mod logs;
 mod port;
 mod session;
 mod transport;
+mod upgrade;
 
 use port::PortConn;
 use session::*;
@@ -99,6 +100,23 @@ pub enum Command {
     Apply {
         host_file: String,
         dry_run: bool,
+    },
+    /// The slots and versions (`keel_api::HostStatus`).
+    Status,
+    /// An update's signed manifest: accept it (→ `Value`, a `crate::update::Accepted`) or
+    /// refuse it.
+    UpgradeBegin {
+        manifest: String,
+        signature: String,
+    },
+    /// The accepted update's files are staged and match: install them (→ `Value`, a
+    /// `keel_api::UpgradeReport`, once written), then reboot if `reboot`.
+    UpgradeInstall {
+        reboot: bool,
+    },
+    /// The accepted update will not arrive whole.
+    UpgradeAbort {
+        why: String,
     },
 }
 

@@ -85,6 +85,11 @@ impl<'a> Session<'a> {
         let command = match check(request) {
             Ok(Dispatch::Call(command)) => command,
             Ok(Dispatch::Logs(query)) => return self.logs(id, query).await,
+            Ok(Dispatch::Upgrade {
+                manifest,
+                signature,
+                reboot,
+            }) => return self.upgrade(id, manifest, signature, reboot).await,
             Err(error) => return self.send(id, &Response::Error(error)).await,
         };
         let is_exec = matches!(command, Command::Exec { .. });
@@ -121,6 +126,11 @@ pub(super) enum Incoming {
 pub(super) enum Dispatch {
     Call(Command),
     Logs(LogsQuery),
+    Upgrade {
+        manifest: String,
+        signature: String,
+        reboot: bool,
+    },
 }
 
 pub(super) struct LogsQuery {
@@ -257,6 +267,18 @@ pub(super) fn check(request: Request) -> Result<Dispatch, ApiError> {
         Request::Reboot => Command::Reboot,
         Request::Poweroff => Command::Poweroff,
         Request::Apply { host_file, dry_run } => Command::Apply { host_file, dry_run },
+        Request::Status => Command::Status,
+        Request::Upgrade {
+            manifest,
+            signature,
+            reboot,
+        } => {
+            return Ok(Dispatch::Upgrade {
+                manifest,
+                signature,
+                reboot,
+            });
+        }
     };
     Ok(Dispatch::Call(command))
 }

@@ -21,6 +21,7 @@ pub fn run(host_file: &Path, mode: &str, args: &[String]) -> Option<i32> {
         "--unpack" => unpack::run,
         "--populate" => populate::run,
         "--empty-trash" => trash::run,
+        "--install-update" => crate::update::install::run,
         _ => return None,
     };
     let Some((error_file, rest)) = args.split_first() else {

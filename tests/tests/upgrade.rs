@@ -1,0 +1,149 @@
+//! `keel upgrade` under OVMF: a host built from its disk image takes a newer signed build
+//! over the control API, writes it into the slot that did not boot, reboots into it on
+//! trial and commits it; `keel status` shows both slots. Refused before the slot is touched:
+//! a build signed by a key the host does not trust, data that does not match the signed
+//! digests, an unsigned build, and an older version.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use keel_api::Client;
+use keel_image::update_bundle;
+use keel_qemu::Vm;
+use keel_tests::{KeelCli, bin_dir, firmware_vm_config, workspace_root};
+
+const GIB: u64 = 1 << 30;
+const BOOT: Duration = Duration::from_secs(240);
+
+/// The example host as version `version`, trusting `public_key`; built into `WORK/vVERSION`,
+/// signed with `sign_key` if given.
+fn build(work: &Path, version: &str, public_key: &Path, sign_key: Option<&Path>) -> PathBuf {
+    let example = workspace_root().join("examples/hello");
+    let text = std::fs::read_to_string(example.join("host.toml"))
+        .unwrap()
+        .replace(
+            "\"site\"]",
+            &format!("\"{}\"]", example.join("site").display()),
+        );
+    let text = format!(
+        "{text}\n[update]\nversion = \"{version}\"\ntrusted_keys = [\"{}\"]\n",
+        public_key.display()
+    );
+    let file = work.join(format!("v{version}.toml"));
+    std::fs::write(&file, text).unwrap();
+    let out = work.join(format!("v{version}"));
+    let mut command = Command::new(bin_dir().join("keel"));
+    command.arg("build").arg(&file).arg("-o").arg(&out);
+    if let Some(key) = sign_key {
+        command.arg("--sign-key").arg(key);
+    }
+    let output = command.env_remove("KEEL_UPDATE_KEY").output().unwrap();
+    assert!(
+        output.status.success(),
+        "keel build: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+fn keys(dir: &Path) -> (PathBuf, PathBuf) {
+    let output = Command::new(bin_dir().join("keel"))
+        .args(["pki", "update-key", "-o"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    (dir.join("update-key.pem"), dir.join("update-key.pub.pem"))
+}
+
+fn wait(vm: &Vm, line: &str) {
+    if let Err(e) = vm.wait_for_line(line, BOOT) {
+        panic!("no `{line}`: {e}\n{}", vm.console());
+    }
+}
+
+/// Sends `dir`'s signed manifest with the given bytes through the API, as a client that does
+/// not check anything itself would.
+fn raw_upgrade(socket: &Path, dir: &Path, uki: &[u8], root: &[u8]) -> keel_api::ApiError {
+    let manifest = std::fs::read_to_string(dir.join(update_bundle::MANIFEST_FILE)).unwrap();
+    let signature = std::fs::read_to_string(dir.join(update_bundle::SIGNATURE_FILE)).unwrap();
+    let mut client = Client::connect_unix(socket).unwrap();
+    client
+        .upgrade(
+            manifest,
+            signature,
+            false,
+            [
+                (&mut &uki[..], uki.len() as u64),
+                (&mut &root[..], root.len() as u64),
+            ],
+            |_| {},
+        )
+        .expect_err("refused")
+}
+
+#[test]
+fn a_signed_newer_build_is_installed_in_the_other_slot_and_committed() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (key, public) = keys(&w.join("keys"));
+    let (other_key, _) = keys(&w.join("other-keys"));
+    let v1 = build(w, "1", &public, Some(&key));
+    let v2 = build(w, "2", &public, Some(&key));
+    let foreign = build(w, "3", &public, Some(&other_key));
+    let unsigned = build(w, "4", &public, None);
+
+    let vm = Vm::boot(firmware_vm_config(&v1, 8 * GIB, &[])).expect("QEMU starts");
+    wait(&vm, "keel: ready");
+    let keel = KeelCli::new(vm.api_socket());
+    let status = keel.ok(&["status"]);
+    assert!(status.starts_with("version 1 (firmware boot)"), "{status}");
+    assert!(status.contains("A*    1          committed"), "{status}");
+
+    // Refused, each before the slot is touched.
+    let err = keel.fails(&["upgrade", foreign.to_str().unwrap()], 1);
+    assert!(err.contains("no trusted key signed this update"), "{err}");
+    let err = keel.fails(&["upgrade", unsigned.to_str().unwrap()], 1);
+    assert!(err.contains("the build is not signed"), "{err}");
+    let uki = std::fs::read(v2.join("keel.efi")).unwrap();
+    let mut root = std::fs::read(v2.join("root.img")).unwrap();
+    root[5000] ^= 0xff;
+    let err = raw_upgrade(keel.socket(), &v2, &uki, &root);
+    assert!(
+        err.message.contains("the root image received has sha256")
+            && err.message.contains("the slot was not touched"),
+        "{err:?}"
+    );
+    let status = keel.ok(&["status"]);
+    assert!(!status.contains("B "), "slot B has no entry: {status}");
+
+    // The good one.
+    let report = keel.ok(&["upgrade", v2.to_str().unwrap()]);
+    assert!(
+        report.contains("version 2 installed in slot B (keel-b+3.efi, on trial)"),
+        "{report}"
+    );
+    wait(&vm, "update committed: version 2 in slot B (keel-b.efi)");
+    let status = keel.ok(&["status"]);
+    assert!(status.starts_with("version 2 (firmware boot)"), "{status}");
+    assert!(status.contains("A     1          committed"), "{status}");
+    assert!(status.contains("B*    2          committed"), "{status}");
+
+    // No going back to an older version.
+    let err = keel.fails(&["upgrade", v1.to_str().unwrap()], 1);
+    assert!(
+        err.contains("version 1 is not newer than the running 2"),
+        "{err}"
+    );
+    let mut vm = vm;
+    vm.powerdown().unwrap();
+    let _ = vm.wait_exit(BOOT);
+    let console = vm.console();
+    assert!(
+        console.contains("update to version 2 in slot B on trial"),
+        "{console}"
+    );
+    // /var survived: the second boot found the machine the first provisioned.
+    assert!(console.contains("boot 2 of machine"), "{console}");
+}
