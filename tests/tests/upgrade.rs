@@ -147,3 +147,89 @@ fn a_signed_newer_build_is_installed_in_the_other_slot_and_committed() {
     // /var survived: the second boot found the machine the first provisioned.
     assert!(console.contains("boot 2 of machine"), "{console}");
 }
+
+#[test]
+fn a_power_cut_while_the_slot_is_written_leaves_the_old_system() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (key, public) = keys(&w.join("keys"));
+    let v1 = build(w, "1", &public, Some(&key));
+    // Version 2 carries 48 MiB that do not compress: writing its slot takes long enough
+    // under emulation to pull the plug in the middle of it.
+    let big = w.join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut noise = vec![0u8; 48 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in noise.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(big.join("noise"), &noise).unwrap();
+    drop(noise);
+    let text = std::fs::read_to_string(w.join("v1.toml"))
+        .unwrap()
+        .replace("version = \"1\"", "version = \"2\"")
+        .replace(
+            "layers = [\"busybox:/bin/busybox\", ",
+            &format!(
+                "layers = [\"{}\", \"busybox:/bin/busybox\", ",
+                big.display()
+            ),
+        );
+    std::fs::write(w.join("v2.toml"), text).unwrap();
+    let v2 = w.join("v2");
+    let output = Command::new(bin_dir().join("keel"))
+        .arg("build")
+        .arg(w.join("v2.toml"))
+        .arg("-o")
+        .arg(&v2)
+        .arg("--sign-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    let mut vm = Vm::boot(firmware_vm_config(&v1, 8 * GIB, &[])).expect("QEMU starts");
+    wait(&vm, "keel: ready");
+    let keel = KeelCli::new(vm.api_socket());
+    let mut upgrade = keel
+        .command(&["upgrade", v2.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        let console = vm.console();
+        if console.contains("installing version 2 in slot B") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the install never started:\n{console}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The plug.
+    vm.kill();
+    let console = vm.console();
+    let _ = upgrade.wait();
+    assert!(
+        !console.contains("written to slot B"),
+        "the write finished before the power cut; the test needs a larger image:\n{console}"
+    );
+
+    let mut vm = Vm::boot(firmware_vm_config(&v1, 8 * GIB, &[])).expect("QEMU starts");
+    wait(&vm, "keel: ready");
+    let keel = KeelCli::new(vm.api_socket());
+    let status = keel.ok(&["status"]);
+    assert!(status.contains("A*    1          committed"), "{status}");
+    assert!(
+        !status.contains("B "),
+        "no entry points at slot B: {status}"
+    );
+    vm.powerdown().unwrap();
+    let _ = vm.wait_exit(BOOT);
+}
