@@ -178,6 +178,10 @@ pub struct UpgradeReport {
     /// The boot entry now on trial, e.g. `keel-b+3.efi`.
     pub entry: String,
     pub rebooting: bool,
+    /// With `rebooting`: seconds until the reboot (0: now; more: the host file's `[update]
+    /// reboot_window` opens then).
+    #[serde(default)]
+    pub reboot_in_s: u64,
 }
 
 /// One root slot.

@@ -118,10 +118,14 @@ pub fn upgrade(client: &mut Client, dir: &Path, reboot: bool) -> Result<String, 
         report.version,
         report.slot,
         report.entry,
-        if report.rebooting {
-            ": the host reboots into it and commits it once healthy, or falls back"
-        } else {
-            ": it boots at the next reboot"
+        match (report.rebooting, report.reboot_in_s) {
+            (false, _) => ": it boots at the next reboot".to_string(),
+            (true, 0) =>
+                ": the host reboots into it and commits it once healthy, or falls back".to_string(),
+            (true, s) => format!(
+                ": the host reboots into it in {} min, when its [update] reboot_window opens",
+                s.div_ceil(60)
+            ),
         }
     ))
 }

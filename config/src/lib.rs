@@ -28,7 +28,8 @@ pub use image::{Image, ImageDefaults, ImageSource, LayerSpec, PullAt};
 use registry::validate_registries;
 pub use registry::{REGISTRY_CA_DIR, Registry, registry_ca_file_name};
 pub use update::{
-    DEFAULT_HEALTH_TIMEOUT_MS, DEFAULT_VERSION, UpdatePolicy, check_version, compare_versions,
+    DEFAULT_HEALTH_TIMEOUT_MS, DEFAULT_VERSION, RebootWindow, UpdatePolicy, check_version,
+    compare_versions,
 };
 
 pub use network::{Interface, LinkMatch, Prefix, Route, parse_mac};

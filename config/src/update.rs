@@ -33,6 +33,51 @@ pub struct UpdatePolicy {
     /// Public keys (PEM files, relative to the host file) whose signatures an update must
     /// carry: `keel build` puts them in the root image.
     pub trusted_keys: Vec<String>,
+    /// When an installed update may reboot the host: `None`, at once; else a daily window
+    /// in UTC.
+    pub reboot_window: Option<RebootWindow>,
+}
+
+/// A daily time window in UTC, `HH:MM-HH:MM`; it may wrap past midnight (`23:00-01:00`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RebootWindow {
+    /// Minutes after midnight UTC.
+    pub start: u32,
+    pub end: u32,
+}
+
+impl RebootWindow {
+    pub fn parse(text: &str) -> Option<RebootWindow> {
+        let minutes = |t: &str| -> Option<u32> {
+            let (h, m) = t.split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let (start, end) = text.split_once('-')?;
+        let (start, end) = (minutes(start)?, minutes(end)?);
+        (start != end).then_some(RebootWindow { start, end })
+    }
+
+    /// Seconds from `now` (seconds since the Unix epoch, UTC) until the window opens: 0
+    /// inside it.
+    pub fn wait_seconds(&self, now: u64) -> u64 {
+        let day = 24 * 3600;
+        let second = now % day;
+        let (start, end) = (u64::from(self.start) * 60, u64::from(self.end) * 60);
+        let inside = if start < end {
+            (start..end).contains(&second)
+        } else {
+            second >= start || second < end
+        };
+        if inside {
+            0
+        } else {
+            (start + day - second) % day
+        }
+    }
 }
 
 pub(crate) mod raw {
@@ -46,6 +91,7 @@ pub(crate) mod raw {
         pub critical: Option<Spanned<Vec<Spanned<String>>>>,
         #[serde(default)]
         pub trusted_keys: Vec<Spanned<String>>,
+        pub reboot_window: Option<Spanned<String>>,
     }
 }
 
@@ -129,11 +175,22 @@ pub(crate) fn validate(
         }
         trusted_keys.push(path.clone());
     }
+    let reboot_window = match raw.and_then(|u| u.reboot_window.as_ref()) {
+        None => None,
+        Some(text) => Some(RebootWindow::parse(text.get_ref()).ok_or_else(|| {
+            loc.at(
+                text,
+                "update.reboot_window",
+                "expected a daily window in UTC, \"HH:MM-HH:MM\" (such as \"02:00-04:00\"; it may wrap past midnight)",
+            )
+        })?),
+    };
     Ok(UpdatePolicy {
         version,
         health_timeout_ms,
         critical,
         trusted_keys,
+        reboot_window,
     })
 }
 
@@ -187,6 +244,31 @@ mod tests {
             ("x", "0", Less),
         ] {
             assert_eq!(compare_versions(a, b), want, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn reboot_windows_open_daily_in_utc() {
+        let w = RebootWindow::parse("02:00-04:00").unwrap();
+        let at = |h: u64, m: u64| 20_000 * 86_400 + h * 3600 + m * 60;
+        assert_eq!(w.wait_seconds(at(2, 0)), 0);
+        assert_eq!(w.wait_seconds(at(3, 59)), 0);
+        assert_eq!(w.wait_seconds(at(4, 0)), 22 * 3600);
+        assert_eq!(w.wait_seconds(at(1, 30)), 30 * 60);
+        let wraps = RebootWindow::parse("23:00-01:00").unwrap();
+        assert_eq!(wraps.wait_seconds(at(23, 30)), 0);
+        assert_eq!(wraps.wait_seconds(at(0, 30)), 0);
+        assert_eq!(wraps.wait_seconds(at(1, 0)), 22 * 3600);
+        for bad in [
+            "",
+            "2:00-04:00",
+            "02:00",
+            "02:00-02:00",
+            "24:00-01:00",
+            "02:60-03:00",
+            "a",
+        ] {
+            assert_eq!(RebootWindow::parse(bad), None, "{bad}");
         }
     }
 

@@ -421,6 +421,7 @@ async fn serve(
             health_timeout_ms: keel_config::DEFAULT_HEALTH_TIMEOUT_MS,
             critical: Vec::new(),
             trusted_keys: Vec::new(),
+            reboot_window: None,
         },
     };
     let config = config.unwrap_or(empty);
@@ -448,6 +449,8 @@ async fn serve(
     let power_button = power::pressed();
     tokio::pin!(power_button);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // An installed update waiting for [update] reboot_window.
+    let mut reboot_at: Option<tokio::time::Instant> = None;
     let mut judge_now = false;
 
     let action = loop {
@@ -460,9 +463,20 @@ async fn serve(
                 None
             }
             _ = signals.child.recv() => {
-                let mut reboot = false;
+                let mut reboot = None;
                 guarded("reaping", || reboot = reap(&mut supervisor, &mut updater));
-                reboot.then_some(Action::Reboot)
+                match reboot {
+                    Some(0) => Some(Action::Reboot),
+                    Some(seconds) => {
+                        reboot_at = Some(tokio::time::Instant::now() + Duration::from_secs(seconds));
+                        None
+                    }
+                    None => None,
+                }
+            }
+            _ = sleep_until_some(reboot_at) => {
+                log::info!("the reboot window is open: rebooting into the installed update");
+                Some(Action::Reboot)
             }
             Some(event) = events.recv() => { guarded("a supervisor event", || supervisor.on_event(event)); None }
             Some(call) = calls.recv() => guarded_call(&mut supervisor, &mut updater, trial.as_ref(), call, base_sha256.as_deref()),
@@ -652,11 +666,19 @@ impl Signals {
     }
 }
 
+/// Sleeps until `at`; never returns without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Collects every exited child: container main processes go to the supervisor, anything
 /// else is an orphan re-parented to PID 1.
-/// Returns whether an update was installed that asked for a reboot.
-fn reap(supervisor: &mut Supervisor, updater: &mut Updater) -> bool {
-    let mut reboot = false;
+/// Returns, when an update was installed that asked for a reboot, the seconds until it.
+fn reap(supervisor: &mut Supervisor, updater: &mut Updater) -> Option<u64> {
+    let mut reboot = None;
     loop {
         let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
@@ -672,8 +694,9 @@ fn reap(supervisor: &mut Supervisor, updater: &mut Updater) -> bool {
             ExitStatus::Code(code) => Some(code),
             ExitStatus::Signal(_) => None,
         };
-        if let Some(asked) = updater.on_exit(pid.as_raw(), code) {
-            reboot |= asked;
+        let window = supervisor.config().update.reboot_window;
+        if let Some(asked) = updater.on_exit(pid.as_raw(), code, window) {
+            reboot = reboot.or(asked);
             continue;
         }
         if !supervisor.on_exit(pid.as_raw(), status) {

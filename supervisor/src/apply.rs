@@ -278,6 +278,7 @@ fn same_boot_settings(old: &HostConfig, new: &HostConfig) -> bool {
         // Read when an update is judged, after it boots: nothing to change live.
         c.update.health_timeout_ms = 0;
         c.update.critical.clear();
+        c.update.reboot_window = None;
         c
     };
     strip(old) == strip(new)

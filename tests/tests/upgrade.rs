@@ -16,9 +16,15 @@ use keel_tests::{KeelCli, bin_dir, firmware_vm_config, workspace_root};
 const GIB: u64 = 1 << 30;
 const BOOT: Duration = Duration::from_secs(240);
 
-/// The example host as version `version`, trusting `public_key`; built into `WORK/vVERSION`,
-/// signed with `sign_key` if given.
-fn build(work: &Path, version: &str, public_key: &Path, sign_key: Option<&Path>) -> PathBuf {
+/// The example host as version `version`, trusting `public_key`, with `extra` in its
+/// [update] table; built into `WORK/vVERSION`, signed with `sign_key` if given.
+fn build_with(
+    work: &Path,
+    version: &str,
+    public_key: &Path,
+    sign_key: Option<&Path>,
+    extra: &str,
+) -> PathBuf {
     let example = workspace_root().join("examples/hello");
     let text = std::fs::read_to_string(example.join("host.toml"))
         .unwrap()
@@ -27,7 +33,7 @@ fn build(work: &Path, version: &str, public_key: &Path, sign_key: Option<&Path>)
             &format!("\"{}\"]", example.join("site").display()),
         );
     let text = format!(
-        "{text}\n[update]\nversion = \"{version}\"\ntrusted_keys = [\"{}\"]\n",
+        "{text}\n[update]\nversion = \"{version}\"\ntrusted_keys = [\"{}\"]\n{extra}\n",
         public_key.display()
     );
     let file = work.join(format!("v{version}.toml"));
@@ -45,6 +51,27 @@ fn build(work: &Path, version: &str, public_key: &Path, sign_key: Option<&Path>)
         String::from_utf8_lossy(&output.stderr)
     );
     out
+}
+
+fn build(work: &Path, version: &str, public_key: &Path, sign_key: Option<&Path>) -> PathBuf {
+    build_with(work, version, public_key, sign_key, "")
+}
+
+/// A daily reboot window that opens six hours from now (UTC): closed for the whole test.
+fn closed_window() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let start = (now / 60 + 6 * 60) % (24 * 60);
+    let end = (start + 60) % (24 * 60);
+    format!(
+        "reboot_window = \"{:02}:{:02}-{:02}:{:02}\"",
+        start / 60,
+        start % 60,
+        end / 60,
+        end % 60
+    )
 }
 
 fn keys(dir: &Path) -> (PathBuf, PathBuf) {
@@ -89,7 +116,8 @@ fn a_signed_newer_build_is_installed_in_the_other_slot_and_committed() {
     let w = work.path();
     let (key, public) = keys(&w.join("keys"));
     let (other_key, _) = keys(&w.join("other-keys"));
-    let v1 = build(w, "1", &public, Some(&key));
+    // Version 1 lets an update reboot it only in a window that is closed now.
+    let v1 = build_with(w, "1", &public, Some(&key), &closed_window());
     let v2 = build(w, "2", &public, Some(&key));
     let foreign = build(w, "3", &public, Some(&other_key));
     let unsigned = build(w, "4", &public, None);
@@ -118,12 +146,22 @@ fn a_signed_newer_build_is_installed_in_the_other_slot_and_committed() {
     let status = keel.ok(&["status"]);
     assert!(!status.contains("B "), "slot B has no entry: {status}");
 
-    // The good one.
+    // The good one, installed; its reboot waits for the window (five to six hours away).
     let report = keel.ok(&["upgrade", v2.to_str().unwrap()]);
     assert!(
-        report.contains("version 2 installed in slot B (keel-b+3.efi, on trial)"),
+        report.contains("version 2 installed in slot B (keel-b+3.efi, on trial)")
+            && report.contains("reboots into it in")
+            && report.contains("when its [update] reboot_window opens"),
         "{report}"
     );
+    let status = keel.ok(&["status"]);
+    assert!(status.contains("A*    1          committed"), "{status}");
+    assert!(
+        status.contains("B     2          on trial (3 tries left)"),
+        "{status}"
+    );
+    // An operator reboots it now.
+    keel.ok(&["reboot"]);
     wait(&vm, "update committed: version 2 in slot B (keel-b.efi)");
     let status = keel.ok(&["status"]);
     assert!(status.starts_with("version 2 (firmware boot)"), "{status}");

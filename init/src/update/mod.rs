@@ -212,6 +212,7 @@ impl Updater {
                 slot: accepted.slot,
                 entry: EntryName::on_trial(slot).file_name(),
                 rebooting: reboot,
+                reboot_in_s: 0,
             },
             reply: Some(reply),
         });
@@ -219,12 +220,23 @@ impl Updater {
     }
 
     /// The install helper `pid` exited with `code` (None: killed): answers the waiting
-    /// call. `None` when `pid` is not the install helper; else whether to reboot now.
-    pub fn on_exit(&mut self, pid: libc::pid_t, code: Option<i32>) -> Option<bool> {
+    /// call. `None` when `pid` is not the install helper; else `Some(None)` (no reboot) or
+    /// `Some(Some(seconds))`: reboot into the update then (0: now), the first moment of
+    /// `window` if there is one.
+    pub fn on_exit(
+        &mut self,
+        pid: libc::pid_t,
+        code: Option<i32>,
+        window: Option<keel_config::RebootWindow>,
+    ) -> Option<Option<u64>> {
         if self.installing.as_ref().is_none_or(|i| i.pid != pid) {
             return None;
         }
         let mut installing = self.installing.take()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        installing.report.reboot_in_s = window.map_or(0, |w| w.wait_seconds(now));
         let result = match code {
             Some(0) => Ok(installing.report.clone()),
             _ => Err(fs::read_to_string(&installing.error_file)
@@ -240,17 +252,20 @@ impl Updater {
                     report.version,
                     report.slot,
                     report.entry,
-                    if report.rebooting {
-                        "; rebooting into it"
-                    } else {
-                        "; it boots at the next reboot"
+                    match (report.rebooting, report.reboot_in_s) {
+                        (false, _) => "; it boots at the next reboot".to_string(),
+                        (true, 0) => "; rebooting into it".to_string(),
+                        (true, s) => format!(
+                            "; rebooting into it in {} min, when [update] reboot_window opens",
+                            s.div_ceil(60)
+                        ),
                     }
                 );
-                report.rebooting
+                report.rebooting.then_some(report.reboot_in_s)
             }
             Err(why) => {
                 log::error!("installing the update failed: {why}");
-                false
+                None
             }
         };
         if let Some(reply) = installing.reply.take() {

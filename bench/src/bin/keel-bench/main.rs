@@ -18,9 +18,11 @@ use keel_bench::network::{self, Addresses, Path4};
 use keel_bench::stats::{self, Summary};
 use keel_bench::tcp::{self, Transfer};
 
+mod firmware_run;
 mod network_run;
 mod report;
 
+use firmware_run::*;
 use network_run::*;
 use report::*;
 
@@ -108,9 +110,11 @@ fn parse_byte_count(text: &str) -> Result<u64, String> {
     }
 }
 
-const BENCHMARKS: [&str; 6] = ["latency", "boot", "firmware", "rss", "network", "images"];
+const BENCHMARKS: [&str; 7] = [
+    "latency", "boot", "firmware", "updates", "rss", "network", "images",
+];
 /// The benchmarks that boot QEMU guests (and need a kernel and `keel build`).
-const GUEST_BENCHMARKS: [&str; 5] = ["latency", "boot", "firmware", "rss", "network"];
+const GUEST_BENCHMARKS: [&str; 6] = ["latency", "boot", "firmware", "updates", "rss", "network"];
 
 /// Everything the latency guest may take under TCG (it prints progress only at the end).
 const LATENCY_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -159,6 +163,11 @@ struct Results {
     /// build with -kernel.
     firmware_boot_ms: Vec<u64>,
     direct_boot_ms: Vec<u64>,
+    /// Per round: (ms to send, check, write and install; ms until the new version
+    /// committed itself after its reboot), from the start of the upgrade.
+    upgrade_ms: Vec<(u64, u64)>,
+    /// Per round: ms from QEMU's start to the old version ready after three failed tries.
+    rollback_ms: Vec<u64>,
     rss: Vec<(usize, u64)>,
     network: Option<NetResults>,
 }
@@ -306,10 +315,16 @@ fn guests(cli: &Cli, work: &Path, started: Instant) -> Result<(), String> {
     if cli.only.iter().any(|o| o == "firmware") {
         firmware(cli, &env, &boot_dir, &mut results)?;
     }
+    if cli.only.iter().any(|o| o == "updates") {
+        updates(cli, &env, &mut results)?;
+    }
     if cli.only.iter().any(|o| o == "rss") {
         rss(cli, &env, &mut results)?;
     }
-    if selected("latency") || selected("boot") || selected("firmware") || selected("rss") {
+    if ["latency", "boot", "firmware", "updates", "rss"]
+        .iter()
+        .any(|b| selected(b))
+    {
         let report = report(cli, &env, &results, started.elapsed())?;
         match &cli.report {
             Some(path) => write(path, &report)?,
@@ -479,72 +494,6 @@ fn boot(cli: &Cli, env: &Env, keel_dir: &Path, results: &mut Results) -> Result<
         let ms = lines::number(&line, "uptime_ms").ok_or(format!("no uptime in {line:?}"))?;
         eprintln!("keel-bench: baseline boot {i}: ready at {ms} ms");
         results.baseline_boot_ms.push(ms);
-    }
-    Ok(())
-}
-
-/// The same build booted the way users get it (OVMF, systemd-boot, the UKI, from disk.img)
-/// and with QEMU's -kernel, alternating; wall clock from QEMU's start to `keel: ready`. The
-/// disk is provisioned by one boot first, so every measured boot is a reboot (/var checked
-/// and mounted, not formatted); the -kernel boots have /var on a tmpfs.
-fn firmware(cli: &Cli, env: &Env, keel_dir: &Path, results: &mut Results) -> Result<(), String> {
-    let disk = env.work.join("firmware-disk.img");
-    let vars = env.work.join("firmware-vars.fd");
-    let copy = std::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg(keel_dir.join("disk.img"))
-        .arg(&disk)
-        .status()
-        .map_err(|e| format!("cp: {e}"))?;
-    if !copy.success() {
-        return Err(format!("copying {}/disk.img failed", keel_dir.display()));
-    }
-    std::fs::copy(keel_qemu::OVMF_VARS_TEMPLATE, &vars)
-        .map_err(|e| format!("{}: {e}", keel_qemu::OVMF_VARS_TEMPLATE))?;
-    let firmware_boot = |log: &Path| -> Result<(keel_qemu::Vm, u64), String> {
-        let mut config = keel_qemu::VmConfig {
-            firmware: Some(keel_qemu::Firmware {
-                code: keel_qemu::OVMF_CODE.into(),
-                vars: vars.clone(),
-            }),
-            memory_mb: BOOT_MEMORY_MB,
-            cpus: host::CPUS,
-            console_log: Some(log.to_path_buf()),
-            ..keel_qemu::VmConfig::default()
-        };
-        config.disks.push(keel_qemu::Disk {
-            path: disk.clone(),
-            read_only: false,
-            serial: None,
-        });
-        let started = Instant::now();
-        let vm = keel_qemu::Vm::boot(config).map_err(|e| format!("QEMU: {e}"))?;
-        host::wait_line(&vm, "keel: ready", BOOT_TIMEOUT)?;
-        Ok((vm, started.elapsed().as_millis() as u64))
-    };
-    let power_off = |mut vm: keel_qemu::Vm| {
-        let _ = vm.powerdown();
-        let _ = vm.wait_exit(BOOT_TIMEOUT);
-    };
-    eprintln!("keel-bench: firmware, provisioning the disk");
-    let (vm, _) = firmware_boot(&env.work.join("console-firmware-first.log"))?;
-    power_off(vm);
-    eprintln!("keel-bench: firmware, {} boots per setup", cli.boots);
-    for i in 0..cli.boots {
-        let (vm, ms) = firmware_boot(&env.work.join(format!("console-firmware-{i}.log")))?;
-        results.accel = accel_name(&vm);
-        eprintln!("keel-bench: firmware boot {i}: ready {ms} ms after QEMU started");
-        results.firmware_boot_ms.push(ms);
-        power_off(vm);
-
-        let log = env.work.join(format!("console-direct-{i}.log"));
-        let started = Instant::now();
-        let vm = host::boot_build(keel_dir, &env.cmdline, BOOT_MEMORY_MB, &log)?;
-        host::wait_line(&vm, "keel: ready", BOOT_TIMEOUT)?;
-        let ms = started.elapsed().as_millis() as u64;
-        eprintln!("keel-bench: -kernel boot {i}: ready {ms} ms after QEMU started");
-        results.direct_boot_ms.push(ms);
-        drop(vm);
     }
     Ok(())
 }

@@ -220,6 +220,45 @@ pub(crate) fn report(
         );
     }
 
+    if !r.upgrade_ms.is_empty() {
+        let installed: Vec<u64> = r.upgrade_ms.iter().map(|(i, _)| *i).collect();
+        let committed: Vec<u64> = r.upgrade_ms.iter().map(|(_, c)| *c).collect();
+        let _ = writeln!(
+            w,
+            "### A/B update and rollback under OVMF (ms, {} rounds)\n",
+            r.upgrade_ms.len()
+        );
+        let _ = writeln!(w, "| step | median | min | max | all rounds |");
+        let _ = writeln!(w, "|---|---|---|---|---|");
+        for (name, all) in [
+            (
+                "`upgrade`: send, check, write and read back the slot, install the entry",
+                &installed,
+            ),
+            (
+                "`upgrade` until the new version committed itself (+ reboot, trial)",
+                &committed,
+            ),
+            (
+                "rollback: QEMU start to the old version ready after 3 failed tries (verity)",
+                &r.rollback_ms,
+            ),
+        ] {
+            if let Some(s) = median(all) {
+                let list: Vec<String> = all.iter().map(u64::to_string).collect();
+                let _ = writeln!(
+                    w,
+                    "| {name} | **{:.0}** | {:.0} | {:.0} | {} |",
+                    s.median,
+                    s.min,
+                    s.max,
+                    list.join(", ")
+                );
+            }
+        }
+        let _ = writeln!(w);
+    }
+
     if let (Some(k), Some(b)) = (median(&r.keel_boot_ms), median(&r.baseline_boot_ms)) {
         let _ = writeln!(
             w,
