@@ -44,6 +44,8 @@ pub struct BuildOptions {
     pub disk_format: DiskFormat,
     /// Sign the update bundle (`update.sig`) with this ed25519 private key (PEM).
     pub sign_key: Option<PathBuf>,
+    /// Sign systemd-boot and the UKI for Secure Boot.
+    pub secure_boot: Option<boot_disk::SecureBootSigner>,
 }
 
 /// What `keel build` wrote, also saved as `manifest.json` beside the boot files.
@@ -130,7 +132,12 @@ pub fn build(
         )
     })?;
     inputs.insert("init".to_string(), sha256_hex(&init));
-    let boot_files = BootFiles::read()?;
+    let boot_files = BootFiles::read(options.secure_boot.clone())?;
+    if let Some(signer) = &options.secure_boot {
+        let cert = fs::read(&signer.cert)
+            .map_err(|e| format!("the Secure Boot certificate {}: {e}", signer.cert.display()))?;
+        inputs.insert("secure-boot-cert".to_string(), sha256_hex(&cert));
+    }
     inputs.insert("uki-stub".to_string(), sha256_hex(&boot_files.stub));
     inputs.insert(
         "systemd-boot".to_string(),

@@ -91,10 +91,20 @@ pub fn efivars_path(disk: &Path) -> std::path::PathBuf {
     disk.with_extension("efivars.fd")
 }
 
+/// The variable store of the machine booted with Secure Boot firmware: its own, since it
+/// holds the Secure Boot keys (`disk.efivars-secure-boot.fd`).
+pub fn secure_boot_efivars_path(disk: &Path) -> std::path::PathBuf {
+    disk.with_extension("efivars-secure-boot.fd")
+}
+
 /// The machine booted through firmware from `disk`: extends the disk to `size` bytes if it is
-/// smaller (never shrinks it), and gives it a variable store (a copy of OVMF's template) if it
-/// has none.
-pub fn firmware_machine(disk: &Path, size: u64) -> Result<(Disk, keel_qemu::Firmware), String> {
+/// smaller (never shrinks it), and gives it a variable store (a copy of OVMF's template, or
+/// with `secure_boot` of the one with Debian's test keys enrolled) if it has none.
+pub fn firmware_machine(
+    disk: &Path,
+    size: u64,
+    secure_boot: bool,
+) -> Result<(Disk, keel_qemu::Firmware), String> {
     let mut head = [0u8; 4];
     let file = fs::OpenOptions::new()
         .read(true)
@@ -123,19 +133,27 @@ pub fn firmware_machine(disk: &Path, size: u64) -> Result<(Disk, keel_qemu::Firm
             size >> 20
         );
     }
-    let vars = efivars_path(disk);
+    let (vars, template, code) = if secure_boot {
+        (
+            secure_boot_efivars_path(disk),
+            keel_qemu::OVMF_VARS_SNAKEOIL,
+            keel_qemu::OVMF_CODE_SECURE_BOOT,
+        )
+    } else {
+        (
+            efivars_path(disk),
+            keel_qemu::OVMF_VARS_TEMPLATE,
+            keel_qemu::OVMF_CODE,
+        )
+    };
     if !vars.exists() {
-        fs::copy(keel_qemu::OVMF_VARS_TEMPLATE, &vars).map_err(|e| {
-            format!(
-                "{}: {e}: install Debian's ovmf (scripts/install-deps does)",
-                keel_qemu::OVMF_VARS_TEMPLATE
-            )
+        fs::copy(template, &vars).map_err(|e| {
+            format!("{template}: {e}: install Debian's ovmf (scripts/install-deps does)")
         })?;
     }
-    if !Path::new(keel_qemu::OVMF_CODE).is_file() {
+    if !Path::new(code).is_file() {
         return Err(format!(
-            "{} is missing: install Debian's ovmf (scripts/install-deps does)",
-            keel_qemu::OVMF_CODE
+            "{code} is missing: install Debian's ovmf (scripts/install-deps does)"
         ));
     }
     Ok((
@@ -145,8 +163,9 @@ pub fn firmware_machine(disk: &Path, size: u64) -> Result<(Disk, keel_qemu::Firm
             serial: None,
         },
         keel_qemu::Firmware {
-            code: keel_qemu::OVMF_CODE.into(),
+            code: code.into(),
             vars,
+            secure_boot,
         },
     ))
 }

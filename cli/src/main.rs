@@ -60,6 +60,16 @@ enum PkiCommand {
         #[arg(short, long)]
         out: PathBuf,
     },
+    /// Write an RSA key and self-signed certificate that sign boot files for UEFI Secure
+    /// Boot: DIR/secure-boot.key.pem (0600), DIR/secure-boot.crt.pem (for keel build
+    /// --secure-boot-cert) and DIR/secure-boot.crt.der (to enroll in the firmware's db).
+    SecureBootKey {
+        #[arg(short, long)]
+        out: PathBuf,
+        /// The certificate's common name.
+        #[arg(long, default_value = "Keel Secure Boot signing key")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -126,6 +136,11 @@ enum Command {
         /// A/B updates.
         #[arg(long)]
         direct_kernel: bool,
+        /// Boot with Secure Boot enforced: Debian's OVMF with its test ("snakeoil") keys
+        /// enrolled, which starts only binaries signed with /usr/share/ovmf/PkKek-1-snakeoil.key
+        /// (`keel build --secure-boot-key`)
+        #[arg(long)]
+        secure_boot: bool,
         /// The disk image is extended to this size before a firmware boot if it is smaller
         /// (never shrunk); the guest grows /var into the room.
         #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = disks::parse_size)]
@@ -275,6 +290,13 @@ struct Inputs {
     /// `keel pki update-key`): hosts that trust its public key accept the build as an update
     #[arg(long, value_name = "KEY.pem", env = "KEEL_UPDATE_KEY")]
     sign_key: Option<PathBuf>,
+    /// Sign systemd-boot and the UKI for UEFI Secure Boot with this RSA key (PEM; made by
+    /// `keel pki secure-boot-key`), whose certificate the firmware's db must hold
+    #[arg(long, value_name = "KEY.pem", requires = "secure_boot_cert")]
+    secure_boot_key: Option<PathBuf>,
+    /// The certificate of --secure-boot-key (PEM)
+    #[arg(long, value_name = "CERT.pem", requires = "secure_boot_key")]
+    secure_boot_cert: Option<PathBuf>,
 }
 
 impl Inputs {
@@ -309,6 +331,11 @@ impl Inputs {
             cache_dir,
             disk_format: self.format,
             sign_key: self.sign_key.clone(),
+            secure_boot: self
+                .secure_boot_key
+                .clone()
+                .zip(self.secure_boot_cert.clone())
+                .map(|(key, cert)| boot_disk::SecureBootSigner { key, cert }),
         })
     }
 }
@@ -421,6 +448,12 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
             pki::update_key(&out)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pki {
+            command: PkiCommand::SecureBootKey { out, name },
+        } => {
+            pki::secure_boot_key(&out, &name)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Compose {
             command:
                 ComposeCommand::Convert {
@@ -478,6 +511,7 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
             data_size,
             no_data_disk,
             direct_kernel,
+            secure_boot,
             disk_size,
             inputs,
         } => {
@@ -536,7 +570,7 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
                     ));
                 }
                 let disk = disk_file.unwrap_or_else(|| dir.join(boot_disk::DISK_FILE));
-                let (disk, firmware) = disks::firmware_machine(&disk, disk_size)?;
+                let (disk, firmware) = disks::firmware_machine(&disk, disk_size, secure_boot)?;
                 (String::new(), vec![disk], Some(firmware))
             };
             for p in publish.iter().filter(|p| p.host != 0) {

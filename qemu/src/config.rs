@@ -82,7 +82,15 @@ pub struct Firmware {
     /// The machine's own variable store (boot entries, the boot loader's variables), written
     /// by the firmware: a copy of [`OVMF_VARS_TEMPLATE`] that lives as long as the machine.
     pub vars: PathBuf,
+    /// Secure Boot firmware (e.g. [`OVMF_CODE_SECURE_BOOT`]): it needs SMM, and its flash
+    /// is writable only from SMM, so the guest OS cannot change its keys.
+    pub secure_boot: bool,
 }
+
+/// Debian's OVMF with Secure Boot, and a variable store with its test ("snakeoil") keys
+/// enrolled: it starts only EFI binaries signed by `/usr/share/ovmf/PkKek-1-snakeoil.key`.
+pub const OVMF_CODE_SECURE_BOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.snakeoil.fd";
+pub const OVMF_VARS_SNAKEOIL: &str = "/usr/share/OVMF/OVMF_VARS_4M.snakeoil.fd";
 
 /// The longest virtio-blk serial: the guest reads it into a 20-byte field
 /// (`VIRTIO_BLK_ID_BYTES`), silently cut beyond that.
@@ -223,7 +231,11 @@ pub fn qemu_args(
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| (*s).to_owned()));
     // -nodefaults: no default NIC, VGA, floppy or monitor; everything the guest gets is below.
-    push(&["-nodefaults", "-no-user-config", "-machine", MACHINE]);
+    let machine = match &cfg.firmware {
+        Some(f) if f.secure_boot => format!("{MACHINE},smm=on"),
+        _ => MACHINE.to_string(),
+    };
+    push(&["-nodefaults", "-no-user-config", "-machine", &machine]);
     push(&accel.qemu_args());
     push(&["-display", "none"]);
     let memory = cfg.memory_mb.to_string();
@@ -250,6 +262,9 @@ pub fn qemu_args(
                 firmware.vars.to_string_lossy().replace(',', ",,")
             );
             push(&["-drive", &code, "-drive", &vars]);
+            if firmware.secure_boot {
+                push(&["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+            }
             // A guest that stops feeding /dev/watchdog is reset, and its boot loader
             // counts the try.
             push(&["-device", "i6300esb", "-action", "watchdog=reset"]);
@@ -530,6 +545,7 @@ mod tests {
         cfg.firmware = Some(Firmware {
             code: OVMF_CODE.into(),
             vars: "/m/vars,1.fd".into(),
+            secure_boot: false,
         });
         cfg.disks = vec![Disk {
             path: "/m/disk.img".into(),

@@ -27,8 +27,8 @@ mod vm;
 pub use accel::{ACCEL_ENV, Accel, AccelChoice, KVM_LIFE_SIGN_TIMEOUT, choose_accel, kvm_status};
 pub use binary::{DEFAULT_QEMU, QEMU_ENV};
 pub use config::{
-    Disk, Firmware, MAX_DISK_SERIAL, OVMF_CODE, OVMF_VARS_TEMPLATE, ParsePortForwardError,
-    PortForward, VmConfig, qemu_args,
+    Disk, Firmware, MAX_DISK_SERIAL, OVMF_CODE, OVMF_CODE_SECURE_BOOT, OVMF_VARS_SNAKEOIL,
+    OVMF_VARS_TEMPLATE, ParsePortForwardError, PortForward, VmConfig, qemu_args,
 };
 pub use error::QemuError;
 pub use interactive::{POWEROFF_CLEAN_LINE, run_interactive};

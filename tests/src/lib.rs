@@ -124,6 +124,7 @@ pub fn firmware_vm_config(dir: &Path, disk_size: u64, guest_ports: &[u16]) -> Vm
         firmware: Some(keel_qemu::Firmware {
             code: keel_qemu::OVMF_CODE.into(),
             vars,
+            secure_boot: false,
         }),
         ..VmConfig::default()
     };

@@ -105,3 +105,85 @@ fn the_disk_image_boots_under_firmware_and_var_grows_with_its_disk() {
         );
     }
 }
+
+/// Secure Boot, as far as it goes here: Debian's OVMF with its test ("snakeoil") keys
+/// enrolled starts a disk whose systemd-boot and UKI `keel build --secure-boot-key` signed
+/// with that key, and refuses one signed with a key it does not hold (`keel pki
+/// secure-boot-key`, not enrolled).
+#[test]
+fn secure_boot_firmware_starts_only_a_disk_signed_with_an_enrolled_key() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let keel = keel_tests::bin_dir().join("keel");
+    let snakeoil = w.join("snakeoil.key");
+    let decrypted = std::process::Command::new("openssl")
+        .args([
+            "rsa",
+            "-in",
+            "/usr/share/ovmf/PkKek-1-snakeoil.key",
+            "-passin",
+            "pass:snakeoil",
+            "-out",
+        ])
+        .arg(&snakeoil)
+        .output()
+        .unwrap();
+    assert!(decrypted.status.success(), "{decrypted:?}");
+    let ours = w.join("ours");
+    let made = std::process::Command::new(&keel)
+        .args(["pki", "secure-boot-key", "-o"])
+        .arg(&ours)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let build = |out: &str, key: &std::path::Path, cert: &std::path::Path| {
+        let out = w.join(out);
+        let built = std::process::Command::new(&keel)
+            .arg("build")
+            .arg(workspace_root().join("examples/hello/host.toml"))
+            .arg("-o")
+            .arg(&out)
+            .arg("--secure-boot-key")
+            .arg(key)
+            .arg("--secure-boot-cert")
+            .arg(cert)
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "{built:?}");
+        out
+    };
+    let secure = |dir: &std::path::Path| {
+        let mut config = firmware_vm_config(dir, 8 * GIB, &[]);
+        let vars = dir.join("disk.efivars-secure-boot.fd");
+        std::fs::copy(keel_qemu::OVMF_VARS_SNAKEOIL, &vars).unwrap();
+        config.firmware = Some(keel_qemu::Firmware {
+            code: keel_qemu::OVMF_CODE_SECURE_BOOT.into(),
+            vars,
+            secure_boot: true,
+        });
+        config
+    };
+
+    let signed = build(
+        "signed",
+        &snakeoil,
+        std::path::Path::new("/usr/share/ovmf/PkKek-1-snakeoil.pem"),
+    );
+    let console = power_off(boot_until_ready(secure(&signed)));
+    assert!(console.contains("UEFI Secure Boot is enabled"), "{console}");
+
+    let foreign = build(
+        "foreign",
+        &ours.join("secure-boot.key.pem"),
+        &ours.join("secure-boot.crt.pem"),
+    );
+    let mut vm = Vm::boot(secure(&foreign)).expect("QEMU starts");
+    if let Err(e) = vm.wait_for_line("Access Denied", BOOT_TIMEOUT) {
+        panic!(
+            "the firmware did not refuse the foreign signature: {e}\n{}",
+            vm.console()
+        );
+    }
+    vm.kill();
+    assert!(!vm.console().contains("EFI stub"), "{}", vm.console());
+}

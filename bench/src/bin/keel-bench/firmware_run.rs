@@ -23,35 +23,10 @@ pub(crate) fn firmware(
 ) -> Result<(), String> {
     let disk = env.work.join("firmware-disk.img");
     let vars = env.work.join("firmware-vars.fd");
-    let copy = std::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg(keel_dir.join("disk.img"))
-        .arg(&disk)
-        .status()
-        .map_err(|e| format!("cp: {e}"))?;
-    if !copy.success() {
-        return Err(format!("copying {}/disk.img failed", keel_dir.display()));
-    }
-    std::fs::copy(keel_qemu::OVMF_VARS_TEMPLATE, &vars)
-        .map_err(|e| format!("{}: {e}", keel_qemu::OVMF_VARS_TEMPLATE))?;
+    new_machine(&keel_dir.join("disk.img"), &disk, &vars)?;
     let firmware_boot = |log: &Path| -> Result<(keel_qemu::Vm, u64), String> {
-        let mut config = keel_qemu::VmConfig {
-            firmware: Some(keel_qemu::Firmware {
-                code: keel_qemu::OVMF_CODE.into(),
-                vars: vars.clone(),
-            }),
-            memory_mb: BOOT_MEMORY_MB,
-            cpus: host::CPUS,
-            console_log: Some(log.to_path_buf()),
-            ..keel_qemu::VmConfig::default()
-        };
-        config.disks.push(keel_qemu::Disk {
-            path: disk.clone(),
-            read_only: false,
-            serial: None,
-        });
         let started = Instant::now();
-        let vm = keel_qemu::Vm::boot(config).map_err(|e| format!("QEMU: {e}"))?;
+        let vm = boot_disk(&disk, &vars, log)?;
         host::wait_line(&vm, "keel: ready", BOOT_TIMEOUT)?;
         Ok((vm, started.elapsed().as_millis() as u64))
     };
@@ -88,6 +63,7 @@ fn boot_disk(disk: &Path, vars: &Path, log: &Path) -> Result<keel_qemu::Vm, Stri
         firmware: Some(keel_qemu::Firmware {
             code: keel_qemu::OVMF_CODE.into(),
             vars: vars.to_path_buf(),
+            secure_boot: false,
         }),
         memory_mb: BOOT_MEMORY_MB,
         cpus: host::CPUS,
