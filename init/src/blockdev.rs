@@ -79,6 +79,13 @@ fn list_in(sys: &Path, dev: &Path) -> Vec<BlockDevice> {
     devices
 }
 
+/// The whole disk a partition (`vda2`) is on (`vda`): /sys/class/block/vda2 links to
+/// .../block/vda/vda2.
+pub fn parent_disk(partition: &str) -> Option<String> {
+    let real = fs::canonicalize(Path::new(SYS_CLASS_BLOCK).join(partition)).ok()?;
+    Some(real.parent()?.file_name()?.to_string_lossy().into_owned())
+}
+
 /// Where the headers Keel recognises sit.
 const SUPERBLOCK: u64 = 1024;
 const EXT_MAGIC: u16 = 0xEF53;

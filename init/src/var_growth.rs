@@ -56,13 +56,8 @@ pub fn grow_partition(partition: &BlockDevice) -> Result<Option<Grown>, String> 
     let number: u32 = read_sys(&sys.join("partition"))?
         .parse()
         .map_err(|_| format!("{}: not a partition", partition.node.display()))?;
-    // /sys/class/block/vda4 links to .../block/vda/vda4: the disk is the parent directory.
-    let real = fs::canonicalize(&sys).map_err(|e| format!("{}: {e}", sys.display()))?;
-    let disk_name = real
-        .parent()
-        .and_then(Path::file_name)
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| format!("{}: no parent disk", real.display()))?;
+    let disk_name = crate::blockdev::parent_disk(&partition.name)
+        .ok_or_else(|| format!("{}: no parent disk", sys.display()))?;
     let disk_node = PathBuf::from("/dev").join(&disk_name);
     let mut disk = OpenOptions::new()
         .read(true)

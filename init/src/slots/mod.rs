@@ -25,6 +25,8 @@ pub const ESP_PARTNAME: &str = "KEEL-ESP";
 /// is needed: a FAT left mounted is a FAT a power cut can leave dirty.
 pub struct MountedEsp {
     dir: PathBuf,
+    /// The disk it is on (`vda`, `nvme0n1`): the root slots it boots are on the same disk.
+    pub disk: String,
 }
 
 impl MountedEsp {
@@ -64,7 +66,10 @@ impl MountedEsp {
                 dir.display()
             )
         })?;
-        Ok(MountedEsp { dir })
+        Ok(MountedEsp {
+            dir,
+            disk: blockdev::parent_disk(&device.name).unwrap_or_default(),
+        })
     }
 
     /// The directory of the boot entries (`EFI/Linux`).

@@ -87,16 +87,21 @@ fn install(staging: &Path, slot: Slot) -> Result<(), String> {
     check_uki(&uki_bytes, &manifest)?;
 
     // 2. Nothing may point at the slot while it is written.
-    {
+    let disk = {
         let esp = MountedEsp::mount(true)?;
         remove_entries(&esp.entries_dir(), slot)?;
-    }
+        esp.disk.clone()
+    };
 
-    // 3. The slot.
+    // 3. The slot: on the disk the ESP is on, whatever other disks hold (a second Keel disk
+    // plugged in has partitions of the same names).
     let partition = blockdev::list()
         .into_iter()
-        .find(|d| d.partname.as_deref() == Some(slot.label()))
-        .ok_or_else(|| format!("no partition named {}", slot.label()))?;
+        .find(|d| {
+            d.partname.as_deref() == Some(slot.label())
+                && blockdev::parent_disk(&d.name).as_deref() == Some(disk.as_str())
+        })
+        .ok_or_else(|| format!("no partition named {} on {disk}", slot.label()))?;
     if partition.size_bytes < manifest.root_image_bytes {
         return Err(format!(
             "{} holds {} bytes, the root image is {}",
@@ -203,4 +208,72 @@ fn remove_entries(dir: &Path, slot: Slot) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(version: &str, root: &str, roothash: Option<&str>) -> UpdateManifest {
+        UpdateManifest {
+            format: keel_image::update_bundle::FORMAT,
+            hostname: "h".into(),
+            version: version.into(),
+            uki_sha256: "0".repeat(64),
+            uki_bytes: 1,
+            root_image_sha256: root.into(),
+            root_image_bytes: 1,
+            verity_root_hash: roothash.map(str::to_string),
+        }
+    }
+
+    fn uki(version: &str, root: &str, cmdline: &str) -> Vec<u8> {
+        let stub = fs::read(uki::DEBIAN_STUB).expect("systemd-boot-efi's stub");
+        let osrel = esp::os_release(version, "h", root);
+        uki::build(
+            &stub,
+            &[
+                (".osrel", osrel.as_bytes()),
+                (".cmdline", cmdline.as_bytes()),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_uki_must_be_the_signed_version_booting_the_signed_root() {
+        let root = "a".repeat(64);
+        let hash = "b".repeat(64);
+        let good = uki(
+            "2",
+            &root,
+            &format!("console=ttyS0 keel.verity.roothash={hash}"),
+        );
+        assert!(check_uki(&good, &manifest("2", &root, Some(&hash))).is_ok());
+        let err = check_uki(&good, &manifest("3", &root, Some(&hash))).unwrap_err();
+        assert!(err.contains("not version 3"), "{err}");
+        let err = check_uki(&good, &manifest("2", &"c".repeat(64), Some(&hash))).unwrap_err();
+        assert!(err.contains("another root image"), "{err}");
+        let err = check_uki(&good, &manifest("2", &root, Some(&"d".repeat(64)))).unwrap_err();
+        assert!(err.contains("dm-verity root hash"), "{err}");
+        let err = check_uki(&good, &manifest("2", &root, None)).unwrap_err();
+        assert!(err.contains("dm-verity root hash"), "{err}");
+        let plain = uki("2", &root, "console=ttyS0");
+        assert!(check_uki(&plain, &manifest("2", &root, None)).is_ok());
+    }
+
+    #[test]
+    fn only_the_target_slots_entries_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["keel-a.efi", "keel-b+0-3.efi", "keel-b.efi", "other.efi"] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_entries(dir.path(), Slot::B).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["keel-a.efi", "other.efi"]);
+    }
 }

@@ -64,6 +64,11 @@ pub struct Updater {
 
 impl Updater {
     pub fn new(running_version: String) -> Updater {
+        // What a power cut or a reboot interrupted: never installed, never resumed.
+        if Path::new(STAGING).exists() {
+            log::info!("removing {STAGING}: an update that did not finish arriving");
+            let _ = fs::remove_dir_all(STAGING);
+        }
         Updater {
             running_version,
             ..Updater::default()
