@@ -55,6 +55,8 @@ fn the_disk_image_boots_under_firmware_and_var_grows_with_its_disk() {
         "/dev/vda4 grown from 256 MiB to 3582 MiB",
         "/var on /dev/vda4",
         "formatted on this first boot",
+        // QEMU's i6300esb, fed by PID 1 from here on.
+        "watchdog /dev/watchdog armed",
         "keel: poweroff clean",
     ] {
         assert!(

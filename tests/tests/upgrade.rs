@@ -17,13 +17,15 @@ const GIB: u64 = 1 << 30;
 const BOOT: Duration = Duration::from_secs(240);
 
 /// The example host as version `version`, trusting `public_key`, with `extra` in its
-/// [update] table; built into `WORK/vVERSION`, signed with `sign_key` if given.
+/// [update] table; built into `WORK/vVERSION` (with `args` added to `keel build`), signed
+/// with `sign_key` if given.
 fn build_with(
     work: &Path,
     version: &str,
     public_key: &Path,
     sign_key: Option<&Path>,
     extra: &str,
+    args: &[&str],
 ) -> PathBuf {
     let example = workspace_root().join("examples/hello");
     let text = std::fs::read_to_string(example.join("host.toml"))
@@ -40,7 +42,12 @@ fn build_with(
     std::fs::write(&file, text).unwrap();
     let out = work.join(format!("v{version}"));
     let mut command = Command::new(bin_dir().join("keel"));
-    command.arg("build").arg(&file).arg("-o").arg(&out);
+    command
+        .arg("build")
+        .arg(&file)
+        .arg("-o")
+        .arg(&out)
+        .args(args);
     if let Some(key) = sign_key {
         command.arg("--sign-key").arg(key);
     }
@@ -54,7 +61,7 @@ fn build_with(
 }
 
 fn build(work: &Path, version: &str, public_key: &Path, sign_key: Option<&Path>) -> PathBuf {
-    build_with(work, version, public_key, sign_key, "")
+    build_with(work, version, public_key, sign_key, "", &[])
 }
 
 /// A daily reboot window that opens six hours from now (UTC): closed for the whole test.
@@ -117,7 +124,7 @@ fn a_signed_newer_build_is_installed_in_the_other_slot_and_committed() {
     let (key, public) = keys(&w.join("keys"));
     let (other_key, _) = keys(&w.join("other-keys"));
     // Version 1 lets an update reboot it only in a window that is closed now.
-    let v1 = build_with(w, "1", &public, Some(&key), &closed_window());
+    let v1 = build_with(w, "1", &public, Some(&key), &closed_window(), &[]);
     let v2 = build(w, "2", &public, Some(&key));
     let foreign = build(w, "3", &public, Some(&other_key));
     let unsigned = build(w, "4", &public, None);
@@ -270,4 +277,59 @@ fn a_power_cut_while_the_slot_is_written_leaves_the_old_system() {
     );
     vm.powerdown().unwrap();
     let _ = vm.wait_exit(BOOT);
+}
+
+#[test]
+fn an_update_whose_init_fails_at_boot_rolls_back_by_itself() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (key, public) = keys(&w.join("keys"));
+    let v1 = build(w, "1", &public, Some(&key));
+    // Version 2's init is a program the kernel cannot run (a dynamic binary in an initramfs
+    // without a libc): "No working init found", a panic, a reboot, three times over.
+    let v2 = build_with(w, "2", &public, Some(&key), "", &["--init", "/bin/true"]);
+
+    let mut vm = Vm::boot(firmware_vm_config(&v1, 8 * GIB, &[])).expect("QEMU starts");
+    wait(&vm, "keel: ready");
+    let keel = KeelCli::new(vm.api_socket());
+    let report = keel.ok(&["upgrade", v2.to_str().unwrap()]);
+    assert!(report.contains("version 2 installed in slot B"), "{report}");
+    if let Err(e) = vm.wait_for_line(
+        "the update to version 2 (slot B) failed 3 boots and was rolled back",
+        BOOT * 3,
+    ) {
+        panic!("no rollback: {e}\n{}", vm.console());
+    }
+    // The rollback boot's "ready" is the second one on the console.
+    let deadline = std::time::Instant::now() + BOOT;
+    while vm.console().matches("keel: ready").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = keel.ok(&["status"]);
+    assert!(status.contains("A*    1          committed"), "{status}");
+    assert!(
+        status.contains("B     2          bad (no tries left)"),
+        "{status}"
+    );
+    assert!(
+        status.contains("update: the update to version 2 (slot B) failed 3 boots"),
+        "{status}"
+    );
+    vm.powerdown().unwrap();
+    let _ = vm.wait_exit(BOOT);
+    let console = vm.console();
+    assert_eq!(
+        console.matches("No working init found").count(),
+        3,
+        "{console}"
+    );
+    assert!(
+        console.contains("slot A: version 1 (keel-a.efi), booted"),
+        "{console}"
+    );
+    assert!(
+        console.contains("boot 2 of machine"),
+        "/var survived: {console}"
+    );
 }

@@ -84,7 +84,13 @@ impl Trial {
     pub fn begin(slots: &BootSlots, policy: &UpdatePolicy, started: Instant) -> Option<Trial> {
         let booted = slots.booted?;
         let tries = booted.tries?;
-        slots.boot_count_path.as_ref()?;
+        // The file the loader named in LoaderBootCountPath is the one to rename, exactly.
+        let file = slots
+            .boot_count_path
+            .as_deref()?
+            .rsplit(['\\', '/'])
+            .next()?
+            .to_string();
         let entry = slots.booted_entry()?;
         let timeout = Duration::from_millis(policy.health_timeout_ms);
         let trial = Trial {
@@ -93,7 +99,7 @@ impl Trial {
                 .version
                 .clone()
                 .unwrap_or_else(|| policy.version.clone()),
-            file: entry.file.clone(),
+            file,
             tries_left: tries.left,
             deadline: started + timeout,
             timeout,
