@@ -128,7 +128,8 @@ enum Command {
         /// existing one is kept as it is.
         #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = disks::parse_size)]
         data_size: u64,
-        /// No data disk: /var is a tmpfs, lost at power-off (with --direct-kernel).
+        /// No data disk: /var is a tmpfs, lost at power-off. A disk image always has its
+        /// /var partition, so this boots the build directly (implies --direct-kernel).
         #[arg(long)]
         no_data_disk: bool,
         /// Boot with QEMU's -kernel instead of firmware: the build's kernel, initramfs and
@@ -533,6 +534,7 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
                     write_example(&options.cache_dir)?
                 }
             };
+            let direct_kernel = direct_kernel || no_data_disk;
             let is_host_file = matches!(
                 target.extension().and_then(|e| e.to_str()),
                 Some("toml" | "yml" | "yaml")
@@ -548,7 +550,7 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
                 // A disk image: its directory holds the API socket, as a build's does.
                 if direct_kernel {
                     return Err(Failure::Other(format!(
-                        "{} is a disk image: --direct-kernel boots a build directory",
+                        "{} is a disk image: --direct-kernel (and --no-data-disk) boot a build directory",
                         target.display()
                     )));
                 }
@@ -564,11 +566,6 @@ fn run_local(command: Command, overlay: Option<&Path>) -> Result<ExitCode, Failu
                     disks::run_disks(&dir, &manifest, (!no_data_disk).then_some(data_size))?;
                 (manifest.cmdline, disks, None)
             } else {
-                if no_data_disk {
-                    return Err(Failure::Other(
-                        "--no-data-disk goes with --direct-kernel: a firmware boot keeps /var on the disk image".into(),
-                    ));
-                }
                 let disk = disk_file.unwrap_or_else(|| dir.join(boot_disk::DISK_FILE));
                 let (disk, firmware) = disks::firmware_machine(&disk, disk_size, secure_boot)?;
                 (String::new(), vec![disk], Some(firmware))
