@@ -11,6 +11,8 @@
 
 mod emit;
 mod interpolate;
+mod lifecycle;
+mod limits;
 mod network;
 mod service;
 mod storage;
