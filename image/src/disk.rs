@@ -333,18 +333,7 @@ pub fn derived_guid(seed: &[u8; 32], what: &str) -> String {
     )
 }
 
-/// A UUID's text as GPT stores it: the first three fields little-endian.
-pub fn guid_bytes(text: &str) -> [u8; 16] {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    let mut b = [0u8; 16];
-    for (i, byte) in b.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
-    }
-    b[0..4].reverse();
-    b[4..6].reverse();
-    b[6..8].reverse();
-    b
-}
+pub use crate::esp::guid_bytes;
 
 #[cfg(test)]
 mod tests {

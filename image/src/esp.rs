@@ -50,6 +50,20 @@ pub const ROOT_SLOT_SIZE: u64 = 2 << 30;
 /// The tries a new entry gets before systemd-boot gives up on it.
 pub const UPDATE_TRIES: u32 = 3;
 
+/// A UUID's text as GPT stores it: the first three fields little-endian. Text that is not a
+/// UUID gives zeros where it is not hex.
+pub fn guid_bytes(text: &str) -> [u8; 16] {
+    let hex: String = text.chars().filter(|c| *c != '-').collect();
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+    }
+    b[0..4].reverse();
+    b[4..6].reverse();
+    b[6..8].reverse();
+    b
+}
+
 /// A root slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Slot {

@@ -107,7 +107,8 @@ pub mod os {
 
     /// What stage 1 (the initramfs) needs to reach the root image: the virtio disk and
     /// its PCI transport, and erofs (whose lz4 decompressor Debian builds in).
-    pub const STAGE1_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "erofs"];
+    /// With efivarfs, stage 1 reads which disk the boot loader started from.
+    pub const STAGE1_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "erofs", "efivarfs"];
 
     /// The disk controllers of the machines a disk image is written to, beyond QEMU's
     /// virtio disk: NVMe (clouds' and servers' SSDs), AHCI SATA and virtio-scsi (some clouds'

@@ -80,9 +80,14 @@ fn list_in(sys: &Path, dev: &Path) -> Vec<BlockDevice> {
 }
 
 /// The whole disk a partition (`vda2`) is on (`vda`): /sys/class/block/vda2 links to
-/// .../block/vda/vda2.
+/// .../block/vda/vda2. `None` for a whole disk.
 pub fn parent_disk(partition: &str) -> Option<String> {
-    let real = fs::canonicalize(Path::new(SYS_CLASS_BLOCK).join(partition)).ok()?;
+    let sys = Path::new(SYS_CLASS_BLOCK).join(partition);
+    // A whole disk is no partition: it has no parent disk.
+    if !sys.join("partition").exists() {
+        return None;
+    }
+    let real = fs::canonicalize(&sys).ok()?;
     Some(real.parent()?.file_name()?.to_string_lossy().into_owned())
 }
 

@@ -325,9 +325,13 @@ fn mount_error(fstype: &'static str, target: &str, e: io::Error) -> Stage1Error 
 const VIRTIO_LOOK: Duration = Duration::from_secs(1);
 
 fn find_root(wanted: &RootSpec) -> Result<(PathBuf, blockdev::Probe), Stage1Error> {
+    // On the disk that booted, when the boot loader says which (see slots::is_boot_disk).
+    let on_boot_disk = |d: &blockdev::BlockDevice| {
+        blockdev::parent_disk(&d.name).is_none_or(|disk| crate::slots::is_boot_disk(&disk))
+    };
     let look = |wait| match wanted {
         RootSpec::Uuid(uuid) => blockdev::wait_for(
-            |_, p| p.fstype == Some("erofs") && p.uuid.as_deref() == Some(uuid),
+            |d, p| p.fstype == Some("erofs") && p.uuid.as_deref() == Some(uuid) && on_boot_disk(d),
             wait,
         ),
         RootSpec::Device(node) => blockdev::wait_for(|d, _| &d.node == node, wait),

@@ -13,6 +13,8 @@ const LOADER_GUID: &str = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f";
 /// The entry systemd-boot booted, its file name in lower case (its boot counter included
 /// or not, depending on the loader's version).
 pub const ENTRY_SELECTED: &str = "LoaderEntrySelected";
+/// The partition GUID of the ESP the boot loader was started from (upper-case text).
+pub const DEVICE_PART_UUID: &str = "LoaderDevicePartUUID";
 /// The ESP path of the booted entry's file while it counts tries, e.g.
 /// `\EFI\Linux\keel-b+2-1.efi`: the file to rename when the boot is good.
 pub const BOOT_COUNT_PATH: &str = "LoaderBootCountPath";

@@ -88,6 +88,31 @@ impl Drop for MountedEsp {
     }
 }
 
+/// Whether the whole disk `disk` (`vda`) holds the partition the boot loader was started
+/// from (`LoaderDevicePartUUID`, read from its GPT). True when that is unknown (no boot
+/// loader, no efivarfs): then any disk may hold this boot's root. A machine with two Keel
+/// disks (a clone on a USB stick) then boots the root of the disk that booted, not whichever
+/// shows up first.
+pub fn is_boot_disk(disk: &str) -> bool {
+    static LOADER_PART: std::sync::OnceLock<Option<[u8; 16]>> = std::sync::OnceLock::new();
+    let wanted = LOADER_PART.get_or_init(|| {
+        efivars::mount_efivarfs().ok()?.then_some(())?;
+        efivars::loader_string(efivars::DEVICE_PART_UUID).map(|t| esp::guid_bytes(&t))
+    });
+    let Some(wanted) = wanted else {
+        return true;
+    };
+    let Ok(mut file) = File::open(Path::new("/dev").join(disk)) else {
+        return false;
+    };
+    gptman::GPT::find_from(&mut file)
+        .map(|gpt| {
+            gpt.iter()
+                .any(|(_, p)| p.is_used() && &p.unique_partition_guid == wanted)
+        })
+        .unwrap_or(false)
+}
+
 /// One slot's boot entry as found on the ESP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotEntry {
