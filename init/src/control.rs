@@ -93,7 +93,25 @@ pub fn handle(
                     t.tries_left()
                 )
             });
-            serde_json::to_value(update::host_status(&updater.running_version, trial))
+            // The install helper has the ESP mounted: its state is the one to report.
+            let trial = match &updater.installing {
+                Some(i) => Some(format!(
+                    "version {} is being installed in slot {}",
+                    i.report.version, i.report.slot
+                )),
+                None => trial,
+            };
+            let status = if updater.installing.is_some() {
+                keel_api::HostStatus {
+                    version: updater.running_version.clone(),
+                    boot: "firmware".into(),
+                    slots: Vec::new(),
+                    update: trial,
+                }
+            } else {
+                update::host_status(&updater.running_version, trial)
+            };
+            serde_json::to_value(status)
                 .map(Reply::Value)
                 .map_err(|e| ApiError::internal(e.to_string()))
         }

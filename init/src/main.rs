@@ -316,12 +316,18 @@ fn boot_and_serve() {
         Err(e) => give_up(&format!("cannot build the event loop: {e}")),
     };
     let (trial, booted_version) = boot_slots(config.as_ref());
-    let updater = Updater::new(booted_version.unwrap_or_else(|| {
-        config.as_ref().map_or_else(
-            || keel_config::DEFAULT_VERSION.to_string(),
-            |c| c.update.version.clone(),
-        )
-    }));
+    let updater = Updater::new(
+        booted_version.unwrap_or_else(|| {
+            config.as_ref().map_or_else(
+                || keel_config::DEFAULT_VERSION.to_string(),
+                |c| c.update.version.clone(),
+            )
+        }),
+        config
+            .as_ref()
+            .map_or(keel_config::DEFAULT_HOSTNAME, |c| c.hostname.as_str())
+            .to_string(),
+    );
     let watchdog = Watchdog::open();
     let stop_timeout = Duration::from_millis(config.as_ref().map_or(10_000, |c| c.stop_timeout_ms));
     let action = runtime.block_on(serve(
@@ -452,6 +458,7 @@ async fn serve(
     // An installed update waiting for [update] reboot_window.
     let mut reboot_at: Option<tokio::time::Instant> = None;
     let mut judge_now = false;
+    let mut commit_retry_at: Option<Instant> = None;
 
     let action = loop {
         let requested = tokio::select! {
@@ -538,21 +545,27 @@ async fn serve(
                 &supervisor.statuses(),
             ) {
                 Verdict::Waiting(_) => {}
-                Verdict::Good => {
-                    match t.commit() {
-                        Ok(file) => log::info!(
+                Verdict::Good if commit_retry_at.is_some_and(|at| Instant::now() < at) => {}
+                Verdict::Good => match t.commit() {
+                    Ok(file) => {
+                        log::info!(
                             "update committed: version {} in slot {} ({file}); slot {} is the fallback",
                             t.version,
                             t.slot,
                             t.slot.other()
-                        ),
-                        Err(e) => log::error!(
-                            "the update to version {} is good but could not be committed: {e}; the boot loader keeps counting its tries",
-                            t.version
-                        ),
+                        );
+                        trial = None;
                     }
-                    trial = None;
-                }
+                    Err(e) => {
+                        // Still on trial: tried again in a while, and until then the boot
+                        // loader keeps counting this entry's tries.
+                        log::error!(
+                            "the update to version {} is good but could not be committed: {e}; trying again in 30 s",
+                            t.version
+                        );
+                        commit_retry_at = Some(Instant::now() + Duration::from_secs(30));
+                    }
+                },
                 Verdict::Failed(why) => {
                     log::error!(
                         "update to version {} (slot {}) failed this boot: {why}; rebooting ({} tries left)",
@@ -618,7 +631,9 @@ async fn serve(
     net::release_dhcp(Duration::from_secs(1)).await;
     kill_everything_else();
     reap(&mut supervisor, &mut updater);
-    if let Some(w) = watchdog {
+    // Disarmed for a power-off (a reset would turn it into a reboot); left running through a
+    // reboot, so that a hang on the way down is reset too.
+    if let (Some(w), Action::PowerOff) = (watchdog, &action) {
         w.disarm();
     }
     action

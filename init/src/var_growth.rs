@@ -84,10 +84,7 @@ pub fn grow_partition(partition: &BlockDevice) -> Result<Option<Grown>, String> 
 /// The partition-table half of [`grow_partition`], on anything that reads and writes like a
 /// disk: moves the backup GPT to the end, extends partition `number` to the last usable
 /// 1 MiB boundary. Returns the growth and the partition's new start and length in bytes.
-fn grow_in_table<D: Read + std::io::Write + Seek>(
-    disk: &mut D,
-    number: u32,
-) -> Result<Option<(Grown, u64, u64)>, gptman::Error> {
+fn grow_in_table(disk: &mut File, number: u32) -> Result<Option<(Grown, u64, u64)>, gptman::Error> {
     let mut gpt = gptman::GPT::find_from(disk)?;
     let sector = gpt.sector_size;
     let disk_len = disk.seek(SeekFrom::End(0))?;
@@ -113,7 +110,19 @@ fn grow_in_table<D: Read + std::io::Write + Seek>(
     }
     gpt.header = header;
     gpt[number].ending_lba = new_end / sector - 1;
-    gpt.write_into(disk)?;
+    // The new backup table (at the disk's new end) first, flushed, then the primary: a power
+    // cut in between leaves the old primary valid; one that tears the primary leaves the new
+    // backup where firmware looks for it, at the last sector.
+    let entries: Vec<gptman::GPTPartitionEntry> = (1..=gpt.header.number_of_partition_entries)
+        .map(|i| gpt[i].clone())
+        .collect();
+    let mut backup = gpt.header.clone();
+    backup.primary_lba = gpt.header.backup_lba;
+    backup.backup_lba = gpt.header.primary_lba;
+    backup.partition_entry_lba = gpt.header.last_usable_lba + 1;
+    backup.write_into(disk, sector, &entries)?;
+    disk.sync_all()?;
+    gpt.header.write_into(disk, sector, &entries)?;
     let start = start_lba * sector;
     Ok(Some((
         Grown {

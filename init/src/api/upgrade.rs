@@ -77,10 +77,13 @@ impl<'a> Session<'a> {
             let mut hasher = Sha256::new();
             let mut left = size;
             while left > 0 {
-                let line = match self.next_line().await {
-                    Incoming::Line(line) => line,
-                    Incoming::TooLong => return Err("a data line is too long".into()),
-                    Incoming::Closed => return Err(GONE.into()),
+                let line = match tokio::time::timeout(IDLE, self.next_line()).await {
+                    Ok(Incoming::Line(line)) => line,
+                    Ok(Incoming::TooLong) => return Err("a data line is too long".into()),
+                    Ok(Incoming::Closed) => return Err(GONE.into()),
+                    Err(_) => {
+                        return Err(format!("the client sent nothing for {} s", IDLE.as_secs()));
+                    }
                 };
                 let data = serde_json::from_slice::<UpgradeData>(&line)
                     .ok()
@@ -96,8 +99,8 @@ impl<'a> Session<'a> {
                 // Other clients and the main loop get their turn between chunks.
                 tokio::task::yield_now().await;
             }
-            out.sync_all()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            // No fsync here, on PID 1's loop: the install helper reads the files back and
+            // checks them again, and staging a power cut interrupted is removed at boot.
             let got: String = hasher
                 .finalize()
                 .iter()
@@ -112,6 +115,10 @@ impl<'a> Session<'a> {
         Ok(())
     }
 }
+
+/// A client that sends nothing this long has its update abandoned: it would hold every
+/// later update off.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The reason [`Session::receive`] gives when the client went away.
 const GONE: &str = "the client went away";

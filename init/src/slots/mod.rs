@@ -31,10 +31,19 @@ pub struct MountedEsp {
 
 impl MountedEsp {
     pub fn mount(writable: bool) -> Result<MountedEsp, String> {
-        let esps: Vec<_> = blockdev::list()
+        Self::mount_at(Path::new(ESP_MOUNT), writable)
+    }
+
+    /// [`MountedEsp::mount`] on `dir`. With several disks holding a `KEEL-ESP` (a clone
+    /// plugged in), the one on the disk the boot loader started from.
+    pub fn mount_at(dir: &Path, writable: bool) -> Result<MountedEsp, String> {
+        let mut esps: Vec<_> = blockdev::list()
             .into_iter()
             .filter(|d| d.partname.as_deref() == Some(ESP_PARTNAME))
             .collect();
+        if esps.len() > 1 {
+            esps.retain(|d| blockdev::parent_disk(&d.name).is_some_and(|disk| is_boot_disk(&disk)));
+        }
         let device = match esps.as_slice() {
             [one] => one,
             [] => return Err(format!("no partition named {ESP_PARTNAME}")),
@@ -45,7 +54,7 @@ impl MountedEsp {
                 ));
             }
         };
-        let dir = PathBuf::from(ESP_MOUNT);
+        let dir = dir.to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         if !writable {
@@ -80,7 +89,11 @@ impl MountedEsp {
 
 impl Drop for MountedEsp {
     fn drop(&mut self) {
-        nix::unistd::sync();
+        // This filesystem only (the unmount writes it out too): a system-wide sync would wait
+        // for whatever else is being written, an update's slot included.
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = nix::unistd::syncfs(&dir);
+        }
         if let Err(e) = umount2(&self.dir, MntFlags::empty()) {
             log::warn!("unmounting the ESP from {}: {e}", self.dir.display());
             let _ = umount2(&self.dir, MntFlags::MNT_DETACH);

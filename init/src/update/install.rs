@@ -26,6 +26,9 @@ use super::{STAGED_MANIFEST, STAGED_ROOT, STAGED_UKI};
 use crate::blockdev;
 use crate::slots::MountedEsp;
 
+/// Where the helper mounts the ESP: not PID 1's mount point.
+const INSTALL_ESP_MOUNT: &str = "/run/keel/esp-install";
+
 /// Runs the helper; `args` are STAGING and SLOT (`A` or `B`).
 pub fn run(_host_file: &Path, args: &[String]) -> Result<(), String> {
     let [staging, slot] = args else {
@@ -88,7 +91,7 @@ fn install(staging: &Path, slot: Slot) -> Result<(), String> {
 
     // 2. Nothing may point at the slot while it is written.
     let disk = {
-        let esp = MountedEsp::mount(true)?;
+        let esp = MountedEsp::mount_at(Path::new(INSTALL_ESP_MOUNT), true)?;
         remove_entries(&esp.entries_dir(), slot)?;
         esp.disk.clone()
     };
@@ -135,7 +138,7 @@ fn install(staging: &Path, slot: Slot) -> Result<(), String> {
     }
 
     // 4. The entry, complete or not at all.
-    let esp = MountedEsp::mount(true)?;
+    let esp = MountedEsp::mount_at(Path::new(INSTALL_ESP_MOUNT), true)?;
     let dir = esp.entries_dir();
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let tmp = dir.join(format!(".keel-{slot}.tmp"));

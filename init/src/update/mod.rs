@@ -29,6 +29,8 @@ pub const STAGING: &str = "/var/lib/keel/update";
 pub const STAGED_MANIFEST: &str = "update.json";
 pub const STAGED_UKI: &str = "keel.efi";
 pub const STAGED_ROOT: &str = "root.img";
+/// Room /var keeps beyond a staged update: the containers' data must not run out of it.
+const STAGING_RESERVE: u64 = 256 << 20;
 
 /// What the API session needs to receive an accepted update.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,13 +59,15 @@ pub struct Installing {
 pub struct Updater {
     /// The running version: the booted entry's, else the host file's.
     pub running_version: String,
+    /// The host file's hostname: an update must be a build of this host.
+    pub hostname: String,
     /// An update accepted and being received or installed.
     accepted: Option<Accepted>,
     pub installing: Option<Installing>,
 }
 
 impl Updater {
-    pub fn new(running_version: String) -> Updater {
+    pub fn new(running_version: String, hostname: String) -> Updater {
         // What a power cut or a reboot interrupted: never installed, never resumed.
         if Path::new(STAGING).exists() {
             log::info!("removing {STAGING}: an update that did not finish arriving");
@@ -71,6 +75,7 @@ impl Updater {
         }
         Updater {
             running_version,
+            hostname,
             ..Updater::default()
         }
     }
@@ -104,6 +109,12 @@ impl Updater {
             Ok(m) => m,
             Err(e) => return refuse(e.to_string()),
         };
+        if manifest.hostname != self.hostname {
+            return refuse(format!(
+                "it is a build of host {:?}, this is {:?}",
+                manifest.hostname, self.hostname
+            ));
+        }
         if compare_versions(&manifest.version, &self.running_version).is_le() {
             return refuse(format!(
                 "version {} is not newer than the running {}",
@@ -132,6 +143,27 @@ impl Updater {
         let Some(booted) = slots.booted else {
             return refuse("the boot loader did not say which slot booted".into());
         };
+        // Installing deletes the other slot's entry: never while it is the last good system.
+        if booted.tries.is_some() {
+            return refuse(format!(
+                "the running system (slot {}) is not committed yet; the other slot is its fallback",
+                booted.slot
+            ));
+        }
+        let needed = manifest.uki_bytes + manifest.root_image_bytes + STAGING_RESERVE;
+        match nix::sys::statvfs::statvfs(crate::state::STATE_DIR) {
+            Ok(fs) => {
+                let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                if free < needed {
+                    return refuse(format!(
+                        "/var has {} MiB free; staging the update needs {} MiB",
+                        free >> 20,
+                        needed >> 20
+                    ));
+                }
+            }
+            Err(e) => return refuse(format!("statvfs /var: {e}")),
+        }
         let target = booted.slot.other();
         let staging = PathBuf::from(STAGING);
         let _ = fs::remove_dir_all(&staging);
