@@ -247,19 +247,30 @@ fn load_insns(insns: &[Insn], log: Option<&mut [u8]>) -> io::Result<OwnedFd> {
         expected_attach_type: BPF_CGROUP_DEVICE,
         ..ProgLoadAttr::default()
     };
-    // SAFETY: attr is a valid bpf_attr prefix whose pointers (insns, license, the log)
-    // outlive the call; the kernel writes only into the log, within log_size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &attr as *const ProgLoadAttr,
-            std::mem::size_of::<ProgLoadAttr>(),
-        )
+    // The verifier gives up with EAGAIN when a signal arrives while it works (PID 1 gets a
+    // SIGCHLD for every helper and container that ends); the signal is handled on the way
+    // out, so trying again works. libbpf does the same, five times.
+    let mut attempts = 0;
+    let fd = loop {
+        attempts += 1;
+        // SAFETY: attr is a valid bpf_attr prefix whose pointers (insns, license, the log)
+        // outlive the call; the kernel writes only into the log, within log_size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &attr as *const ProgLoadAttr,
+                std::mem::size_of::<ProgLoadAttr>(),
+            )
+        };
+        if fd >= 0 {
+            break fd;
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EAGAIN) || attempts >= 5 {
+            return Err(error);
+        }
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
     // SAFETY: the kernel just returned this fd to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
