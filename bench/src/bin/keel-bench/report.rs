@@ -203,15 +203,7 @@ pub(crate) fn report(
                 &r.direct_boot_ms,
             ),
         ] {
-            let all: Vec<String> = all.iter().map(u64::to_string).collect();
-            let _ = writeln!(
-                w,
-                "| {name} | **{:.0}** | {:.0} | {:.0} | {} |",
-                s.median,
-                s.min,
-                s.max,
-                all.join(", ")
-            );
+            timing_row(w, name, s, all);
         }
         let _ = writeln!(
             w,
@@ -245,15 +237,7 @@ pub(crate) fn report(
             ),
         ] {
             if let Some(s) = median(all) {
-                let list: Vec<String> = all.iter().map(u64::to_string).collect();
-                let _ = writeln!(
-                    w,
-                    "| {name} | **{:.0}** | {:.0} | {:.0} | {} |",
-                    s.median,
-                    s.min,
-                    s.max,
-                    list.join(", ")
-                );
+                timing_row(w, name, s, all);
             }
         }
         let _ = writeln!(w);
@@ -275,15 +259,7 @@ pub(crate) fn report(
                 &r.baseline_boot_ms,
             ),
         ] {
-            let all: Vec<String> = all.iter().map(u64::to_string).collect();
-            let _ = writeln!(
-                w,
-                "| {name} | **{:.0}** | {:.0} | {:.0} | {} |",
-                s.median,
-                s.min,
-                s.max,
-                all.join(", ")
-            );
+            timing_row(w, name, s, all);
         }
         let _ = writeln!(
             w,
@@ -302,4 +278,17 @@ pub(crate) fn report(
         let _ = writeln!(w);
     }
     Ok(out)
+}
+
+/// One row of a timing table: the median in bold, min, max, then every measurement.
+fn timing_row(w: &mut String, name: &str, s: Summary, all: &[u64]) {
+    let all: Vec<String> = all.iter().map(u64::to_string).collect();
+    let _ = writeln!(
+        w,
+        "| {name} | **{:.0}** | {:.0} | {:.0} | {} |",
+        s.median,
+        s.min,
+        s.max,
+        all.join(", ")
+    );
 }
